@@ -1,0 +1,44 @@
+"""Checkpoint files: one ``model.pt`` holding plain tensors and Python values only,
+so loading works with ``torch.load(..., weights_only=True)``."""
+from __future__ import annotations
+
+import io
+
+import torch
+
+from . import storage
+from .models import TiDALNet, build_model
+
+CHECKPOINT_FILE = "model.pt"
+
+
+def checkpoint_file(uri: str) -> str:
+    """A checkpoint is named by its file or by the directory that holds ``model.pt``."""
+    uri = str(uri)
+    return uri if uri.endswith(".pt") else storage.join(uri, CHECKPOINT_FILE)
+
+
+def save_checkpoint(state: dict, uri: str) -> str:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    target = checkpoint_file(uri)
+    storage.write_bytes(target, buf.getvalue())
+    return target
+
+
+def load_checkpoint(uri: str) -> dict:
+    data = storage.read_bytes(checkpoint_file(uri))
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{checkpoint_file(uri)} is not a tidal-ray checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{checkpoint_file(uri)} is not a tidal-ray checkpoint")
+    return state
+
+
+def model_from_checkpoint(state: dict) -> TiDALNet:
+    config = state["config"]
+    net = build_model(config["backbone"], config["num_classes"], tuple(config["input_shape"]))
+    net.load_state_dict(state["model"])
+    return net.eval()

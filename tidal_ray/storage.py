@@ -1,0 +1,105 @@
+"""Where bytes live: local paths and ``s3://bucket/prefix`` URIs behind one small API.
+
+S3 is configured the AWS way only (credential chain, ``AWS_REGION``,
+``AWS_ENDPOINT_URL`` for S3-compatible endpoints). Nothing here logs or echoes
+credentials. Writes are atomic: write-then-rename locally, one PUT on S3.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import uuid
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    kwargs = {"region": region}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it."""
+    uri = str(uri)
+    if is_s3(uri):
+        return s3_filesystem(), uri[len("s3://"):].rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([str(uri).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {uri}") from None
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = resolve(uri)
+    if is_s3(uri):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def read_json(uri: str):
+    return json.loads(read_bytes(uri))
+
+
+def write_json(uri: str, obj) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def write_parquet(uri: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes(uri, buf.getvalue())
+
+
+def read_parquet(uri: str) -> pa.Table:
+    fs, path = resolve(uri)
+    return pq.read_table(path, filesystem=fs)
+
+
+def list_files(uri: str) -> list[tuple[str, int]]:
+    """Every file under a prefix (recursively), as ``(uri, size)``, sorted by uri."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [(str(uri), info.size)]
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"nothing at {uri}")
+    files = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    prefix = "s3://" if is_s3(uri) else ""
+    return sorted(
+        (prefix + f.path, f.size) for f in files
+        if f.type == pafs.FileType.File and not os.path.basename(f.path).startswith((".", "_"))
+    )

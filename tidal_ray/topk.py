@@ -1,0 +1,87 @@
+"""Streaming exact top-k: the driver's reduction of a whole pool's scores.
+
+Order: higher score first, ties by smaller id. Memory stays O(k) (plus one batch)
+however many rows stream through. With a per-class quota, each predicted class
+keeps at most ceil(k / C) rows and the selection is the top k of their union.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def rank_order(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Indices that sort rows by score descending, then id ascending."""
+    return np.lexsort((ids, -scores))
+
+
+class _Best:
+    """The best ``capacity`` rows seen so far."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.ids = self.scores = self.classes = None
+
+    def add(self, ids: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> None:
+        if self.ids is not None and len(self.ids) == self.capacity:
+            # Rows strictly below the current worst can never enter.
+            keep = scores >= self.scores[-1]
+            ids, scores, classes = ids[keep], scores[keep], classes[keep]
+            if len(ids) == 0:
+                return
+        if self.ids is not None:
+            ids = np.concatenate([self.ids, ids])
+            scores = np.concatenate([self.scores, scores])
+            classes = np.concatenate([self.classes, classes])
+        order = rank_order(ids, scores)[: self.capacity]
+        self.ids, self.scores, self.classes = ids[order], scores[order], classes[order]
+
+
+class StreamingTopK:
+    def __init__(self, k: int, exclude=None, per_class_quota: bool = False, num_classes: int | None = None):
+        if int(k) <= 0:
+            raise ValueError(f"k must be a positive integer, got {k}")
+        self.k = int(k)
+        self.exclude = None if exclude is None or len(exclude) == 0 else np.unique(np.asarray(exclude))
+        self.quota = None
+        if per_class_quota:
+            if not num_classes:
+                raise ValueError("a per-class quota needs the number of classes")
+            self.quota = math.ceil(self.k / num_classes)
+        self._buckets: dict[int, _Best] = {}
+        self.rows_in = 0
+        self.rows_excluded = 0
+
+    def _is_excluded(self, ids: np.ndarray) -> np.ndarray:
+        if self.exclude is None or self.exclude.dtype.kind != ids.dtype.kind:
+            return np.zeros(len(ids), dtype=bool)
+        pos = np.searchsorted(self.exclude, ids).clip(max=len(self.exclude) - 1)
+        return self.exclude[pos] == ids
+
+    def add(self, ids, scores, classes=None) -> None:
+        ids, scores = np.asarray(ids), np.asarray(scores, dtype=np.float64)
+        classes = np.zeros(len(ids), np.int64) if classes is None else np.asarray(classes, dtype=np.int64)
+        if np.isnan(scores).any():
+            raise ValueError("NaN score reached the top-k; the scorer must reject such rows first")
+        self.rows_in += len(ids)
+        excluded = self._is_excluded(ids)
+        self.rows_excluded += int(excluded.sum())
+        ids, scores, classes = ids[~excluded], scores[~excluded], classes[~excluded]
+        if self.quota is None:
+            self._buckets.setdefault(-1, _Best(self.k)).add(ids, scores, classes)
+            return
+        for c in np.unique(classes):
+            mask = classes == c
+            self._buckets.setdefault(int(c), _Best(self.quota)).add(ids[mask], scores[mask], classes[mask])
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(ids, scores, classes)`` of the selection, best first (at most k rows)."""
+        full = [b for b in self._buckets.values() if b.ids is not None]
+        if not full:
+            return np.array([]), np.array([], dtype=np.float64), np.array([], dtype=np.int64)
+        ids = np.concatenate([b.ids for b in full])
+        scores = np.concatenate([b.scores for b in full])
+        classes = np.concatenate([b.classes for b in full])
+        order = rank_order(ids, scores)[: self.k]
+        return ids[order], scores[order], classes[order]
