@@ -16,6 +16,7 @@ from .train import TrainConfig, train_in_process
 def run_demo(workdir: str, labels: int = 20, k: int = 10, strategy: str = "tidal-entropy", seed: int = 0) -> dict:
     ids, pixels, y = load_digits()
     labeled = initial_labels(np.arange(len(ids)), labels, seed)
+    topk = StreamingTopK(k, exclude=ids[labeled])  # checks k before any training
     print(f"digits: {len(ids)} real 8x8 images; training on {len(labeled)} labels (seed {seed})")
     config = TrainConfig(num_classes=DIGITS_CLASSES, input_shape=DIGITS_SHAPE, backbone="small_cnn",
                          epochs=60, batch_size=32, seed=seed)
@@ -27,7 +28,6 @@ def run_demo(workdir: str, labels: int = 20, k: int = 10, strategy: str = "tidal
     checkpoint = save_checkpoint(session.last_state, os.path.join(workdir, "checkpoint"))
 
     scorer = BatchScorer(checkpoint, seed=seed)
-    topk = StreamingTopK(k, exclude=ids[labeled])
     unlabeled_acc = []
     for start in range(0, len(ids), 256):
         rows = slice(start, start + 256)

@@ -54,8 +54,11 @@ class StreamingTopK:
         self.rows_excluded = 0
 
     def _is_excluded(self, ids: np.ndarray) -> np.ndarray:
-        if self.exclude is None or self.exclude.dtype.kind != ids.dtype.kind:
+        if self.exclude is None or len(ids) == 0:
             return np.zeros(len(ids), dtype=bool)
+        numeric = set("iu")
+        if self.exclude.dtype.kind != ids.dtype.kind and not {self.exclude.dtype.kind, ids.dtype.kind} <= numeric:
+            raise ValueError(f"excluded ids are of type {self.exclude.dtype} but pool ids are {ids.dtype}")
         pos = np.searchsorted(self.exclude, ids).clip(max=len(self.exclude) - 1)
         return self.exclude[pos] == ids
 

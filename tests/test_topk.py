@@ -1,0 +1,81 @@
+"""Streaming top-k equals a plain sort of everything, whatever the batching."""
+import math
+
+import numpy as np
+import pytest
+
+from tidal_ray.topk import StreamingTopK
+
+
+def sort_topk(ids, scores, classes, k, exclude=(), quota=None):
+    keep = ~np.isin(ids, np.asarray(list(exclude), dtype=ids.dtype)) if len(exclude) else np.ones(len(ids), bool)
+    rows = sorted(zip(-scores[keep], ids[keep], classes[keep]))
+    if quota is not None:
+        per_class, kept = {}, []
+        for row in rows:
+            if per_class.get(row[2], 0) < quota:
+                per_class[row[2]] = per_class.get(row[2], 0) + 1
+                kept.append(row)
+        rows = kept
+    rows = rows[:k]
+    return [r[1] for r in rows], [-r[0] for r in rows]
+
+
+def stream(ids, scores, classes, k, rng, **kw):
+    topk = StreamingTopK(k, **kw)
+    cuts = np.sort(rng.choice(np.arange(1, len(ids)), size=rng.integers(1, 30), replace=False))
+    for part in np.split(np.arange(len(ids)), cuts):
+        topk.add(ids[part], scores[part], classes[part])
+    return topk
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_streaming_equals_sort(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(50, 3000))
+    ids = rng.permutation(n * 3)[:n].astype(np.int64)
+    scores = rng.integers(0, 20, n).astype(np.float64) / 7   # many tied scores
+    classes = rng.integers(0, 5, n)
+    k = int(rng.integers(1, n + 50))
+    exclude = rng.choice(ids, size=rng.integers(0, n // 2), replace=False) if seed % 2 else ()
+    quota = bool(seed % 3 == 0)
+
+    topk = stream(ids, scores, classes, k, rng, exclude=exclude, per_class_quota=quota, num_classes=5)
+    got_ids, got_scores, got_classes = topk.result()
+    want_ids, want_scores = sort_topk(ids, scores, classes, k, exclude, math.ceil(k / 5) if quota else None)
+    assert got_ids.tolist() == want_ids
+    np.testing.assert_array_equal(got_scores, want_scores)
+    assert topk.rows_in == n and topk.rows_excluded == len(exclude)
+    assert not set(got_ids.tolist()) & set(np.asarray(exclude).tolist())
+
+
+def test_string_ids_tie_break_by_id():
+    topk = StreamingTopK(3)
+    topk.add(np.array(["img/b.png", "img/a.png"]), np.array([0.5, 0.5]))
+    topk.add(np.array(["img/c.png", "img/0.png"]), np.array([0.9, 0.5]))
+    assert topk.result()[0].tolist() == ["img/c.png", "img/0.png", "img/a.png"]
+
+
+def test_memory_stays_bounded():
+    rng = np.random.default_rng(0)
+    topk = StreamingTopK(100)
+    for start in range(0, 200_000, 5000):
+        topk.add(np.arange(start, start + 5000), rng.random(5000))
+        assert len(topk._buckets[-1].ids) <= 100
+
+
+@pytest.mark.parametrize("k", [0, -3])
+def test_k_must_be_positive(k):
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        StreamingTopK(k)
+
+
+def test_nan_score_is_refused():
+    with pytest.raises(ValueError, match="NaN"):
+        StreamingTopK(2).add(np.array([1, 2]), np.array([0.1, np.nan]))
+
+
+def test_exclusion_ids_of_another_type_are_an_error_not_ignored():
+    topk = StreamingTopK(2, exclude=np.array(["1", "2"]))
+    with pytest.raises(ValueError, match="excluded ids are of type"):
+        topk.add(np.array([1, 2, 3]), np.array([0.1, 0.2, 0.3]))
