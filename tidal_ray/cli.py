@@ -23,6 +23,109 @@ def cmd_demo(args):
     run_demo(args.workdir, labels=args.labels, k=args.k)
 
 
+def cmd_campaign(args):
+    from . import campaign
+
+    if args.action == "init":
+        config = campaign.CampaignConfig(
+            pool=args.pool, num_classes=args.num_classes, k=args.k, cycles=args.cycles, strategy=args.strategy,
+            backbone=args.backbone, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lam=args.lam,
+            seed=args.seed, initial_labels=args.initial_labels, oracle=args.oracle, test=args.test,
+            trainer=args.trainer, workers=args.workers, use_gpu=args.use_gpu, actors=_actors(args.actors),
+            per_class_quota=args.per_class_quota)
+        campaign.init(args.campaign, config, args.initial_labels_file)
+    elif args.action == "run":
+        _init_ray()
+        state = campaign.run(args.campaign)
+        print(f"campaign {state['status']}: cycle {state['cycle']}, step {state['step']}")
+    elif args.action == "status":
+        import json
+
+        print(json.dumps(campaign.status(args.campaign), indent=2))
+    elif args.action == "export":
+        from .export import write_exports
+        from .pool import is_image_prefix
+        from .storage import read_parquet
+
+        state = campaign.load_state(args.campaign)
+        config = campaign.config_of(state)
+        cycle = state["cycle"] if args.cycle is None else args.cycle
+        selection = read_parquet(campaign.cycle_uri(args.campaign, cycle, "selection.parquet"))
+        out = args.out or campaign.cycle_uri(args.campaign, cycle, "export")
+        for uri in write_exports(selection, config.pool, is_image_prefix(config.pool), out):
+            print(uri)
+    elif args.action == "import-labels":
+        campaign.import_labels(args.campaign, args.labels)
+
+
+def cmd_report(args):
+    from .report import write_report
+
+    print(write_report(args.campaign))
+
+
+def _actors(text: str) -> tuple[int, int]:
+    try:
+        low, _, high = text.partition(",")
+        actors = (int(low), int(high or low))
+    except ValueError:
+        raise UsageError(f"--actors takes MIN,MAX (e.g. 1,4), got {text!r}") from None
+    if not 1 <= actors[0] <= actors[1]:
+        raise UsageError(f"--actors needs 1 <= MIN <= MAX, got {text!r}")
+    return actors
+
+
+def _init_ray():
+    import ray
+
+    if not ray.is_initialized():
+        # Joins the cluster named by RAY_ADDRESS (e.g. under `ray job submit`), else starts a local one.
+        ray.init(log_to_driver=False)
+
+
+def add_campaign_parser(sub) -> None:
+    p = sub.add_parser("campaign", help="labeling campaigns: init | run | status | export | import-labels")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    a = actions.add_parser("init", help="create a campaign: pool, budget, initial labels")
+    a.add_argument("campaign", metavar="CAMPAIGN_URI", help="local dir or s3://bucket/prefix for all state")
+    a.add_argument("--pool", required=True, help="the unlabeled pool (local dir or s3:// prefix)")
+    a.add_argument("--num-classes", type=int, required=True)
+    a.add_argument("--k", type=int, required=True, help="samples to label per cycle")
+    a.add_argument("--cycles", type=int, required=True, help="selection cycles")
+    a.add_argument("--strategy", default="tidal-entropy")
+    a.add_argument("--backbone", default="small_cnn")
+    a.add_argument("--epochs", type=int, default=60)
+    a.add_argument("--batch-size", type=int, default=64)
+    a.add_argument("--lr", type=float, default=1e-3)
+    a.add_argument("--lambda", dest="lam", type=float, default=1.0)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--initial-labels", type=int, default=0, help="with --oracle: draw N random initial labels")
+    a.add_argument("--initial-labels-file", help="CSV/JSONL/parquet of id,label to start from")
+    a.add_argument("--oracle", action="store_true",
+                   help="simulation: labels come from the pool's label column, no person needed")
+    a.add_argument("--test", help="a labeled test set (same format as the pool) for test accuracy")
+    a.add_argument("--trainer", default="ray", choices=["ray", "local"],
+                   help="ray: Ray Train workers; local: in the driver process")
+    a.add_argument("--workers", type=int, default=1)
+    a.add_argument("--use-gpu", action="store_true")
+    a.add_argument("--actors", default="1,1", help="scorer actors MIN,MAX")
+    a.add_argument("--per-class-quota", action="store_true")
+
+    a = actions.add_parser("run", help="advance: train, select, export, wait for labels, merge, ...")
+    a.add_argument("campaign", metavar="CAMPAIGN_URI")
+    a = actions.add_parser("status", help="where the campaign is")
+    a.add_argument("campaign", metavar="CAMPAIGN_URI")
+    a = actions.add_parser("export", help="(re)write labeling-tool manifests of a cycle's selection")
+    a.add_argument("campaign", metavar="CAMPAIGN_URI")
+    a.add_argument("--cycle", type=int)
+    a.add_argument("--out", help="where to write (default: the cycle's export/ dir)")
+    a = actions.add_parser("import-labels", help="merge labels (CSV/JSONL/parquet id,label or a Ground Truth output manifest)")
+    a.add_argument("campaign", metavar="CAMPAIGN_URI")
+    a.add_argument("labels", metavar="LABELS_FILE")
+    p.set_defaults(run=cmd_campaign)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tidal-ray",
@@ -46,11 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score a whole pool on Ray Data and select the top k")
     p.set_defaults(run=_not_yet("score"))
 
-    p = sub.add_parser("campaign", help="labeling campaigns: init | run | status | export | import-labels")
-    p.set_defaults(run=_not_yet("campaign"))
+    add_campaign_parser(sub)
 
     p = sub.add_parser("report", help="learning curve and per-cycle report of a campaign")
-    p.set_defaults(run=_not_yet("report"))
+    p.add_argument("campaign", metavar="CAMPAIGN_URI")
+    p.set_defaults(run=cmd_report)
     return parser
 
 
@@ -70,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             traceback.print_exc()
+        if getattr(e, "plain_message", False):  # an expected condition, said plainly
+            print(f"tidal-ray {args.command}: error: {e}", file=sys.stderr)
+            return 1
         print(f"tidal-ray {args.command}: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1

@@ -103,3 +103,42 @@ def list_files(uri: str) -> list[tuple[str, int]]:
         (prefix + f.path, f.size) for f in files
         if f.type == pafs.FileType.File and not os.path.basename(f.path).startswith((".", "_"))
     )
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    bucket, _, key = str(uri)[len("s3://"):].partition("/")
+    return bucket, key
+
+
+def put_if_absent(uri: str, data: bytes) -> bool:
+    """Create ``uri`` only if nothing is there yet; False if something already was.
+    Locally an exclusive create; on S3 a conditional PUT (If-None-Match: *)."""
+    if is_s3(uri):
+        import boto3
+        from botocore.exceptions import ClientError
+
+        bucket, key = _bucket_key(uri)
+        try:
+            boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+                return False
+            raise
+        return True
+    path = os.path.abspath(uri)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return True
+
+
+def delete(uri: str) -> None:
+    fs, path = resolve(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,399 @@
+"""Labeling campaigns: the cycle state machine.
+
+Each cycle walks the same steps:
+
+    train -> select -> export -> wait-for-labels -> merge -> (next cycle)
+
+and after the last selection cycle one more ``train`` measures the final model. All
+state lives under one URI (a local dir or ``s3://``), laid out as DESIGN.md §2 says.
+Every step first looks for its own finished output and moves on if it is there, so a
+driver killed anywhere can simply ``run`` again. Labels are never rewritten: each
+cycle's arrive in their own ``labeled/cycle-NNN.parquet``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from . import storage
+from .export import read_labels, validate_labels, write_exports
+
+STEPS = ("train", "select", "export", "wait-for-labels", "merge")
+# Test-only: "CYCLE:STEP" makes the driver SIGKILL itself as that step starts (crash tests).
+KILL_AT_ENV = "TIDAL_RAY_TEST_KILL_AT"
+
+
+@dataclass
+class CampaignConfig:
+    pool: str
+    num_classes: int
+    k: int
+    cycles: int
+    strategy: str = "tidal-entropy"
+    backbone: str = "small_cnn"
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 1e-3
+    lam: float = 1.0
+    seed: int = 0
+    initial_labels: int = 0
+    oracle: bool = False
+    test: str | None = None
+    trainer: str = "ray"          # "ray" (Ray Train, DDP) or "local" (in the driver process)
+    workers: int = 1
+    use_gpu: bool = False
+    actors: tuple[int, int] = (1, 1)
+    per_class_quota: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        from .models import BACKBONES
+        from .uncertainty import check_strategy
+
+        check_strategy(self.strategy)
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        if self.k <= 0 or self.cycles <= 0:
+            raise ValueError("--k and --cycles must be positive")
+        if self.trainer not in ("ray", "local"):
+            raise ValueError(f"unknown trainer {self.trainer!r}; choose ray or local")
+        if self.num_classes < 2:
+            raise ValueError("--num-classes must be at least 2")
+
+
+class CampaignLocked(RuntimeError):
+    plain_message = True
+
+
+# ---- where things live ---------------------------------------------------------------------
+
+def state_uri(root: str) -> str:
+    return storage.join(root, "campaign.json")
+
+
+def cycle_uri(root: str, cycle: int, *parts: str) -> str:
+    return storage.join(root, "cycles", f"{cycle:03d}", *parts)
+
+
+def labels_uri(root: str, cycle: int) -> str:
+    return storage.join(root, "labeled", f"cycle-{cycle:03d}.parquet")
+
+
+def load_state(root: str) -> dict:
+    if not storage.exists(state_uri(root)):
+        raise ValueError(f"no campaign at {root} (run 'tidal-ray campaign init' first)")
+    return storage.read_json(state_uri(root))
+
+
+def save_state(root: str, state: dict) -> None:
+    state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    storage.write_json(state_uri(root), state)
+
+
+def config_of(state: dict) -> CampaignConfig:
+    config = dict(state["config"])
+    config["actors"] = tuple(config["actors"])
+    return CampaignConfig(**config)
+
+
+# ---- the lock: one driver per campaign -----------------------------------------------------
+
+class CampaignLock:
+    """``lock.json`` created conditionally; a lock left by a dead process on this host
+    (a killed driver) is taken over, any other is refused."""
+
+    def __init__(self, root: str):
+        self.uri = storage.join(root, "lock.json")
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+                      "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def _is_stale(self, holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, ValueError, TypeError):
+            return False
+        return False
+
+    def __enter__(self):
+        body = json.dumps(self.owner).encode()
+        if storage.put_if_absent(self.uri, body):
+            return self
+        try:
+            holder = storage.read_json(self.uri)
+        except (FileNotFoundError, json.JSONDecodeError):
+            holder = {}
+        if holder and self._is_stale(holder):
+            storage.delete(self.uri)
+            if storage.put_if_absent(self.uri, body):
+                return self
+            holder = storage.read_json(self.uri)
+        raise CampaignLocked(
+            f"campaign is in use by another driver (pid {holder.get('pid')} on {holder.get('host')} "
+            f"since {holder.get('since')}); if no driver is running, delete {self.uri}"
+        )
+
+    def __exit__(self, *exc):
+        try:
+            if storage.read_json(self.uri).get("token") == self.owner["token"]:
+                storage.delete(self.uri)
+        except FileNotFoundError:
+            pass
+
+
+# ---- labels ---------------------------------------------------------------------------------
+
+def labeled_table(root: str) -> pa.Table:
+    """Every label that has arrived, in arrival order."""
+    prefix = storage.join(root, "labeled")
+    files = [uri for uri, _ in storage.list_files(prefix)] if storage.exists(prefix) else []
+    tables = [storage.read_parquet(uri).select(["id", "label"]) for uri in files if uri.endswith(".parquet")]
+    if not tables:
+        return pa.table({"id": pa.array([], pa.int64()), "label": pa.array([], pa.int64())})
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def selected_ids(root: str, up_to_cycle: int) -> list:
+    """Ids sent out for labeling in cycles before ``up_to_cycle`` (pending or labeled)."""
+    ids = []
+    for c in range(up_to_cycle):
+        uri = cycle_uri(root, c, "selection.parquet")
+        if storage.exists(uri):
+            ids.extend(storage.read_parquet(uri).column("id").to_pylist())
+    return ids
+
+
+# ---- steps ----------------------------------------------------------------------------------
+
+def _maybe_kill_for_test(cycle: int, step: str) -> None:
+    if os.environ.get(KILL_AT_ENV) == f"{cycle}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _evaluate(checkpoint_uri: str, test_uri: str | None) -> float | None:
+    if not test_uri:
+        return None
+    import torch
+
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .pool import load_rows
+    from .train import prepare_input
+
+    net = model_from_checkpoint(load_checkpoint(checkpoint_uri))
+    _, x, labels, _ = load_rows(test_uri)
+    if labels is None:
+        raise ValueError(f"test set {test_uri} has no label column")
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(x), 512):
+            logits, _ = net(prepare_input(torch.as_tensor(x[start:start + 512])))
+            correct += int((logits.argmax(1).numpy() == labels[start:start + 512]).sum())
+    return correct / len(x)
+
+
+def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
+    metrics_uri = cycle_uri(root, cycle, "metrics.json")
+    if storage.exists(metrics_uri):
+        return
+    from .pool import load_rows
+    from .train import TrainConfig, train_in_process, train_on_ray
+
+    labels = labeled_table(root)
+    label_of = dict(zip(labels.column("id").to_pylist(), labels.column("label").to_pylist()))
+    ids, x, _, input_shape = load_rows(config.pool, ids=list(label_of))
+    y = np.array([label_of[i] for i in ids.tolist()], dtype=np.int64)
+    train_config = TrainConfig(num_classes=config.num_classes, input_shape=tuple(input_shape),
+                               backbone=config.backbone, epochs=config.epochs, batch_size=config.batch_size,
+                               lr=config.lr, lam=config.lam, seed=config.seed + cycle)
+    log(f"cycle {cycle}: training {config.backbone} on {len(ids)} labels ({config.trainer})")
+    started = time.perf_counter()
+    checkpoint_dir = cycle_uri(root, cycle, "checkpoint")
+    if config.trainer == "ray":
+        result = train_on_ray(train_config, ids, x, y, storage_uri=checkpoint_dir, num_workers=config.workers,
+                              use_gpu=config.use_gpu, name="train")
+        checkpoint, history = result.checkpoint_uri, result.metrics
+    else:
+        from .checkpoint import save_checkpoint
+
+        _, _, session = train_in_process(train_config, ids, x, y)
+        checkpoint = save_checkpoint(session.last_state, checkpoint_dir).rsplit("/", 1)[0]
+        history = session.history
+    train_seconds = time.perf_counter() - started
+    accuracy = _evaluate(checkpoint, config.test)
+    log(f"cycle {cycle}: trained in {train_seconds:.1f}s; test accuracy "
+        + ("n/a (no test set)" if accuracy is None else f"{accuracy:.4f}"))
+    storage.write_json(metrics_uri, {
+        "cycle": cycle, "labeled": len(ids), "checkpoint": checkpoint, "test_accuracy": accuracy,
+        "td_kl": history[-1]["kl"] if history else None, "train_seconds": train_seconds,
+        "train_history": history, "label_counts": np.bincount(y, minlength=config.num_classes).tolist(),
+    })
+
+
+def step_select(root: str, config: CampaignConfig, cycle: int, log) -> None:
+    out = cycle_uri(root, cycle)
+    if storage.exists(storage.join(out, "selection.json")):
+        return
+    from .score import score_pool
+
+    metrics = storage.read_json(cycle_uri(root, cycle, "metrics.json"))
+    exclude = labeled_table(root).column("id").to_pylist() + selected_ids(root, cycle)
+    log(f"cycle {cycle}: scoring the pool, selecting {config.k} by {config.strategy} ({len(exclude)} excluded)")
+    score_pool(metrics["checkpoint"], config.pool, config.k, out, strategy=config.strategy,
+               exclude_ids=exclude, per_class_quota=config.per_class_quota, actors=config.actors,
+               seed=config.seed, save_scores=False)
+
+
+def step_export(root: str, config: CampaignConfig, cycle: int, log) -> None:
+    from .pool import is_image_prefix
+
+    selection = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet"))
+    files = write_exports(selection, config.pool, is_image_prefix(config.pool), cycle_uri(root, cycle, "export"))
+    log(f"cycle {cycle}: exported {selection.num_rows} samples for labeling: {cycle_uri(root, cycle, 'export')}/")
+    del files
+
+
+def step_wait_for_labels(root: str, config: CampaignConfig, cycle: int, log) -> bool:
+    """True when this cycle's labels are in; False means stop and wait for a person."""
+    target = labels_uri(root, cycle + 1)
+    if storage.exists(target):
+        return True
+    if not config.oracle:
+        log(f"cycle {cycle}: waiting for labels. Label {cycle_uri(root, cycle, 'export')}/ and run "
+            f"'tidal-ray campaign import-labels {root} FILE', then 'tidal-ray campaign run {root}'")
+        return False
+    from .pool import load_rows
+
+    selection = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet"))
+    ids, _, labels, _ = load_rows(config.pool, ids=selection.column("id").to_pylist())
+    if labels is None:
+        raise ValueError(f"the oracle needs a 'label' column in the pool {config.pool}")
+    storage.write_parquet(target, pa.table({"id": pa.array(ids), "label": pa.array(labels, pa.int64())}))
+    log(f"cycle {cycle}: oracle labeled {len(ids)} samples")
+    return True
+
+
+def run(root: str, log=print) -> dict:
+    """Advance the campaign as far as it can go; returns the final state."""
+    with CampaignLock(root):
+        state = load_state(root)
+        config = config_of(state)
+        state["status"] = "running"
+        save_state(root, state)
+        while True:
+            cycle, step = state["cycle"], state["step"]
+            _maybe_kill_for_test(cycle, step)
+            if step == "train":
+                step_train(root, config, cycle, log)
+                if cycle >= config.cycles:
+                    state.update(step="done", status="done")
+                    save_state(root, state)
+                    break
+            elif step == "select":
+                step_select(root, config, cycle, log)
+            elif step == "export":
+                step_export(root, config, cycle, log)
+            elif step == "wait-for-labels":
+                if not step_wait_for_labels(root, config, cycle, log):
+                    state["status"] = "waiting-for-labels"
+                    save_state(root, state)
+                    return state
+            elif step == "merge":
+                merged = storage.read_parquet(labels_uri(root, cycle + 1)).num_rows
+                log(f"cycle {cycle}: merged {merged} new labels; {labeled_table(root).num_rows} labeled in all")
+                state.update(cycle=cycle + 1, step="train")
+                save_state(root, state)
+                continue
+            elif step == "done":
+                break
+            state["step"] = STEPS[STEPS.index(step) + 1]
+            save_state(root, state)
+        from .report import write_report
+
+        write_report(root)
+        return state
+
+
+# ---- init, status, import -------------------------------------------------------------------
+
+def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = None, log=print) -> dict:
+    config.check()
+    if storage.exists(state_uri(root)):
+        raise ValueError(f"a campaign already exists at {root}")
+    from .pool import load_rows
+
+    pool_ids, _, pool_labels, _ = load_rows(config.pool)
+    if config.test is not None and not storage.exists(config.test):
+        raise ValueError(f"test set {config.test} does not exist")
+    if initial_labels_uri:
+        rows = read_labels(initial_labels_uri, config.pool)
+        table, problems = validate_labels(rows, pool_ids.tolist(), config.num_classes, lambda _: False,
+                                          pa.array(pool_ids).type)
+        for p in problems:
+            log(f"initial labels: line {p['line']}: id {p['id']!r}: {p['reason']}")
+    elif config.oracle and config.initial_labels > 0:
+        if pool_labels is None:
+            raise ValueError(f"the oracle needs a 'label' column in the pool {config.pool}")
+        rng = np.random.default_rng(config.seed)
+        rows = np.sort(rng.choice(len(pool_ids), size=config.initial_labels, replace=False))
+        table = pa.table({"id": pa.array(pool_ids[rows]), "label": pa.array(pool_labels[rows], pa.int64())})
+    else:
+        raise ValueError("give initial labels: --initial-labels-file FILE, or --oracle with --initial-labels N")
+    if table.num_rows == 0:
+        raise ValueError("no valid initial labels")
+    storage.write_parquet(labels_uri(root, 0), table)
+    state = {"config": asdict(config), "cycle": 0, "step": "train", "status": "initialized",
+             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    save_state(root, state)
+    log(f"campaign initialized at {root}: {table.num_rows} initial labels, pool {config.pool} "
+        f"({len(pool_ids)} rows), {config.cycles} cycles of {config.k}")
+    return state
+
+
+def status(root: str) -> dict:
+    state = load_state(root)
+    config = config_of(state)
+    cycles = []
+    for c in range(state["cycle"] + 1):
+        uri = cycle_uri(root, c, "metrics.json")
+        if storage.exists(uri):
+            m = storage.read_json(uri)
+            cycles.append({"cycle": c, "labeled": m["labeled"], "test_accuracy": m["test_accuracy"]})
+    return {"uri": root, "status": state["status"], "cycle": state["cycle"], "of_cycles": config.cycles,
+            "step": state["step"], "labeled": labeled_table(root).num_rows, "cycles": cycles}
+
+
+def import_labels(root: str, labels_file: str, log=print) -> dict:
+    """Merge a person's labels for the current cycle's selection; bad rows are listed, not merged."""
+    from .pool import pool_has_ids
+
+    state = load_state(root)
+    config = config_of(state)
+    cycle = state["cycle"]
+    if state["step"] not in ("wait-for-labels",) or state["status"] != "waiting-for-labels":
+        raise ValueError(f"cycle {cycle} is at step {state['step']!r}, not waiting for labels")
+    target = labels_uri(root, cycle + 1)
+    if storage.exists(target):
+        raise ValueError(f"labels for cycle {cycle} were already imported ({target})")
+    selection = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet"))
+    rows = read_labels(labels_file, config.pool)
+    candidates = [str(r["id"]) for r in rows if r["id"] is not None]
+    in_pool = pool_has_ids(config.pool, candidates)
+    table, problems = validate_labels(rows, selection.column("id").to_pylist(), config.num_classes,
+                                      lambda key: key in in_pool, selection.schema.field("id").type)
+    for p in problems:
+        log(f"not merged: line {p['line']}: id {p['id']!r} label {p['label']!r}: {p['reason']}")
+    storage.write_parquet(target, table)
+    log(f"merged {table.num_rows} labels for cycle {cycle}; {len(problems)} rows not merged; "
+        f"run 'tidal-ray campaign run {root}' to continue")
+    return {"merged": table.num_rows, "problems": problems}
