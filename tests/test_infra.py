@@ -524,6 +524,35 @@ def check_entrypoint(entrypoint: str, where: str) -> list[str]:
     return problems
 
 
+CAMPAIGN_ACTIONS = ("init", "run", "status", "export", "import-labels")
+
+
+def check_campaign_args(args: list[str], where: str) -> list[str]:
+    """Arguments after `jobs/campaign.py`: an action and an s3:// campaign URI,
+    and, once jobs/campaign.py exists, accepted by the real `tidal-ray campaign`
+    parser (jobs/campaign.py forwards its arguments to it)."""
+    problems = []
+    if not args or args[0] not in CAMPAIGN_ACTIONS:
+        problems.append(f"{where}: campaign action must be one of {CAMPAIGN_ACTIONS}, got {args[:1]}")
+    positional = [a for a in args[1:] if not a.startswith("-")]
+    if not positional or not positional[0].startswith("s3://"):
+        problems.append(f"{where}: the campaign URI (s3://...) must follow the action")
+    if (ROOT / "jobs" / "campaign.py").is_file():
+        import contextlib
+        import io
+
+        from tidal_ray.cli import build_parser
+
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                build_parser().parse_args(["campaign", *args])
+        except SystemExit:
+            problems.append(f"{where}: `tidal-ray campaign` rejects {shlex.join(args)!r}: "
+                            + err.getvalue().strip().splitlines()[-1])
+    return problems
+
+
 def check_rayjob(doc) -> list[str]:
     problems = []
     if doc.get("apiVersion") != "ray.io/v1":
@@ -539,12 +568,10 @@ def check_rayjob(doc) -> list[str]:
             problems.append(f"spec: missing {k!r}")
     problems += check_entrypoint(spec.get("entrypoint", ""), "spec.entrypoint")
     words = shlex.split(spec.get("entrypoint", ""))
-    if "jobs/campaign.py" in words:
-        if "run" not in words[2:3]:
-            problems.append("spec.entrypoint: campaign job should run `campaign.py run ...`")
-        after = words[words.index("--campaign") + 1:] if "--campaign" in words else []
-        if not after or not after[0].startswith("s3://"):
-            problems.append("spec.entrypoint: `--campaign s3://...` missing")
+    if words[1:2] == ["jobs/campaign.py"]:
+        if words[2:3] != ["run"]:
+            problems.append("spec.entrypoint: the RayJob should run `jobs/campaign.py run CAMPAIGN_URI`")
+        problems += check_campaign_args(words[2:], "spec.entrypoint")
     try:
         env = yaml.safe_load(spec.get("runtimeEnvYAML", "")) or {}
     except yaml.YAMLError as e:
@@ -818,9 +845,15 @@ RAYJOB_MUTATIONS = {
     "no entrypoint": (_drop(["spec", "entrypoint"]), "entrypoint"),
     "entrypoint outside jobs/": (_set(["spec", "entrypoint"], "python tidal_ray/cli.py campaign run"),
                                  "jobs/*.py"),
-    "unexpected job script": (_set(["spec", "entrypoint"], "python jobs/campain.py run --campaign s3://b/c"),
+    "unexpected job script": (_set(["spec", "entrypoint"], "python jobs/campain.py run s3://b/c"),
                               "not one of"),
-    "no campaign URI": (_set(["spec", "entrypoint"], "python jobs/campaign.py run"), "--campaign"),
+    "no campaign URI": (_set(["spec", "entrypoint"], "python jobs/campaign.py run"), "campaign URI"),
+    "local campaign URI": (_set(["spec", "entrypoint"], "python jobs/campaign.py run campaigns/digits"),
+                           "s3://"),
+    "not a run": (_set(["spec", "entrypoint"], "python jobs/campaign.py status s3://b/c"), "`jobs/campaign.py run"),
+    "unknown action": (_set(["spec", "entrypoint"], "python jobs/campaign.py start s3://b/c"), "action"),
+    "CLI rejects arguments": (_set(["spec", "entrypoint"], "python jobs/campaign.py run s3://b/c --cycles 3"),
+                              "rejects"),
     "typo spec field": (_rename(["spec", "shutdownAfterJobFinishes"], "shutdownAfterJobFinished"),
                         "'shutdownAfterJobFinished'"),
     "cluster kept": (_set(["spec", "shutdownAfterJobFinishes"], False), "shutdownAfterJobFinishes"),
@@ -912,6 +945,11 @@ def test_cluster_md_points_at_real_files():
         assert (ROOT / ref).exists(), f"CLUSTER.md mentions {ref}, which does not exist"
     for script in set(re.findall(r"\bjobs/[\w.-]+\.py\b", text)):
         assert script in EXPECTED_JOB_SCRIPTS, f"CLUSTER.md runs {script}"
+    joined = text.replace("\\\n", " ")  # shell line continuations
+    commands = [c for c in re.findall(r"python jobs/campaign\.py ([^\n`]*)", joined) if "..." not in c]
+    assert len(commands) >= 2, "CLUSTER.md should show complete `init` and `run` commands"
+    for c in commands:
+        assert check_campaign_args(shlex.split(c), "CLUSTER.md") == [], c
     assert "RAY_AUTH_MODE=token" in text and "ray get-auth-token" in text
 
 
