@@ -143,8 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-pool", help="write a digits or synthetic pool (any format, sharded, local or s3://)")
     p.set_defaults(run=_not_yet("make-pool"))
 
-    p = sub.add_parser("train", help="train backbone + TD module on Ray Train")
-    p.set_defaults(run=_not_yet("train"))
+    from . import train_cli
+
+    p = sub.add_parser("train", help="train backbone + TD module on Ray Train", description=train_cli.DESCRIPTION)
+    train_cli.add_arguments(p)
+    p.set_defaults(run=train_cli.run)
 
     p = sub.add_parser("score", help="score a whole pool on Ray Data and select the top k")
     p.set_defaults(run=_not_yet("score"))
