@@ -133,3 +133,28 @@ def test_bad_input_is_exit_2_with_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("tidal-ray train: error:") and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_job_entrypoint_trains_features_with_its_own_local_ray(tmp_path):
+    """``python jobs/train.py`` as ``ray job submit`` runs it, but without RAY_ADDRESS, so
+    ``ray.init()`` starts a local Ray: an MLP on feature vectors, local storage."""
+    import subprocess
+    import sys
+
+    ids, pixels, labels = digits(64)
+    features = pa.FixedSizeListArray.from_arrays(pa.array((pixels.reshape(64, -1) / 255.0).ravel(), pa.float32()), 64)
+    table = pa.table({"id": ids, "label": labels, "features": features})
+    storage.write_parquet(str(tmp_path / "labeled.parquet"), table.replace_schema_metadata({b"tidal_ray.num_classes": b"10"}))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, os.path.join(root, "jobs", "train.py"), "--labeled", str(tmp_path / "labeled.parquet"),
+         "--out", str(tmp_path / "out"), "--backbone", "mlp", "--epochs", "3", "--workers", "2", "--batch-size", "16"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"checkpoint: {tmp_path / 'out' / 'train' / 'epoch-0003'}" in out.stdout
+    state = load_checkpoint(str(tmp_path / "out" / "train" / "epoch-0003"))
+    assert state["config"]["backbone"] == "mlp" and state["config"]["input_shape"] == (64,)
+    assert state["config"]["num_classes"] == 10 and state["td_table"]["count"].tolist() == [3] * 64
+    assert "epoch 3: loss" in out.stdout + out.stderr  # rank 0's per-epoch line reached the driver

@@ -261,7 +261,8 @@ class RayTrainSession:
         while True:
             batch = next(local, None)
             more = torch.tensor([batch is not None], dtype=torch.int32, device=self.device)
-            dist.all_reduce(more, op=dist.ReduceOp.MIN)
+            if self.world_size > 1:
+                dist.all_reduce(more, op=dist.ReduceOp.MIN)
             if not more.item():
                 for _ in local:  # finish this epoch's stream so the next epoch can start
                     pass

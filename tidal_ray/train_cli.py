@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, nccl")
     p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="weight of the TD-module KL loss (default: 1)")
-    p.add_argument("--num-classes", type=int, default=None, help="C (default: the largest label + 1)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="C (default: the labeled set's tidal_ray.num_classes metadata, else the largest label + 1)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per step over all workers (default: 64)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -34,13 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def load_labeled(uri: str):
     """``(ids, x, labels, input_shape)`` of a labeled set."""
     from . import storage
+    from .pool import load_rows
 
     if not storage.exists(uri):
         raise ValueError(f"labeled set not found: {uri}")
-    try:
-        from .pool import load_rows
-    except ImportError:  # the pool reader is not in this checkout yet
-        load_rows = _read_labeled_parquet
     ids, x, labels, input_shape = load_rows(uri)
     if labels is None:
         raise ValueError(f"labeled set {uri} has no label column")
@@ -49,40 +47,15 @@ def load_labeled(uri: str):
     return ids, x, labels, input_shape
 
 
-def _read_labeled_parquet(uri: str, ids=None):
-    """Minimal reader for parquet with ``id``, ``label`` and ``pixels`` (raw uint8, shape in
-    the schema metadata key ``tidal_ray.shape``, e.g. ``1x8x8``) or ``features`` (list<float32>)."""
-    import numpy as np
-
-    from . import storage
-
-    table = storage.read_parquet(uri)
-    names = set(table.column_names)
-    if "id" not in names:
-        raise ValueError(f"{uri} has no 'id' column")
-    labels = table.column("label").to_numpy() if "label" in names else None
-    if "pixels" in names:
-        raw = (table.schema.metadata or {}).get(b"tidal_ray.shape")
-        if raw is None:
-            raise ValueError(f"{uri}: 'pixels' without the tidal_ray.shape schema metadata")
-        shape = tuple(int(d) for d in raw.decode().split("x"))
-        blobs = table.column("pixels").to_pylist()
-        if any(b is None or len(b) != int(np.prod(shape)) for b in blobs):
-            raise ValueError(f"{uri}: a 'pixels' value is not {'x'.join(map(str, shape))} bytes")
-        x = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(-1, *shape)
-    elif "features" in names:
-        x = np.asarray(table.column("features").to_pylist(), dtype=np.float32)
-        shape = tuple(x.shape[1:])
-    else:
-        raise ValueError(f"{uri} has neither a 'pixels' nor a 'features' column")
-    return table.column("id").to_numpy(zero_copy_only=False), x, labels, shape
-
-
 def run(args: argparse.Namespace):
     from .train import TrainConfig, train_on_ray
 
     ids, x, y, input_shape = load_labeled(args.labeled)
-    num_classes = args.num_classes if args.num_classes is not None else max(int(y.max()) + 1, 2)
+    num_classes = args.num_classes
+    if num_classes is None:  # a labeled set that lacks the top class would otherwise shrink C
+        from .pool import describe_pool
+
+        num_classes = describe_pool(args.labeled).num_classes or max(int(y.max()) + 1, 2)
     config = TrainConfig(num_classes=num_classes, input_shape=tuple(input_shape), backbone=args.backbone,
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lam=args.lam,
                          seed=args.seed, fail_at_epoch=args.fail_at_epoch)
