@@ -141,7 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_demo)
 
     p = sub.add_parser("make-pool", help="write a digits or synthetic pool (any format, sharded, local or s3://)")
-    p.set_defaults(run=_not_yet("make-pool"))
+    from . import make_pool
+
+    make_pool.add_arguments(p)
+    p.set_defaults(run=make_pool.run)
 
     from . import train_cli
 
@@ -150,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=train_cli.run)
 
     p = sub.add_parser("score", help="score a whole pool on Ray Data and select the top k")
-    p.set_defaults(run=_not_yet("score"))
+    from . import score
+
+    score.add_arguments(p)
+    p.set_defaults(run=score.run_cli)
 
     add_campaign_parser(sub)
 

@@ -1,0 +1,290 @@
+"""Whole-pool scoring on a real local Ray (2 CPUs) reading from the real loopback S3 server:
+exact top-k, exclusions, repeatability, rejects and row accounting, image prefixes, bad input."""
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from tidal_ray import storage
+from tidal_ray.checkpoint import save_checkpoint
+from tidal_ray.cli import main
+from tidal_ray.make_pool import make_pool, synthetic_rows
+from tidal_ray.pool import NOT_FINITE, NULL_ID, SHAPE_KEY, UNDECODABLE, WRONG_LENGTH, WRONG_SIZE
+from tidal_ray.score import BatchScorer, SeenIds, score_pool
+from tidal_ray.train import TrainConfig, train_in_process
+
+SHAPE = (1, 8, 8)
+
+
+def train_checkpoint(path, input_shape=SHAPE, num_classes=10, backbone="small_cnn", epochs=2, rows=1500):
+    ids = np.arange(rows)
+    pixels, labels = synthetic_rows(ids, input_shape if len(input_shape) == 3 else (1, 8, 8), num_classes, seed=99)
+    x = pixels if len(input_shape) == 3 else pixels.reshape(rows, -1).astype(np.float32) / 255.0
+    config = TrainConfig(num_classes=num_classes, input_shape=input_shape, backbone=backbone, epochs=epochs,
+                         batch_size=64)
+    _, _, session = train_in_process(config, ids, x, labels)
+    return save_checkpoint(session.last_state, str(path)).rsplit("/", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return train_checkpoint(tmp_path_factory.mktemp("ck") / "small_cnn")
+
+
+def read(uri) -> pa.Table:
+    return storage.read_parquet(uri)
+
+
+def read_scores(out) -> pa.Table:
+    return pa.concat_tables([read(f) for f, _ in storage.list_files(f"{out}/scores")])
+
+
+def plain_topk(scores: pa.Table, strategy: str, k: int) -> list:
+    ids = scores.column("id").to_numpy()
+    values = scores.column(strategy).to_numpy()
+    order = sorted(range(len(ids)), key=lambda i: (-values[i], ids[i]))[:k]
+    return [int(ids[i]) for i in order]
+
+
+def test_topk_is_exact_excludes_and_is_identical_across_runs_and_actor_counts(ray_local, s3_bucket, checkpoint):
+    pool = f"{s3_bucket}/pool"
+    make_pool(pool, "synthetic", rows=20_000, fmt="pixels", shards=4, shape=SHAPE, seed=1)
+    # A fifth shard repeats the content of rows 0..199 under new ids: equal scores, ties by id.
+    pixels, labels = synthetic_rows(np.arange(200), SHAPE, 10, seed=1)
+    storage.write_parquet(f"{pool}/part-00004.parquet", pa.table({
+        "id": pa.array(np.arange(20_000, 20_200), pa.int64()),
+        "pixels": pa.array([row.tobytes() for row in pixels], pa.binary()),
+        "label": pa.array(labels, pa.int64())}).replace_schema_metadata({SHAPE_KEY: b"1x8x8"}))
+
+    # In-process first, without exclusions: which ids would be picked.
+    first = score_pool(checkpoint, pool, 500, f"{s3_bucket}/plain", use_ray=False, progress=False)
+    picked = read(f"{s3_bucket}/plain/selection.parquet").column("id").to_pylist()
+    assert first["rows_read"] == 20_200 and len(picked) == 500
+
+    # Exclude 100 of them (labeled: parquet; pending: csv) and 5 more given directly.
+    labeled, pending, direct = picked[0:100:2], picked[1:100:2], picked[100:105]
+    storage.write_parquet(f"{s3_bucket}/labeled.parquet", pa.table({"id": pa.array(labeled, pa.int64()),
+                                                                    "label": pa.array([0] * 50, pa.int64())}))
+    buf = io.BytesIO()
+    pacsv.write_csv(pa.table({"id": pending}), buf)
+    storage.write_bytes(f"{s3_bucket}/pending/cycle-1.csv", buf.getvalue())
+    excluded = set(labeled) | set(pending) | set(direct)
+    common = dict(exclude_uris=[f"{s3_bucket}/labeled.parquet", f"{s3_bucket}/pending"], exclude_ids=direct,
+                  progress=False)
+
+    runs = {}
+    for name, actors, save in [("a", (1, 1), True), ("b", (1, 1), False), ("c", (2, 2), False)]:
+        runs[name] = score_pool(checkpoint, pool, 500, f"{s3_bucket}/out-{name}", actors=actors, save_scores=save,
+                                **common)
+    selection = read(f"{s3_bucket}/out-a/selection.parquet")
+    for name in "bc":
+        assert read(f"{s3_bucket}/out-{name}/selection.parquet").equals(selection), name
+
+    summary = runs["a"]
+    assert summary["rows_read"] == 20_200 and summary["rows_excluded"] == 105 and summary["rows_rejected"] == 0
+    assert summary["rows_scored"] == 20_200 - 105
+    assert summary["ray"] is True and summary["selected"] == 500
+    assert [f["uri"] for f in summary["pool"]["files"]] == [f"{pool}/part-0000{i}.parquet" for i in range(5)]
+    assert storage.read_json(f"{s3_bucket}/out-a/selection.json") == summary
+    assert read(f"{s3_bucket}/out-a/rejects.parquet").num_rows == 0
+
+    ids = selection.column("id").to_pylist()
+    assert not excluded & set(ids)
+    assert selection.column("rank").to_pylist() == list(range(1, 501))
+    assert set(selection.column("strategy").to_pylist()) == {"tidal-entropy"}
+    # The exact top-k: a plain sort of every saved score (score desc, ties by id).
+    scores = read_scores(f"{s3_bucket}/out-a")
+    assert scores.num_rows == 20_200 and sorted(scores.column("id").to_pylist()) == list(range(20_200))
+    assert {i for i, e in zip(scores.column("id").to_pylist(), scores.column("excluded").to_pylist()) if e} == excluded
+    kept = scores.filter(pa.compute.invert(scores.column("excluded")))
+    assert ids == plain_topk(kept, "tidal-entropy", 500)
+    np.testing.assert_array_equal(selection.column("score").to_numpy(),
+                                  np.sort(kept.column("tidal-entropy").to_numpy())[::-1][:500])
+    # Ties really occur (copied rows) and the smaller id wins them.
+    by_id = dict(zip(scores.column("id").to_pylist(), scores.column("tidal-entropy").to_pylist()))
+    assert all(by_id[i] == by_id[20_000 + i] for i in range(200))
+    # Ray and the in-process path score identically: the unexcluded picks come first, in order.
+    assert ids[:395] == [i for i in picked if i not in excluded]
+
+
+def pixel_rows(ids, seed=0):
+    pixels, _ = synthetic_rows(np.arange(len(ids)), SHAPE, 10, seed)
+    return [p.tobytes() for p in pixels]
+
+
+def test_bad_rows_are_rejected_with_reasons_and_accounted_exactly(ray_local, s3_bucket, tmp_path, checkpoint):
+    # pixels on S3: a short row, a null id, duplicates within a file and across files.
+    pool = f"{s3_bucket}/bad"
+    blobs = pixel_rows(range(300))
+    first_ids = list(range(200))
+    first_ids[50] = None
+    blobs[60] = blobs[60][:10]
+    first_ids[70] = 3  # duplicate of id 3, later in the same file
+    table = pa.table({"id": pa.array(first_ids, pa.int64()), "pixels": pa.array(blobs[:200], pa.binary())})
+    storage.write_parquet(f"{pool}/part-00000.parquet", table.replace_schema_metadata({SHAPE_KEY: b"1x8x8"}))
+    second_ids = list(range(200, 300))
+    second_ids[5] = 10  # duplicate of id 10 from the first file
+    table = pa.table({"id": pa.array(second_ids, pa.int64()), "pixels": pa.array(blobs[200:], pa.binary())})
+    storage.write_parquet(f"{pool}/part-00001.parquet", table.replace_schema_metadata({SHAPE_KEY: b"1x8x8"}))
+
+    summary = score_pool(checkpoint, pool, 20, f"{s3_bucket}/bad-out", exclude_ids=[0, 1], save_scores=True,
+                         actors=(1, 2), progress=False)
+    rejects = read(f"{s3_bucket}/bad-out/rejects.parquet").to_pylist()
+    assert sorted(rejects, key=lambda r: (r["file"], str(r["id"]))) == [
+        {"id": 3, "file": f"{pool}/part-00000.parquet", "reason": "duplicate id"},
+        {"id": 60, "file": f"{pool}/part-00000.parquet", "reason": f"{WRONG_LENGTH}: 10 bytes, expected 64"},
+        {"id": None, "file": f"{pool}/part-00000.parquet", "reason": NULL_ID},
+        {"id": 10, "file": f"{pool}/part-00001.parquet", "reason": "duplicate id"},
+    ]
+    assert summary["rows_read"] == 300 and summary["rows_rejected"] == 4 and summary["rows_excluded"] == 2
+    assert summary["rows_read"] == summary["rows_scored"] + summary["rows_rejected"] + summary["rows_excluded"]
+    assert summary["rejects_by_reason"] == {"duplicate id": 2, NULL_ID: 1, WRONG_LENGTH: 1}
+    # The first of a duplicate id wins: id 3 and id 10 carry the first row's score.
+    scores = read_scores(f"{s3_bucket}/bad-out")
+    by_id = dict(zip(scores.column("id").to_pylist(), scores.column("entropy").to_pylist()))
+    scorer = BatchScorer(checkpoint, pad_to=256)
+    x = np.frombuffer(b"".join([blobs[3], blobs[10]]), np.uint8).reshape(2, *SHAPE)
+    expected = scorer({"id": np.array([3, 10]), "x": x})["entropy"]
+    assert [by_id[3], by_id[10]] == expected.tolist()
+
+    # features: NaN, inf, wrong length, null id (local dir, an MLP checkpoint)
+    mlp = train_checkpoint(tmp_path / "mlp", input_shape=(64,), backbone="mlp", epochs=1, rows=500)
+    feats = [np.full(64, 0.5, np.float32).tolist() for _ in range(40)]
+    feats[1][3], feats[2][0], feats[3] = float("nan"), float("inf"), feats[3][:60]
+    ids = list(range(40))
+    ids[4] = None
+    storage.write_parquet(str(tmp_path / "feat" / "a.parquet"),
+                          pa.table({"id": pa.array(ids, pa.int64()), "features": pa.array(feats, pa.list_(pa.float32()))}))
+    summary = score_pool(mlp, str(tmp_path / "feat"), 5, str(tmp_path / "feat-out"), progress=False)
+    reasons = read(str(tmp_path / "feat-out" / "rejects.parquet")).column("reason").to_pylist()
+    assert sorted(reasons) == sorted([NOT_FINITE, NOT_FINITE, f"{WRONG_LENGTH}: 60 features, expected 64", NULL_ID])
+    assert (summary["rows_read"], summary["rows_scored"], summary["rows_rejected"]) == (40, 36, 4)
+
+    # PNG bytes in parquet: corrupt bytes, the wrong size
+    images = []
+    for i in range(30):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((16, 16) if i == 2 else (8, 8), i, np.uint8)).save(buf, format="PNG")
+        images.append(buf.getvalue())
+    images[1] = images[1][:20]
+    storage.write_parquet(str(tmp_path / "img" / "a.parquet"),
+                          pa.table({"id": pa.array([f"img-{i}" for i in range(30)]), "image": pa.array(images)}))
+    summary = score_pool(checkpoint, str(tmp_path / "img"), 5, str(tmp_path / "img-out"), progress=False)
+    rejects = read(str(tmp_path / "img-out" / "rejects.parquet")).to_pylist()
+    assert [(r["id"], r["reason"]) for r in rejects] == [("img-1", UNDECODABLE),
+                                                          ("img-2", f"{WRONG_SIZE}: 16x16, expected 8x8")]
+    assert (summary["rows_read"], summary["rows_scored"], summary["rows_rejected"]) == (30, 28, 2)
+
+
+def test_image_prefix_on_s3_ids_are_keys(ray_local, s3_bucket, checkpoint):
+    pool = f"{s3_bucket}/images"
+    make_pool(pool, "digits", rows=120, fmt="files", shards=2)
+    storage.write_bytes(f"{pool}/part-00001/broken.png", b"not a png")
+    summary = score_pool(checkpoint, pool, 10, f"{s3_bucket}/images-out", strategy="margin", progress=False)
+    assert summary["pool"]["format"] == "files" and summary["rows_read"] == 121 and summary["rows_rejected"] == 1
+    rejects = read(f"{s3_bucket}/images-out/rejects.parquet").to_pylist()
+    assert rejects == [{"id": "part-00001/broken.png", "file": f"{pool}/part-00001/broken.png",
+                        "reason": UNDECODABLE}]
+    selection = read(f"{s3_bucket}/images-out/selection.parquet")
+    assert all(storage.exists(f"{pool}/{key}") for key in selection.column("id").to_pylist())
+    # The in-process path (same decode, same scorer) picks the same rows.
+    score_pool(checkpoint, pool, 10, f"{s3_bucket}/images-local", strategy="margin", use_ray=False, progress=False)
+    assert read(f"{s3_bucket}/images-local/selection.parquet").equals(selection)
+
+
+def test_cli_make_pool_then_score(ray_local, tmp_path, checkpoint, capsys):
+    pool, out = str(tmp_path / "digits"), str(tmp_path / "out")
+    assert main(["make-pool", pool, "--source", "digits", "--shards", "3"]) == 0
+    assert main(["score", "--checkpoint", checkpoint, "--pool", pool, "--k", "25", "--out", out,
+                 "--strategy", "least-confidence", "--per-class-quota", "--actors", "1,2"]) == 0
+    summary = storage.read_json(f"{out}/selection.json")
+    assert f"selected {summary['selected']} of 1,797 scored rows by least-confidence" in capsys.readouterr().out
+    assert summary["k"] == 25 and summary["per_class_quota"] is True and summary["checkpoint"] == checkpoint
+    assert summary["versions"]["ray"] and summary["versions"]["tidal_ray"] and summary["rows_per_s"] > 0
+    # At most ceil(25 / 10) per predicted class (fewer than k when the model predicts few classes).
+    classes = read(f"{out}/selection.parquet").column("predicted_class").to_numpy()
+    assert np.bincount(classes).max() <= 3 and len(classes) == summary["selected"] <= 25
+
+
+@pytest.fixture(scope="module")
+def other_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("other")
+    return {"five": train_checkpoint(root / "five", num_classes=5, epochs=1, rows=300),
+            "rgb": train_checkpoint(root / "rgb", input_shape=(3, 8, 8), epochs=1, rows=300)}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing-pool", "no pool at"),
+    ("class-count", "declares 10 classes"),
+    ("input-shape", "1x8x8 pixels but"),
+    ("k-zero", "k must be a positive integer"),
+    ("k-negative", "k must be a positive integer"),
+    ("strategy", "unknown strategy 'most-fun'"),
+    ("missing-checkpoint", "no checkpoint at"),
+    ("bad-exclude", "nothing there"),
+    ("bad-actors", "--actors takes MIN,MAX"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, checkpoint, other_checkpoints, capsys,
+                                                            case, message):
+    pool = str(tmp_path / "pool")
+    make_pool(pool, "digits", rows=100)
+    out = tmp_path / "out"
+    args = {"--checkpoint": checkpoint, "--pool": pool, "--k": "5", "--out": str(out)}
+    extra = []
+    if case == "missing-pool":
+        args["--pool"] = str(tmp_path / "nope")
+    elif case == "class-count":
+        args["--checkpoint"] = other_checkpoints["five"]
+    elif case == "input-shape":
+        args["--checkpoint"] = other_checkpoints["rgb"]
+    elif case == "k-zero":
+        args["--k"] = "0"
+    elif case == "k-negative":
+        args["--k"] = "-3"
+    elif case == "strategy":
+        extra = ["--strategy", "most-fun"]
+    elif case == "missing-checkpoint":
+        args["--checkpoint"] = str(tmp_path / "no-checkpoint")
+    elif case == "bad-exclude":
+        extra = ["--exclude", str(tmp_path / "no-such-labels.parquet")]
+    elif case == "bad-actors":
+        extra = ["--actors", "2,1"]
+    argv = ["score"] + [a for pair in args.items() for a in pair] + extra
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+    assert not out.exists()
+
+
+def test_a_pool_without_a_valid_row_fails_and_writes_nothing(tmp_path, checkpoint):
+    table = pa.table({"id": pa.array([1, 2], pa.int64()), "pixels": pa.array([b"x", b"y"])})
+    storage.write_parquet(str(tmp_path / "pool" / "a.parquet"), table.replace_schema_metadata({SHAPE_KEY: b"1x8x8"}))
+    with pytest.raises(ValueError, match="no row to select from"):
+        score_pool(checkpoint, str(tmp_path / "pool"), 5, str(tmp_path / "out"), save_scores=True,
+                   use_ray=False, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_seen_ids_flags_repeats_within_and_across_batches():
+    seen = SeenIds()
+    assert seen.first_seen(np.array([5, 3, 5, 9])).tolist() == [True, True, False, True]
+    assert seen.first_seen(np.array([9, 1, 1])).tolist() == [False, True, False]
+    for start in range(10, 5010, 100):  # many runs merge; lookups stay exact
+        assert seen.first_seen(np.arange(start, start + 100)).all()
+    assert seen.first_seen(np.array([4, 10, 5009, 5010])).tolist() == [True, False, False, True]
+    assert len(seen._runs) < 10 and len(seen) == 4 + 5000 + 2
+    strings = SeenIds()
+    assert strings.first_seen(np.array(["a/1.png", "b", "a/1.png"])).tolist() == [True, True, False]
+    assert strings.first_seen(np.array(["b", "c"])).tolist() == [False, True]
+    assert strings.nbytes == 3 * 16
+
+
+def test_job_entrypoint_takes_the_cli_arguments():
+    out = subprocess.run([sys.executable, "jobs/score.py", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--checkpoint" in out.stdout and "--exclude" in out.stdout
