@@ -275,10 +275,17 @@ def test_seen_ids_flags_repeats_within_and_across_batches():
     seen = SeenIds()
     assert seen.first_seen(np.array([5, 3, 5, 9])).tolist() == [True, True, False, True]
     assert seen.first_seen(np.array([9, 1, 1])).tolist() == [False, True, False]
-    for start in range(10, 5010, 100):  # many runs merge; lookups stay exact
+    for start in range(10, 5010, 100):
         assert seen.first_seen(np.arange(start, start + 100)).all()
-    assert seen.first_seen(np.array([4, 10, 5009, 5010])).tolist() == [True, False, False, True]
-    assert len(seen._runs) < 10 and len(seen) == 4 + 5000 + 2
+    # Far-off and negative ids go to sorted runs instead of the bitmap; lookups stay exact.
+    far = np.array([10**15, -7, 2**62, 10**15 + 1])
+    assert seen.first_seen(far).all()
+    for start in range(0, 3000, 100):
+        assert seen.first_seen(10**12 + np.arange(start, start + 100) * 7919).all()
+    assert seen.first_seen(np.array([4, 10, 5009, 5010, -7, 2**62, 10**12 + 7919, 10**12 + 3000 * 7919])).tolist() \
+        == [True, False, False, True, False, False, False, True]
+    assert len(seen) == 4 + 5000 + 4 + 3000 + 3 and len(seen._runs) < 10
+    assert seen._bits.nbytes <= SeenIds.MIN_BITMAP_BYTES  # dense ids: bits, not 8 bytes each
     strings = SeenIds()
     assert strings.first_seen(np.array(["a/1.png", "b", "a/1.png"])).tolist() == [True, True, False]
     assert strings.first_seen(np.array(["b", "c"])).tolist() == [False, True]

@@ -31,7 +31,7 @@ BALD_SAMPLES = 20            # MC-dropout passes when bald is scored
 # resources, which would move decoding into the actors.
 ACTOR_CPU_STEPS = (0.5, 0.2, 0.1, 0.05)
 DECODE_CPUS = 0.25
-BLOCK_BATCHES = 16           # rows per block = this many scorer batches
+BLOCK_BATCHES = 8            # rows per block = this many scorer batches
 PROGRESS_SECONDS = 5.0
 SCORES_ROWS_PER_PART = 1_000_000
 
@@ -73,9 +73,10 @@ class BatchScorer:
         for start in range(0, len(x), step):
             chunk = x[start:start + step]
             n = len(chunk)
-            padded = np.zeros((max(step, n), *chunk.shape[1:]), dtype=chunk.dtype) if self.pad_to else np.array(chunk)
-            padded[:n] = chunk
-            raw = torch.from_numpy(padded).to(self.device, non_blocking=True)
+            if n < step:
+                chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), dtype=chunk.dtype)])
+            # A writable copy: Ray Data hands out read-only views of its blocks.
+            raw = torch.from_numpy(np.array(chunk)).to(self.device, non_blocking=True)
             out = self.net.predict(prepare_input(raw), self.mc_samples)
             logits.append(out[0][:n].float().cpu().numpy())
             td_logits.append(out[1][:n].float().cpu().numpy())
@@ -101,8 +102,7 @@ class BatchScorer:
         columns = {name: np.full(len(ids), np.nan) for name in self._names()}
         if good.any():
             logits, td_logits, mc = self._forward(x[good] if not good.all() else x)
-            scores = score_all(logits, td_logits, ids[good], self.seed,
-                               None if mc is None else mc)
+            scores = score_all(logits, td_logits, ids[good], self.seed, mc)
             predicted[good] = scores["predicted_class"]
             for name in columns:
                 columns[name][good] = scores[name]
@@ -134,8 +134,7 @@ class Plan:
         return STRATEGIES if self.save_scores else (self.strategy,)
 
 
-def _id_values(table_or_array, id_type: pa.DataType, where: str) -> pa.Array:
-    arr = table_or_array
+def _id_values(arr, id_type: pa.DataType, where: str) -> pa.Array:
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     try:
@@ -319,13 +318,19 @@ def score_batches_on_ray(plan: Plan, use_gpu: bool | None = None):
 class SeenIds:
     """Every id seen so far, to reject duplicates exactly across shards.
 
-    This is the one O(N) structure on the driver: sorted runs of fixed-width keys,
-    8 bytes per integer id, 16 per string id (a 128-bit BLAKE2 hash; a collision, about
+    The one structure on the driver that grows with the pool. Dense non-negative integer
+    ids (the usual 0..N-1) cost one bit per id value: a bitmap, grown while it stays
+    under a byte per id seen. Other ids go to sorted runs of fixed-width keys, 8 bytes
+    per integer id and 16 per string id (a 128-bit BLAKE2 hash: a collision, odds about
     N^2 / 2^129, would reject a good row as a duplicate). Runs merge like a binary
-    counter, so a lookup searches O(log N) runs."""
+    counter, so a lookup searches O(log N) of them."""
+
+    MIN_BITMAP_BYTES = 1 << 20
 
     def __init__(self):
+        self._bits = np.zeros(0, dtype=np.uint8)
         self._runs: list[np.ndarray] = []
+        self._count = 0
 
     @staticmethod
     def _keys(ids: np.ndarray) -> np.ndarray:
@@ -337,30 +342,58 @@ class SeenIds:
         return np.frombuffer(digests, dtype="S16")
 
     def __len__(self) -> int:
-        return sum(len(r) for r in self._runs)
+        return self._count
 
     @property
     def nbytes(self) -> int:
-        return sum(r.nbytes for r in self._runs)
+        return self._bits.nbytes + sum(r.nbytes for r in self._runs)
+
+    def _in_bitmap(self, keys: np.ndarray) -> np.ndarray:
+        if keys.dtype.kind != "i":
+            return np.zeros(len(keys), dtype=bool)
+        return (keys >= 0) & (keys < 8 * len(self._bits))
+
+    def _contains(self, keys: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(keys), dtype=bool)
+        mapped = self._in_bitmap(keys)
+        if mapped.any():
+            k = keys[mapped]
+            found[mapped] = (self._bits[k >> 3] >> (k & 7).astype(np.uint8)) & 1 == 1
+        for run in self._runs:
+            pos = np.searchsorted(run, keys).clip(max=len(run) - 1)
+            found |= run[pos] == keys
+        return found
+
+    def _add(self, keys: np.ndarray) -> None:
+        self._count += len(keys)
+        if keys.dtype.kind == "i" and len(keys) and keys[-1] >= 8 * len(self._bits):
+            wanted = int(keys[-1]) // 8 + 1
+            if wanted <= max(self.MIN_BITMAP_BYTES, self._count):  # dense enough for a bitmap
+                grown = np.zeros(max(wanted, 2 * len(self._bits)), dtype=np.uint8)
+                grown[:len(self._bits)] = self._bits
+                self._bits = grown
+        mapped = self._in_bitmap(keys)
+        if mapped.any():
+            k = keys[mapped]
+            np.bitwise_or.at(self._bits, k >> 3, (1 << (k & 7)).astype(np.uint8))
+        rest = keys[~mapped]
+        if len(rest):
+            self._runs.append(rest)
+            while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
+                last = self._runs.pop()
+                merged = np.concatenate([self._runs.pop(), last])
+                merged.sort(kind="stable")
+                self._runs.append(merged)
 
     def first_seen(self, ids: np.ndarray) -> np.ndarray:
         """True for each row whose id was not seen before (the first of repeats in ``ids``)."""
         if len(ids) == 0:
             return np.zeros(0, dtype=bool)
-        keys = self._keys(ids)
-        unique, first = np.unique(keys, return_index=True)
-        fresh = np.ones(len(unique), dtype=bool)
-        for run in self._runs:
-            pos = np.searchsorted(run, unique).clip(max=len(run) - 1)
-            fresh &= run[pos] != unique
+        unique, first = np.unique(self._keys(ids), return_index=True)
+        fresh = ~self._contains(unique)
         mask = np.zeros(len(ids), dtype=bool)
         mask[first[fresh]] = True
-        self._runs.append(unique[fresh])
-        while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
-            last = self._runs.pop()
-            merged = np.concatenate([self._runs.pop(), last])
-            merged.sort(kind="stable")
-            self._runs.append(merged)
+        self._add(unique[fresh])
         return mask
 
 
