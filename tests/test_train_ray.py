@@ -38,7 +38,7 @@ def s3_run(ray_local, s3_endpoint):
     ids, pixels, labels = digits(N)
     # batch_size = N: one full-batch step per epoch, in-process and under DDP alike.
     config = TrainConfig(num_classes=10, input_shape=DIGITS_SHAPE, backbone="small_cnn",
-                         epochs=EPOCHS, batch_size=N, lr=3e-3, seed=0)
+                         epochs=EPOCHS, batch_size=N, lr=3e-3, seed=0, checkpoint_every=1)
     result = train_on_ray(config, ids, pixels, labels, "s3://train-ray-ddp/runs", num_workers=2, name="ddp")
     return config, (ids, pixels, labels), result
 
@@ -105,7 +105,7 @@ def test_worker_failure_resumes_from_the_last_checkpoint(ray_local, s3_bucket, c
     write_labeled(labeled, ids, pixels, labels)
 
     code = main(["train", "--labeled", labeled, "--out", out, "--name", "crash", "--epochs", "4",
-                 "--workers", "2", "--batch-size", "32", "--fail-at-epoch", "2", "--max-failures", "1"])
+                 "--workers", "2", "--batch-size", "32", "--fail-at-epoch", "2", "--max-failures", "1", "--checkpoint-every", "1"])
     assert code == 0, capsys.readouterr().err
     assert f"checkpoint: {out}/crash/epoch-0004" in capsys.readouterr().out
 

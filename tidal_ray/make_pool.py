@@ -58,7 +58,7 @@ def _png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _table(fmt: str, ids, pixels, labels, shape, num_classes: int, source: str) -> pa.Table:
+def pool_table(fmt: str, ids, pixels, labels, shape, num_classes: int, source: str) -> pa.Table:
     if fmt == "pixels":
         data = pa.array([row.tobytes() for row in pixels], pa.binary())
     elif fmt == "image":
@@ -111,7 +111,7 @@ def make_pool(out_uri: str, source: str = "digits", rows: int | None = None, fmt
             written += _write_pngs(out_uri, shard if shards > 1 else None, shard_ids, shard_pixels)
             continue
         uri = storage.join(out_uri, f"part-{shard:05d}.parquet")
-        storage.write_parquet(uri, _table(fmt, shard_ids, shard_pixels, shard_labels, shape, num_classes, source))
+        storage.write_parquet(uri, pool_table(fmt, shard_ids, shard_pixels, shard_labels, shape, num_classes, source))
         written.append(uri)
     return written
 

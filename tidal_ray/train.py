@@ -37,6 +37,9 @@ class TrainConfig:
     seed: int = 0
     # Test-only: raise once at the start of this epoch (see ``maybe_fail_for_test``).
     fail_at_epoch: int | None = None
+    # A checkpoint every this many epochs, and always after the last. Under Ray Train each
+    # one is persisted to storage (about a second even for a small model), so not every epoch.
+    checkpoint_every: int = 10
     extra: dict = field(default_factory=dict)
 
 
@@ -120,9 +123,11 @@ def run_training(config: TrainConfig, session) -> tuple[TiDALNet, TDTable]:
         metrics = {"epoch": epoch + 1, "loss": totals["loss"] / n, "ce": totals["ce"] / n,
                    "kl": totals["kl"] / n, "train_accuracy": totals["correct"] / n,
                    "samples_per_s": totals["n"] / max(seconds, 1e-9), "epoch_seconds": seconds}
-        state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "td_table": table.state_dict(),
-                 "epoch": epoch + 1, "config": asdict(config), "labeled_ids": session.ids}
+        state = None
+        if (epoch + 1) % max(config.checkpoint_every, 1) == 0 or epoch + 1 == config.epochs:
+            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "td_table": table.state_dict(),
+                     "epoch": epoch + 1, "config": asdict(config), "labeled_ids": session.ids}
         session.report(metrics, state)
     return net, table
 
@@ -159,9 +164,10 @@ class LocalSession:
     def restore(self):
         return None
 
-    def report(self, metrics: dict, state: dict) -> None:
+    def report(self, metrics: dict, state: dict | None) -> None:
         self.history.append(metrics)
-        self.last_state = state
+        if state is not None:
+            self.last_state = state
         if self.on_epoch:
             self.on_epoch(metrics)
 
@@ -291,17 +297,23 @@ class RayTrainSession:
         self.resumed_from_epoch = int(state["epoch"])
         return state
 
-    def report(self, metrics: dict, state: dict) -> None:
+    def report(self, metrics: dict, state: dict | None) -> None:
         import ray.train
 
         metrics = {**metrics, "resumed_from_epoch": self.resumed_from_epoch}
         self.history.append(metrics)
+        if self.rank == 0:
+            # Not print(): Ray Train's print patch would show the line twice on the driver.
+            sys.stdout.write(_epoch_line(metrics) + "\n")
+            sys.stdout.flush()
+        if state is None:
+            # ray.train.report blocks until the controller's next poll (about 2 s in 2.60),
+            # so results go to Ray Train with the checkpoints, not every epoch; the history
+            # of every epoch travels inside each checkpoint (metrics.json).
+            return
         if self.rank != 0:
             ray.train.report(metrics)
             return
-        # Not print(): Ray Train's print patch would show the line twice on the driver.
-        sys.stdout.write(_epoch_line(metrics) + "\n")
-        sys.stdout.flush()
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(state, directory)
             storage.write_json(os.path.join(directory, "metrics.json"), self.history)

@@ -7,7 +7,7 @@ import argparse
 DESCRIPTION = """Train the backbone and the TD module (CE + lambda * KL) on Ray Train workers
 (DDP: gloo on CPU, nccl with --use-gpu). The labeled set is parquet with `id`, `label`
 (0..C-1) and the sample's data (`pixels` or `features`). The run goes to OUT/NAME:
-a checkpoint directory per epoch (model.pt, metrics.json; the last two kept) and
+a checkpoint directory every --checkpoint-every epochs and after the last (model.pt, metrics.json; the last two kept) and
 metrics.json. Rerunning with the same OUT and --name resumes that run."""
 
 
@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="samples per step over all workers (default: 64)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=10, metavar="E",
+                   help="checkpoint every E epochs and after the last (default: 10); a restarted worker group resumes from the latest")
     p.add_argument("--max-failures", type=int, default=0, help="worker-group restarts, each resuming from the last checkpoint")
     p.add_argument("--cpus-per-worker", type=float, default=0.5,
                    help="CPUs reserved per worker (default: 0.5, leaving room for data tasks)")
@@ -58,7 +60,8 @@ def run(args: argparse.Namespace):
         num_classes = describe_pool(args.labeled).num_classes or max(int(y.max()) + 1, 2)
     config = TrainConfig(num_classes=num_classes, input_shape=tuple(input_shape), backbone=args.backbone,
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lam=args.lam,
-                         seed=args.seed, fail_at_epoch=args.fail_at_epoch)
+                         seed=args.seed, fail_at_epoch=args.fail_at_epoch,
+                         checkpoint_every=args.checkpoint_every)
     result = train_on_ray(config, ids, x, y, args.out, num_workers=args.workers, use_gpu=args.use_gpu,
                           max_failures=args.max_failures, name=args.name, cpus_per_worker=args.cpus_per_worker)
     last = result.metrics[-1]
