@@ -271,6 +271,39 @@ def test_a_pool_without_a_valid_row_fails_and_writes_nothing(tmp_path, checkpoin
     assert not (tmp_path / "out").exists()
 
 
+def test_scores_are_saved_in_parts_and_stale_parts_go(tmp_path, checkpoint, monkeypatch):
+    import tidal_ray.score as score
+
+    pool, out = str(tmp_path / "pool"), tmp_path / "out"
+    make_pool(pool, "digits", rows=1000, shards=2)
+    (out / "scores").mkdir(parents=True)
+    (out / "scores" / "part-00099.parquet").write_bytes(b"from an earlier run")
+    monkeypatch.setattr(score, "SCORES_ROWS_PER_PART", 300)
+    summary = score_pool(checkpoint, pool, 10, str(out), save_scores=True, exclude_ids=[5], use_ray=False,
+                         progress=False)
+    parts = sorted(p.name for p in (out / "scores").iterdir())
+    assert parts == [f"part-0000{i}.parquet" for i in range(len(parts))] and len(parts) >= 2
+    assert summary["outputs"]["scores"] == [str(out / "scores" / p) for p in parts]
+    scores = read_scores(str(out))
+    assert scores.num_rows == 1000 and set(scores.column_names) >= {"id", "predicted_class", "excluded", "bald",
+                                                                    "random", "tidal-margin"}
+
+
+def test_reduction_rejects_non_finite_scores():
+    from tidal_ray.pool import PoolSpec
+    from tidal_ray.score import NONFINITE_SCORE, Plan, Reduction
+
+    spec = PoolSpec("mem://pool", "pixels", (("mem://pool/a.parquet", 1),), pa.int64(), 4, (1,))
+    plan = Plan("-", spec, (1,), 3, 2, "entropy", np.array([4]), False, False, 256, (1, 1), 0, 0)
+    reduction = Reduction(plan)
+    reduction.add({"id": np.array([1, 2, 3, 4]), "file": np.zeros(4, np.int32), "reason": np.array(["", "", "", ""]),
+                   "predicted_class": np.array([0, 1, 2, 0]), "entropy": np.array([0.5, np.nan, np.inf, 0.9])})
+    assert reduction.accounting() == {"rows_read": 4, "rows_scored": 1, "rows_rejected": 2, "rows_excluded": 1,
+                                      "rejects_by_reason": {NONFINITE_SCORE: 2}}
+    assert reduction.rejects_table().column("file").to_pylist() == ["mem://pool/a.parquet"] * 2
+    assert reduction.selection_table().column("id").to_pylist() == [1]
+
+
 def test_seen_ids_flags_repeats_within_and_across_batches():
     seen = SeenIds()
     assert seen.first_seen(np.array([5, 3, 5, 9])).tolist() == [True, True, False, True]

@@ -69,6 +69,7 @@ class PoolSpec:
     id_type: pa.DataType                # int64 or string
     rows: int                           # from parquet footers (image files: one row each)
     shape: tuple[int, ...] | None       # pixels: from the metadata; features: (D,) for fixed-size lists
+    root: str = ""                      # filesystem path that image-file ids are relative to
     has_label: bool = False
     num_classes: int | None = None      # declared in the schema metadata, if any
     max_label: int | None = None        # from parquet statistics, if every row group has them
@@ -78,20 +79,28 @@ class PoolSpec:
         """The data column as read: ``bytes`` for image files (Ray's read_binary_files)."""
         return "bytes" if self.format == "files" else self.format
 
-    @property
-    def root(self) -> str:
-        """Filesystem path of the prefix that image-file ids are relative to."""
-        _, path = storage.resolve(self.uri)
-        if len(self.files) == 1 and storage.resolve(self.files[0][0])[1] == path:
-            return os.path.dirname(path)  # the pool is one file
-        return path
+    def slim(self) -> PoolSpec:
+        """What decode tasks need: everything but the file list, which can be very long."""
+        return replace(self, files=())
+
+    def key_uri(self, key: str) -> str:
+        """The URI of an image file from its id."""
+        return ("s3://" if storage.is_s3(self.uri) else "") + self.root.rstrip("/") + "/" + key
 
     def fs_paths(self) -> list[str]:
         return [storage.resolve(uri)[1] for uri, _ in self.files]
 
     def file_index(self) -> dict[str, int]:
-        """Filesystem path (as Ray's ``include_paths`` gives it) -> index into ``files``."""
+        """Filesystem path (as Ray's ``include_paths`` gives it) -> index into ``files``.
+        Empty for image files, whose id names the file."""
+        if self.format == "files":
+            return {}
         return {path: i for i, path in enumerate(self.fs_paths())}
+
+    def file_name(self, index: int, sample_id) -> str:
+        if self.format == "files" and sample_id is not None:
+            return self.key_uri(str(sample_id))
+        return self.files[index][0] if 0 <= index < len(self.files) else self.uri
 
 
 def _kind_of_file(uri: str) -> str:
@@ -195,7 +204,10 @@ def describe_pool(uri: str) -> PoolSpec:
         first_image = files[kinds.index("image")][0]
         raise ValueError(f"{first_image}: mixed formats under {uri}: image files next to parquet files")
     if kinds[0] == "image":
-        return PoolSpec(uri, "files", tuple(files), pa.string(), len(files), None)
+        _, root = storage.resolve(uri)
+        if len(files) == 1 and storage.resolve(files[0][0])[1] == root:
+            root = os.path.dirname(root)  # the pool is one file
+        return PoolSpec(uri, "files", tuple(files), pa.string(), len(files), None, root=root)
 
     with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
         footers = list(pool.map(_read_footer, [f for f, _ in files]))
@@ -331,7 +343,7 @@ def _ids_of(table: pa.Table, spec: PoolSpec) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _file_indices(table: pa.Table, spec: PoolSpec, file_index: dict[str, int] | None) -> np.ndarray:
-    if "path" not in table.column_names or table.num_rows == 0:
+    if "path" not in table.column_names or table.num_rows == 0 or spec.format == "files":
         return np.full(table.num_rows, -1, dtype=np.int32)
     index = file_index if file_index is not None else spec.file_index()
     paths = _array(table, "path")
@@ -426,32 +438,32 @@ def input_dtype(spec: PoolSpec):
 
 
 def iter_tables(spec: PoolSpec, columns: list[str] | None = None, batch_rows: int = 65536):
-    """``(file index, table)`` over the pool, reading only ``columns`` (plus ``path``)."""
+    """The pool as tables in pool order, reading only ``columns`` (plus ``path``)."""
     if spec.format == "files":
         for start in range(0, len(spec.files), batch_rows):
             chunk = spec.files[start:start + batch_rows]
             paths = [storage.resolve(f)[1] for f, _ in chunk]
-            yield start, pa.table({"bytes": [storage.read_bytes(f) for f, _ in chunk], "path": paths})
+            yield pa.table({"bytes": [storage.read_bytes(f) for f, _ in chunk], "path": paths})
         return
-    for i, (uri, _) in enumerate(spec.files):
+    for uri, _ in spec.files:
         fs, path = storage.resolve(uri)
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
             for rb in pf.iter_batches(batch_size=batch_rows, columns=columns):
                 table = pa.Table.from_batches([rb])
-                yield i, table.append_column("path", pa.array([path] * table.num_rows, pa.string()))
+                yield table.append_column("path", pa.array([path] * table.num_rows, pa.string()))
 
 
 def _natural_shape(spec: PoolSpec) -> tuple[int, ...]:
     if spec.shape is not None:
         return spec.shape
     if spec.format == "features":
-        for _, table in iter_tables(spec, ["features"]):
+        for table in iter_tables(spec, ["features"]):
             lengths = pc.list_value_length(_array(table, "features")).drop_null()
             if len(lengths):
                 return (int(lengths[0].as_py()),)
         raise ValueError(f"{spec.uri}: no feature vector found")
-    for _, table in iter_tables(spec, ["image"] if spec.format == "image" else None, batch_rows=64):
+    for table in iter_tables(spec, ["image"] if spec.format == "image" else None, batch_rows=64):
         for blob in _array(table, spec.column).to_pylist():
             try:
                 from PIL import Image
@@ -491,11 +503,11 @@ def load_rows(uri: str, ids=None):
     columns = None if spec.format == "files" else ["id", spec.column] + (["label"] if spec.has_label else [])
     file_index = spec.file_index()
     parts_ids, parts_x, parts_labels, skipped = [], [], [], []
-    for _, table in iter_tables(spec, columns):
+    for table in iter_tables(spec, columns):
         if wanted is not None and spec.format != "files":
             table = table.filter(pc.is_in(table.column("id"), value_set=wanted))
         good, rejects = decode_batch(table, spec, input_shape, file_index)
-        skipped += [(spec.files[f][0] if f >= 0 else uri, r) for f, r in zip(rejects["file"], rejects["reason"])]
+        skipped += [(spec.file_name(f, i), r) for f, i, r in zip(rejects["file"], rejects["id"], rejects["reason"])]
         parts_ids.append(good["id"])
         parts_x.append(good["x"])
         if spec.has_label:
@@ -538,7 +550,7 @@ def pool_has_ids(uri: str, candidates) -> set[str]:
     else:
         value_set = pa.array([int(c) for c in candidates if _is_int(c)], pa.int64())
     found: set[str] = set()
-    for _, table in iter_tables(spec, ["id"]):
+    for table in iter_tables(spec, ["id"]):
         ids = _array(table, "id").cast(spec.id_type)
         found.update(str(v) for v in ids.filter(pc.is_in(ids, value_set=value_set)).to_pylist())
     return {c for c in candidates if c in found or (_is_int(c) and str(int(c)) in found)}

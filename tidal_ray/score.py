@@ -34,6 +34,7 @@ DECODE_CPUS = 0.25
 BLOCK_BATCHES = 8            # rows per block = this many scorer batches
 PROGRESS_SECONDS = 5.0
 SCORES_ROWS_PER_PART = 1_000_000
+NONFINITE_SCORE = "non-finite score"
 
 
 class BatchScorer:
@@ -250,9 +251,9 @@ def _read_columns(spec: PoolSpec) -> list[str] | None:
 def score_batches_in_process(plan: Plan):
     """The pipeline in this process: read, decode, score, batch by batch."""
     scorer = BatchScorer(**_scorer_kwargs(plan))
-    file_index = plan.spec.file_index()
-    for _, table in iter_tables(plan.spec, _read_columns(plan.spec), batch_rows=plan.batch_size):
-        yield scorer(decode_for_scoring(table, plan.spec, plan.input_shape, file_index))
+    spec, file_index = plan.spec.slim(), plan.spec.file_index()
+    for table in iter_tables(plan.spec, _read_columns(plan.spec), batch_rows=plan.batch_size):
+        yield scorer(decode_for_scoring(table, spec, plan.input_shape, file_index))
 
 
 def _row_bytes(plan: Plan) -> int:
@@ -298,7 +299,7 @@ def score_batches_on_ray(plan: Plan, use_gpu: bool | None = None):
                                    partitioning=None, num_cpus=DECODE_CPUS)
         ds = ds.select_columns(["id", spec.column, "path"])  # pushed into the read: `label` is never read
     ds = ds.map_batches(decode_for_scoring, batch_format="pyarrow", batch_size=None, num_cpus=DECODE_CPUS,
-                        fn_kwargs={"spec": spec, "input_shape": plan.input_shape,
+                        fn_kwargs={"spec": spec.slim(), "input_shape": plan.input_shape,
                                    "file_index": spec.file_index()})
     ds = ds.map_batches(BatchScorer, fn_constructor_kwargs=scorer, batch_size=plan.batch_size,
                         batch_format="numpy", compute=ActorPoolStrategy(min_size=low, max_size=high),
@@ -431,8 +432,19 @@ class ScoresWriter:
         self.written.append(uri)
         self.pending, self.pending_rows = [], 0
 
+    def finish(self) -> None:
+        self.flush()
+        # Parts left by an earlier, larger run in the same place are not this run's scores.
+        stale = [uri for uri, _ in storage.list_files(self.prefix) if uri not in self.written] \
+            if storage.exists(self.prefix) else []
+        self._delete(stale)
+
     def remove(self) -> None:
-        for uri in self.written:
+        self._delete(self.written)
+
+    @staticmethod
+    def _delete(uris) -> None:
+        for uri in uris:
             try:
                 fs, path = storage.resolve(uri)
                 fs.delete_file(path)
@@ -470,6 +482,8 @@ class Reduction:
         # Duplicates: the first decodable row of an id, in pool order, wins.
         repeated = decoded[~self.seen.first_seen(ids[decoded])]
         reasons[repeated] = DUPLICATE_ID
+        score = np.asarray(batch[self.plan.strategy])
+        reasons[(reasons == "") & ~np.isfinite(score)] = NONFINITE_SCORE  # e.g. features that overflow the model
         rejected = reasons != ""
         if rejected.any():
             self._reject(ids[rejected], np.asarray(batch["file"])[rejected], reasons[rejected])
@@ -479,17 +493,17 @@ class Reduction:
         self.rows_excluded += int(excluded.sum())
         self.rows_scored += int(keep.sum())
         predicted = np.asarray(batch["predicted_class"])
-        self.topk.add(ids[keep], np.asarray(batch[self.plan.strategy])[keep], predicted[keep])
+        self.topk.add(ids[keep], score[keep], predicted[keep])
         if self.scores is not None:
             columns = {"id": ids[live], "predicted_class": predicted[live], "excluded": excluded[live]}
             columns.update({s: np.asarray(batch[s])[live] for s in self.plan.strategies})
             self.scores.add(columns)
 
     def _reject(self, ids, files, reasons) -> None:
-        names = self.plan.spec.files
         for i, f, r in zip(ids.tolist(), files.tolist(), reasons.tolist()):
-            self.reject_ids.append(None if r == NULL_ID else i)
-            self.reject_files.append(names[f][0] if 0 <= f < len(names) else self.plan.spec.uri)
+            sample_id = None if r == NULL_ID else i
+            self.reject_ids.append(sample_id)
+            self.reject_files.append(self.plan.spec.file_name(f, sample_id))
             self.reject_reasons.append(r)
             self.rejects_by_reason[reason_kind(r)] += 1
 
@@ -586,7 +600,7 @@ def score_pool(checkpoint_uri, pool_uri, k, out_uri, strategy="tidal-entropy", e
             raise ValueError(f"{pool_uri}: no row to select from ({reduction.rows_read} read, "
                              f"{reduction.rows_rejected} rejected, {reduction.rows_excluded} excluded)")
         if scores is not None:
-            scores.flush()
+            scores.finish()
     except BaseException:
         if scores is not None:
             scores.remove()
