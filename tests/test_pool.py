@@ -8,10 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tidal_ray import storage
 from tidal_ray.datasets import load_digits
-from tidal_ray.make_pool import make_pool, synthetic_rows
-from tidal_ray.pool import (DUPLICATE_ID, NOT_FINITE, NULL_ID, SHAPE_KEY, UNDECODABLE, WRONG_LENGTH, WRONG_SIZE,
+from tidal_ray.make_pool import make_pool
+from tidal_ray.pool import (NOT_FINITE, NULL_ID, SHAPE_KEY, UNDECODABLE, WRONG_LENGTH, WRONG_SIZE,
                             check_compatible, decode_batch, describe_pool, is_image_prefix, load_rows, pool_has_ids,
                             stream_batch)
 
@@ -192,4 +191,3 @@ def test_load_rows_skips_bad_rows_and_keeps_the_first_duplicate(tmp_path, capsys
     ids, x, labels, shape = load_rows(str(tmp_path / "p"))
     assert ids.tolist() == [1, 2] and x[:, 0, 0, 0].tolist() == [1, 2] and labels.tolist() == [0, 1]
     assert "skipped 1 bad row" in capsys.readouterr().err
-    assert DUPLICATE_ID == "duplicate id"
