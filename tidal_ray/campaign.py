@@ -247,7 +247,7 @@ def step_select(root: str, config: CampaignConfig, cycle: int, log) -> None:
     from .score import score_pool
 
     metrics = storage.read_json(cycle_uri(root, cycle, "metrics.json"))
-    exclude = labeled_table(root).column("id").to_pylist() + selected_ids(root, cycle)
+    exclude = sorted(set(labeled_table(root).column("id").to_pylist()) | set(selected_ids(root, cycle)))
     log(f"cycle {cycle}: scoring the pool, selecting {config.k} by {config.strategy} ({len(exclude)} excluded)")
     score_pool(metrics["checkpoint"], config.pool, config.k, out, strategy=config.strategy,
                exclude_ids=exclude, per_class_quota=config.per_class_quota, actors=config.actors,

@@ -20,7 +20,13 @@ def _not_yet(name: str):
 def cmd_demo(args):
     from .demo import run_demo
 
-    run_demo(args.workdir, labels=args.labels, k=args.k)
+    from .uncertainty import check_strategy
+
+    check_strategy(args.strategy)
+    if min(args.initial, args.k, args.cycles, args.epochs) <= 0:
+        raise UsageError("--initial, --k, --cycles and --epochs must be positive")
+    run_demo(args.workdir, initial=args.initial, k=args.k, cycles=args.cycles, strategy=args.strategy,
+             epochs=args.epochs)
 
 
 def cmd_campaign(args):
@@ -35,7 +41,6 @@ def cmd_campaign(args):
             per_class_quota=args.per_class_quota)
         campaign.init(args.campaign, config, args.initial_labels_file)
     elif args.action == "run":
-        _init_ray()
         state = campaign.run(args.campaign)
         print(f"campaign {state['status']}: cycle {state['cycle']}, step {state['step']}")
     elif args.action == "status":
@@ -73,14 +78,6 @@ def _actors(text: str) -> tuple[int, int]:
     if not 1 <= actors[0] <= actors[1]:
         raise UsageError(f"--actors needs 1 <= MIN <= MAX, got {text!r}")
     return actors
-
-
-def _init_ray():
-    import ray
-
-    if not ray.is_initialized():
-        # Joins the cluster named by RAY_ADDRESS (e.g. under `ray job submit`), else starts a local one.
-        ray.init(log_to_driver=False)
 
 
 def add_campaign_parser(sub) -> None:
@@ -134,10 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("demo", help="the whole loop on real data (scikit-learn digits), locally")
-    p.add_argument("--workdir", default="tidal-demo")
-    p.add_argument("--labels", type=int, default=20, help="initial labels")
-    p.add_argument("--k", type=int, default=10, help="samples to select")
+    p = sub.add_parser("demo", help="a whole labeling campaign on real data (scikit-learn digits), locally")
+    p.add_argument("--workdir", default="tidal-demo", help="where the pool, test set and campaign go")
+    p.add_argument("--initial", type=int, default=50, help="random initial labels (default: 50)")
+    p.add_argument("--k", type=int, default=50, help="samples selected per cycle (default: 50)")
+    p.add_argument("--cycles", type=int, default=5, help="selection cycles (default: 5)")
+    p.add_argument("--strategy", default="tidal-entropy")
+    p.add_argument("--epochs", type=int, default=40, help="training epochs per cycle (default: 40)")
     p.set_defaults(run=cmd_demo)
 
     p = sub.add_parser("make-pool", help="write a digits or synthetic pool (any format, sharded, local or s3://)")

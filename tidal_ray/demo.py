@@ -1,45 +1,55 @@
-"""``tidal-ray demo``: train on 20 labels of real digits, score the rest, print the top-k."""
+"""``tidal-ray demo``: a whole labeling campaign on real data, on this machine.
+
+Scikit-learn's digits are split into a pool and a test set, a campaign starts from a
+few random labels, and an oracle (the pool's own labels) plays the labeling team for
+5 cycles: train on Ray Train, score the pool on Ray Data, select, export, label, merge.
+"""
 from __future__ import annotations
 
 import os
-import time
 
-import numpy as np
-
-from .checkpoint import save_checkpoint
-from .datasets import DIGITS_CLASSES, DIGITS_SHAPE, initial_labels, load_digits
-from .score import BatchScorer
-from .topk import StreamingTopK
-from .train import TrainConfig, train_in_process
+from . import storage
+from .datasets import DIGITS_CLASSES, DIGITS_SHAPE, load_digits, split_pool_test
+from .make_pool import pool_table
 
 
-def run_demo(workdir: str, labels: int = 20, k: int = 10, strategy: str = "tidal-entropy", seed: int = 0) -> dict:
-    ids, pixels, y = load_digits()
-    labeled = initial_labels(np.arange(len(ids)), labels, seed)
-    topk = StreamingTopK(k, exclude=ids[labeled])  # checks k before any training
-    print(f"digits: {len(ids)} real 8x8 images; training on {len(labeled)} labels (seed {seed})")
-    config = TrainConfig(num_classes=DIGITS_CLASSES, input_shape=DIGITS_SHAPE, backbone="small_cnn",
-                         epochs=60, batch_size=32, seed=seed)
-    started = time.perf_counter()
-    _, _, session = train_in_process(config, ids[labeled], pixels[labeled], y[labeled])
-    last = session.history[-1]
-    print(f"trained {config.epochs} epochs in {time.perf_counter() - started:.1f}s: "
-          f"loss {last['loss']:.3f} (CE {last['ce']:.3f}, KL {last['kl']:.4f}), train acc {last['train_accuracy']:.2f}")
-    checkpoint = save_checkpoint(session.last_state, os.path.join(workdir, "checkpoint"))
+def write_digits_split(root: str, seed: int = 0, test_size: int = 400) -> tuple[str, str]:
+    """The digits as a pixels pool (2 shards) and a labeled test set under ``root``."""
+    pool_uri, test_uri = storage.join(root, "pool"), storage.join(root, "test")
+    ids, pixels, labels = load_digits()
+    pool, test = split_pool_test(labels, test_size, seed)
+    for shard, rows in enumerate((pool[: len(pool) // 2], pool[len(pool) // 2:])):
+        storage.write_parquet(storage.join(pool_uri, f"part-{shard:05d}.parquet"),
+                              pool_table("pixels", ids[rows], pixels[rows], labels[rows], DIGITS_SHAPE,
+                                         DIGITS_CLASSES, "digits"))
+    storage.write_parquet(storage.join(test_uri, "part-00000.parquet"),
+                          pool_table("pixels", ids[test], pixels[test], labels[test], DIGITS_SHAPE,
+                                     DIGITS_CLASSES, "digits"))
+    return pool_uri, test_uri
 
-    scorer = BatchScorer(checkpoint, seed=seed)
-    unlabeled_acc = []
-    for start in range(0, len(ids), 256):
-        rows = slice(start, start + 256)
-        out = scorer({"id": ids[rows], "x": pixels[rows]})
-        topk.add(out["id"], out[strategy], out["predicted_class"])
-        unlabeled_acc.append(out["predicted_class"] == y[rows])
-    sel_ids, sel_scores, sel_pred = topk.result()
-    print(f"scored {topk.rows_in} rows ({topk.rows_excluded} already labeled, excluded); "
-          f"model accuracy on the pool {np.concatenate(unlabeled_acc).mean():.3f}")
-    print(f"\ntop-{k} by {strategy} (label these next):")
-    print(f"{'rank':>4}  {'id':>5}  {'score':>8}  {'predicted':>9}  {'true label':>10}")
-    for rank, (i, s, p) in enumerate(zip(sel_ids, sel_scores, sel_pred), 1):
-        print(f"{rank:>4}  {i:>5}  {s:>8.4f}  {p:>9}  {y[i]:>10}")
-    print(f"\ncheckpoint: {checkpoint}")
-    return {"ids": sel_ids, "scores": sel_scores, "predicted": sel_pred}
+
+def run_demo(workdir: str, initial: int = 50, k: int = 50, cycles: int = 5, strategy: str = "tidal-entropy",
+             epochs: int = 40, seed: int = 0) -> str:
+    from . import campaign
+    from .report import cycle_rows
+
+    root = storage.join(workdir, "campaign")
+    if storage.exists(campaign.state_uri(root)):
+        print(f"continuing the demo campaign at {root}")
+    else:
+        pool_uri, test_uri = write_digits_split(workdir, seed)
+        config = campaign.CampaignConfig(
+            pool=pool_uri, test=test_uri, num_classes=DIGITS_CLASSES, k=k, cycles=cycles, strategy=strategy,
+            backbone="small_cnn", epochs=epochs, batch_size=32, seed=seed, initial_labels=initial, oracle=True,
+            trainer="ray", workers=1)
+        campaign.init(root, config)
+    campaign.run(root)
+
+    print(f"\nlearning curve ({strategy}, digits, test set of 400):")
+    print(f"{'cycle':>5}  {'labeled':>7}  {'test acc':>8}  {'TD KL':>7}")
+    for row in cycle_rows(root):
+        print(f"{row['cycle']:>5}  {row['labeled']:>7}  {row['test_accuracy']:>8.4f}  {row['td_kl']:>7.4f}")
+    print(f"\nreport: {os.path.join(root, 'report', 'report.md')}")
+    print(f"plot:   {os.path.join(root, 'report', 'learning_curve.png')}")
+    print(f"latest selection: {campaign.cycle_uri(root, cycles - 1, 'selection.parquet')}")
+    return root

@@ -85,5 +85,5 @@ def write_report(root: str) -> str:
     text = "\n".join(lines)
     storage.write_bytes(storage.join(root, "report", "report.md"), text.encode())
     storage.write_bytes(storage.join(root, "report", "learning_curve.png"),
-                        learning_curve_png(rows, f"{config.strategy} on {config.pool.rstrip('/').split('/')[-1]}"))
+                        learning_curve_png(rows, f"campaign {root.rstrip('/').split('/')[-1]}: {config.strategy}"))
     return text
