@@ -22,17 +22,20 @@ def test_usage_error_exits_2():
     assert e.value.code == 2
 
 
-def test_demo_prints_a_topk_table(tmp_path, capsys):
-    assert main(["demo", "--workdir", str(tmp_path), "--k", "5"]) == 0
+def test_demo_runs_a_small_campaign(ray_local, tmp_path, capsys):
+    argv = ["demo", "--workdir", str(tmp_path), "--initial", "20", "--k", "10", "--cycles", "1", "--epochs", "3"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "top-5 by tidal-entropy" in out
-    table = out.split("top-5 by tidal-entropy")[1].strip().splitlines()[2:7]
-    assert [int(line.split()[0]) for line in table] == [1, 2, 3, 4, 5]
-    scores = [float(line.split()[2]) for line in table]
-    assert scores == sorted(scores, reverse=True)
+    curve = out.split("learning curve (tidal-entropy")[1].strip().splitlines()[2:4]
+    assert [line.split()[:2] for line in curve] == [["0", "20"], ["1", "30"]]
+    assert all(0.0 <= float(line.split()[2]) <= 1.0 for line in curve)
+    assert (tmp_path / "campaign" / "report" / "learning_curve.png").stat().st_size > 1000
+    assert main(argv) == 0  # a second run finds the finished campaign and only reports
+    assert "continuing the demo campaign" in capsys.readouterr().out
 
 
 def test_bad_k_is_one_line_exit_2(tmp_path, capsys):
     assert main(["demo", "--workdir", str(tmp_path), "--k", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "k must be a positive integer" in err
+    assert err.count("\n") == 0 and "must be positive" in err
+    assert not any(tmp_path.iterdir())  # nothing written
