@@ -31,13 +31,14 @@ def cmd_demo(args):
 
 def cmd_campaign(args):
     from . import campaign
+    from .score import parse_actors
 
     if args.action == "init":
         config = campaign.CampaignConfig(
             pool=args.pool, num_classes=args.num_classes, k=args.k, cycles=args.cycles, strategy=args.strategy,
             backbone=args.backbone, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lam=args.lam,
             seed=args.seed, initial_labels=args.initial_labels, oracle=args.oracle, test=args.test,
-            trainer=args.trainer, workers=args.workers, use_gpu=args.use_gpu, actors=_actors(args.actors),
+            trainer=args.trainer, workers=args.workers, use_gpu=args.use_gpu, actors=parse_actors(args.actors),
             per_class_quota=args.per_class_quota)
         campaign.init(args.campaign, config, args.initial_labels_file)
     elif args.action == "run":
@@ -67,17 +68,6 @@ def cmd_report(args):
     from .report import write_report
 
     print(write_report(args.campaign))
-
-
-def _actors(text: str) -> tuple[int, int]:
-    try:
-        low, _, high = text.partition(",")
-        actors = (int(low), int(high or low))
-    except ValueError:
-        raise UsageError(f"--actors takes MIN,MAX (e.g. 1,4), got {text!r}") from None
-    if not 1 <= actors[0] <= actors[1]:
-        raise UsageError(f"--actors needs 1 <= MIN <= MAX, got {text!r}")
-    return actors
 
 
 def add_campaign_parser(sub) -> None:
