@@ -1,0 +1,460 @@
+"""Scoring on real multi-node Ray clusters on this one machine.
+
+- ``ray job submit`` of ``jobs/score.py`` to a ``ray start --head`` + ``ray start`` worker
+  cluster with token authentication, the repo uploaded as the job's working_dir.
+- A worker node killed while ``score_pool`` runs on ``ray.cluster_utils.Cluster``: the job
+  still finishes (Ray Data retries tasks and restarts its actors) with the clean run's selection.
+
+Isolation from the session's in-process Ray (``ray_local``) and from any other Ray on the
+machine: every cluster here lives in child processes with their own ``RAY_TMPDIR``, free
+ports and token, and is torn down by killing exactly the processes that carry this test's
+marker in their environment (never ``ray stop``, which stops every Ray on the machine).
+Nothing is set in this process's ``os.environ``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+MARKER = "TIDAL_RAY_TEST_CLUSTER"
+EXCLUDES = [".venv", ".git", "benchmarks/out", "tidal-demo", ".pytest_cache", "__pycache__", "*.egg-info"]
+
+
+# ---- helpers shared by both tests -------------------------------------------------------------
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _cluster_env(temp_root: str, token: str, marker: str) -> dict:
+    """The environment of every process of a test cluster (and of its clients): a private
+    Ray temp dir, token auth with this cluster's own token, this venv first on PATH (the
+    job entrypoint's ``python``), and the marker that teardown finds processes by."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update({
+        "RAY_TMPDIR": temp_root,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "PYTHONUNBUFFERED": "1",
+        MARKER: marker,
+    })
+    return env
+
+
+def _marked_pids(marker: str) -> list[int]:
+    """Processes whose environment carries ``MARKER=marker``: every process a test
+    cluster started, however deep and in whatever process group (Ray's workers have their own)."""
+    needle = f"{MARKER}={marker}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:
+            pass
+    return found
+
+
+def _kill_marked(marker: str, timeout: float = 30.0) -> list[int]:
+    """SIGKILL every process of the test cluster until none is left (like ``ray stop
+    --force``, but only these). Returns the pids still alive after ``timeout`` (none, we hope)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = _marked_pids(marker)
+        if not pids or time.monotonic() > deadline:
+            return pids
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.3)
+
+
+def _tail(path: Path, chars: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError as e:
+        return f"<{path}: {e}>"
+
+
+def _make_checkpoint(path: Path, input_shape, epochs: int = 2) -> str:
+    """A small trained checkpoint: digits for 1x8x8, class-conditional synthetic data otherwise."""
+    from tidal_ray.checkpoint import save_checkpoint
+    from tidal_ray.datasets import load_digits
+    from tidal_ray.make_pool import synthetic_rows
+    from tidal_ray.train import TrainConfig, train_in_process
+
+    if tuple(input_shape) == (1, 8, 8):
+        ids, x, y = load_digits()
+        ids, x, y = ids[:1000], x[:1000], y[:1000]
+    else:
+        ids = np.arange(1000)
+        x, y = synthetic_rows(ids, input_shape, 10, seed=99)
+    config = TrainConfig(num_classes=10, input_shape=tuple(input_shape), epochs=epochs, batch_size=64)
+    _, _, session = train_in_process(config, ids, x, y)
+    save_checkpoint(session.last_state, str(path))
+    return str(path)
+
+
+def _check_selection(out: Path, k: int, rows: int) -> tuple[list, list]:
+    selection = pq.read_table(out / "selection.parquet")
+    summary = json.loads((out / "selection.json").read_text())
+    ids = selection.column("id").to_pylist()
+    scores = selection.column("score").to_pylist()
+    assert selection.num_rows == k, selection.num_rows
+    assert selection.column("rank").to_pylist() == list(range(1, k + 1))
+    assert len(set(ids)) == k, "duplicate ids in the selection"
+    assert scores == sorted(scores, reverse=True) and all(np.isfinite(scores))
+    assert summary["selected"] == k and summary["k"] == k and summary["ray"] is True
+    assert summary["rows_read"] == rows
+    assert summary["rows_scored"] + summary["rows_rejected"] + summary["rows_excluded"] == summary["rows_read"]
+    assert summary["rows_rejected"] == 0 and summary["rows_excluded"] == 0
+    return ids, scores
+
+
+# ---- 1. ray job submit to a `ray start` head + worker, with token auth --------------------------
+
+
+class RayStartCluster:
+    """``ray start --head --block`` plus one ``ray start --address --block`` worker, as
+    child processes of this test, with a private temp dir, free ports and a fresh token."""
+
+    def __init__(self, root: Path, num_cpus: int = 1):
+        self.root = root
+        self.token = secrets.token_hex(32)  # what `ray get-auth-token --generate` writes
+        self.marker = secrets.token_hex(8)
+        self.env = _cluster_env(str(root), self.token, self.marker)
+        ports = _free_ports(11)
+        self.gcs, self.dashboard, self.client_port = ports[:3]
+        self.head_ports, self.worker_ports = ports[3:7], ports[7:]
+        self.num_cpus = num_cpus
+        self.address = f"http://127.0.0.1:{self.dashboard}"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+
+    def _start(self, name: str, args: list[str]) -> None:
+        self.logs[name] = self.root / f"{name}.log"
+        with open(self.logs[name], "wb") as log:
+            self.procs[name] = subprocess.Popen(
+                [RAY, "start", "--block", "--disable-usage-stats", f"--num-cpus={self.num_cpus}",
+                 "--node-ip-address=127.0.0.1", "--object-store-memory=150000000", *args],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root)
+
+    def _agent_ports(self, ports) -> list[str]:
+        listen, grpc, metrics, runtime_env = ports
+        return [f"--dashboard-agent-listen-port={listen}", f"--dashboard-agent-grpc-port={grpc}",
+                f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}"]
+
+    def start(self, timeout: float = 120.0) -> None:
+        self._start("head", ["--head", f"--port={self.gcs}", f"--temp-dir={self.root / 'ray'}",
+                             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={self.dashboard}", f"--ray-client-server-port={self.client_port}",
+                             *self._agent_ports(self.head_ports)])
+        self._wait(lambda: self.api("/api/version"), "the head's dashboard", timeout)
+        # The worker node gets a temp dir of its own, as it would on its own machine: sharing the
+        # head's, its runtime-env agent unpacks the job's working_dir into the very directory the
+        # head's job driver runs in, replacing it under the driver (whose getcwd() then fails;
+        # torch's MKL dies with "Intel oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so").
+        self._start("worker", [f"--address=127.0.0.1:{self.gcs}", f"--temp-dir={self.root / 'ray-worker'}",
+                               *self._agent_ports(self.worker_ports)])
+        self._wait(lambda: len(self.alive_nodes()) == 2 or None, "two alive nodes", timeout)
+
+    def _wait(self, probe, what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"`ray start` ({name}) exited {proc.returncode} while waiting for {what}:\n"
+                                       f"{self.diagnostics()}")
+            try:
+                if probe():
+                    return
+            except (OSError, ValueError, KeyError) as e:
+                last = e
+            time.sleep(1.0)
+        raise TimeoutError(f"no {what} after {timeout:.0f}s (last error: {last!r}):\n{self.diagnostics()}")
+
+    def api(self, path: str, token: str | None = None):
+        """GET the dashboard's HTTP API with the cluster's token; returns the decoded JSON."""
+        request = urllib.request.Request(self.address + path,
+                                         headers={"Authorization": f"Bearer {token or self.token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def alive_nodes(self) -> list[dict]:
+        nodes = self.api("/api/v0/nodes")["data"]["result"]["result"]
+        return [n for n in nodes if n["state"] == "ALIVE"]
+
+    def job_info(self, submission_id: str) -> dict:
+        return self.api(f"/api/jobs/{submission_id}")
+
+    def job_logs(self, submission_id: str) -> str:
+        try:
+            return self.api(f"/api/jobs/{submission_id}/logs")["logs"]
+        except (OSError, ValueError, KeyError) as e:
+            return f"<no job logs: {e!r}>"
+
+    def cli(self, *args: str, env: dict | None = None, timeout: float = 240.0) -> subprocess.CompletedProcess:
+        """A `ray` CLI command as a client of this cluster (the cluster's token in its environment)."""
+        return subprocess.run([RAY, *args], env=env or self.env, cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def submit(self, submission_id: str, entrypoint: list[str], timeout: float = 240.0):
+        """``ray job submit`` with the repo as working_dir; waits for the job (the CLI tails
+        its logs until it ends). Returns (CLI result, job info from the REST API)."""
+        try:
+            result = self.cli("job", "submit", "--address", self.address, "--submission-id", submission_id,
+                              "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
+                              "--", *entrypoint, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            self.cli("job", "stop", "--address", self.address, "--no-wait", submission_id, timeout=60)
+            raise AssertionError(f"job {submission_id} still running after {timeout:.0f}s; its logs:\n"
+                                 f"{self.job_logs(submission_id)}\n{self.diagnostics()}") from e
+        info = self.job_info(submission_id)
+        if result.returncode != 0 or info.get("status") != "SUCCEEDED":
+            raise AssertionError(
+                f"job {submission_id}: CLI exit {result.returncode}, status {info.get('status')} "
+                f"({info.get('message')})\n--- ray job submit stdout ---\n{result.stdout[-6000:]}\n"
+                f"--- stderr ---\n{result.stderr[-4000:]}\n--- job logs ---\n{self.job_logs(submission_id)}\n"
+                f"{self.diagnostics()}")
+        return result, info
+
+    def diagnostics(self) -> str:
+        parts = [f"--- {name} (`ray start`) log ---\n{_tail(path)}" for name, path in self.logs.items()]
+        sessions = sorted((self.root / "ray").glob("session_2*/logs"))
+        if sessions:
+            for name in ("raylet.out", "gcs_server.out", "dashboard.log"):
+                parts.append(f"--- {name} ---\n{_tail(sessions[-1] / name, 2000)}")
+        return "\n".join(parts)
+
+    def stop(self) -> list[int]:
+        left = _kill_marked(self.marker)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        return left
+
+
+@pytest.fixture
+def ray_start_cluster():
+    # A short path of its own: Ray's unix sockets live under it (108-byte limit).
+    root = Path(tempfile.mkdtemp(prefix="trc-", dir="/tmp"))
+    cluster = RayStartCluster(root)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        left = cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    if left:
+        pytest.fail(f"test cluster processes survived teardown: {left}")
+
+
+@pytest.mark.slow
+def test_ray_job_submit_scores_a_pool_on_a_token_auth_cluster(ray_start_cluster, tmp_path):
+    from tidal_ray.make_pool import make_pool
+
+    cluster = ray_start_cluster
+    started = time.monotonic()
+    pool, out = tmp_path / "pool", tmp_path / "out"
+    make_pool(str(pool), "digits", fmt="pixels", shards=3)
+    checkpoint = _make_checkpoint(tmp_path / "checkpoint", (1, 8, 8))
+    nodes = cluster.alive_nodes()
+    assert sorted(n["is_head_node"] for n in nodes) == [False, True]
+
+    # Token auth is on: a client without the token, or with another one, is refused.
+    no_token = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
+    no_token["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
+    wrong = {**cluster.env, "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    for env, expected in [(no_token, "Missing authentication token"), (wrong, "Invalid authentication token")]:
+        refused = cluster.cli("job", "list", "--address", cluster.address, env=env, timeout=60)
+        assert expected in refused.stdout + refused.stderr, refused.stdout + refused.stderr
+    with pytest.raises(urllib.error.HTTPError) as e:
+        cluster.api("/api/jobs/", token="not-the-token")
+    assert e.value.code in (401, 403)
+
+    # The job runs the uploaded checkout: cwd is the unpacked working_dir, which is also on
+    # PYTHONPATH (so `python jobs/score.py` imports tidal_ray from it), and .venv/.git stayed behind.
+    probe = ("import os, tidal_ray; print('PROBE', os.getcwd(), os.environ.get('PYTHONPATH', ''), "
+             "tidal_ray.__file__, os.path.exists('.venv'), os.path.exists('.git'))")
+    result, _ = cluster.submit("probe", ["python", "-c", probe], timeout=180)
+    line = next(x for x in cluster.job_logs("probe").splitlines() if x.startswith("PROBE "))
+    cwd, pythonpath, module, venv, git = line.split()[1:]
+    assert "runtime_resources" in cwd and cwd in pythonpath.split(os.pathsep), line
+    assert module == os.path.join(cwd, "tidal_ray", "__init__.py"), line
+    assert (venv, git) == ("False", "False"), line
+
+    submitted = time.monotonic()
+    result, info = cluster.submit("score", ["python", "jobs/score.py", "--checkpoint", checkpoint,
+                                            "--pool", str(pool), "--k", "50", "--out", str(out)])
+    job_seconds = time.monotonic() - submitted
+    logs = cluster.job_logs("score")
+    assert "selected 50 of 1,797 scored rows" in logs, logs
+    ids, scores = _check_selection(out, 50, 1797)
+
+    # The cluster's selection is the one the same code makes in-process.
+    from tidal_ray.score import score_pool
+
+    score_pool(checkpoint, str(pool), 50, str(tmp_path / "local"), use_ray=False, progress=False)
+    local = pq.read_table(tmp_path / "local" / "selection.parquet")
+    assert local.column("id").to_pylist() == ids
+    np.testing.assert_array_equal(local.column("score").to_numpy(), np.array(scores))
+    print(f"\njob submit: score job {job_seconds:.1f}s, test body {time.monotonic() - started:.1f}s")
+
+
+# ---- 2. a worker node dies while the pool is scored -----------------------------------------------
+
+POOL_ROWS = 30_000
+SHAPE = (3, 8, 8)
+K = 200
+
+
+def _node_failure_main(pool: str, checkpoint: str, out: str, result_path: str) -> None:
+    """Runs in its own process (the session's ``ray_local`` stays untouched): a head with
+    no CPUs (so everything runs on the workers) and two 1-CPU workers. A clean run, then a
+    run in which the node holding the scorer actor is killed (SIGKILL, no drain) as soon as
+    the first scored batch reaches the driver."""
+    import ray
+    from ray._private import state
+    from ray.cluster_utils import Cluster
+
+    from tidal_ray import score
+
+    fast_failure_detection = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+                              "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False, "_system_config": fast_failure_detection})
+    result = {"events": []}
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+
+        def scorer_actors() -> list[dict]:
+            return [{"id": a["ActorID"], "node": a["Address"]["NodeID"], "state": a["State"],
+                     "restarts": a["NumRestarts"]}
+                    for a in state.actors().values() if "BatchScorer" in a["ActorClassName"]]
+
+        started = time.monotonic()
+        clean = score.score_pool(checkpoint, pool, K, f"{out}/clean", progress=False)
+        result["clean_seconds"] = time.monotonic() - started
+        result["clean_actors"] = scorer_actors()
+
+        add = score.Reduction.add
+
+        def add_then_kill_a_node(reduction, batch):
+            add(reduction, batch)
+            if "removed_at_rows" in result:
+                return
+            alive = [a for a in scorer_actors() if a["state"] == "ALIVE"]
+            workers = {n.node_id: n for n in cluster.worker_nodes}
+            victim = next((workers[a["node"]] for a in alive if a["node"] in workers), None)
+            if victim is None:
+                result["events"].append(f"no live scorer actor on a worker at {reduction.rows_read} rows: {alive}")
+                return
+            result["removed_at_rows"] = reduction.rows_read
+            result["removed_node"] = victim.node_id
+            result["actors_before"] = alive
+            cluster.remove_node(victim, allow_graceful=False)
+            result["removed_at_seconds"] = time.monotonic() - started
+
+        score.Reduction.add = add_then_kill_a_node
+        started = time.monotonic()
+        failed = score.score_pool(checkpoint, pool, K, f"{out}/failed", progress=False)
+        result["failed_seconds"] = time.monotonic() - started
+        score.Reduction.add = add
+        result["actors_after"] = scorer_actors()
+        result["alive_nodes"] = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        result["summaries"] = {"clean": clean, "failed": failed}
+    finally:
+        Path(result_path).write_text(json.dumps(result, indent=1, default=str))
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_scoring_survives_a_worker_node_dying_mid_job(tmp_path):
+    from tidal_ray.make_pool import make_pool
+
+    pool, out, result_path = tmp_path / "pool", tmp_path / "out", tmp_path / "result.json"
+    make_pool(str(pool), "synthetic", rows=POOL_ROWS, fmt="pixels", shards=6, shape=SHAPE, seed=1)
+    checkpoint = _make_checkpoint(tmp_path / "checkpoint", SHAPE)
+
+    root = Path(tempfile.mkdtemp(prefix="trn-", dir="/tmp"))
+    marker = secrets.token_hex(8)
+    env = _cluster_env(str(root), secrets.token_hex(32), marker)
+    log = tmp_path / "node_failure.log"
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_cluster; "
+            f"test_cluster._node_failure_main(*sys.argv[1:])")
+    try:
+        with open(log, "wb") as handle:
+            proc = subprocess.Popen([sys.executable, "-c", code, str(pool), checkpoint, str(out), str(result_path)],
+                                    env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                rc = proc.wait(timeout=240)
+            except subprocess.TimeoutExpired:
+                rc = None
+    finally:
+        left = _kill_marked(marker)
+        shutil.rmtree(root, ignore_errors=True)
+    result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    details = f"exit {rc}\n--- result ---\n{json.dumps(result, indent=1)[-6000:]}\n--- log ---\n{_tail(log, 8000)}"
+    assert rc == 0, details
+    assert not left, f"test cluster processes survived teardown: {left}\n{details}"
+
+    # The failure really happened mid-job, on the node running the scorer actor.
+    assert 0 < result["removed_at_rows"] < POOL_ROWS // 2, details
+    assert result["removed_node"] not in result["alive_nodes"], details
+    assert result["removed_node"] in {a["node"] for a in result["actors_before"]}, details
+    # Ray Data's actor pool brought the scorer back (max_restarts=-1 by default) on a node that lives.
+    clean_actors = {a["id"] for a in result["clean_actors"]}
+    run_actors = [a for a in result["actors_after"] if a["id"] not in clean_actors]
+    assert any(a["node"] != result["removed_node"] and a["node"] in result["alive_nodes"] for a in run_actors), details
+    # ... and the job finished with exactly the clean run's selection and row accounting.
+    clean_ids, clean_scores = _check_selection(out / "clean", K, POOL_ROWS)
+    ids, scores = _check_selection(out / "failed", K, POOL_ROWS)
+    assert ids == clean_ids, details
+    np.testing.assert_array_equal(np.array(scores), np.array(clean_scores))
+    assert pq.read_table(out / "failed" / "selection.parquet").equals(pq.read_table(out / "clean" / "selection.parquet"))
+    print(f"\nnode failure: clean {result['clean_seconds']:.1f}s, with a node killed at "
+          f"{result['removed_at_rows']} rows ({result['removed_at_seconds']:.1f}s) {result['failed_seconds']:.1f}s; "
+          f"scorer actors after: {result['actors_after']}")
