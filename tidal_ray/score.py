@@ -455,7 +455,7 @@ class ScoresWriter:
 class Reduction:
     """The driver's side: row accounting, rejects, duplicates, exclusions and the exact
     top-k. Memory: O(k) for the selection, O(rejects) for the rejects table, and the
-    duplicate check's 8-16 bytes per id (``SeenIds``)."""
+    duplicate check (``SeenIds``): a bit per id for dense integer ids, else 8-16 bytes."""
 
     def __init__(self, plan: Plan, scores: ScoresWriter | None = None):
         self.plan = plan
