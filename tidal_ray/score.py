@@ -295,8 +295,16 @@ def score_batches_on_ray(plan: Plan, use_gpu: bool | None = None):
         ds = ray.data.read_binary_files(spec.fs_paths(), include_paths=True, filesystem=filesystem,
                                         num_cpus=DECODE_CPUS)
     else:
-        ds = ray.data.read_parquet(spec.fs_paths(), filesystem=filesystem, include_paths=True,
-                                   partitioning=None, num_cpus=DECODE_CPUS)
+        # Ray Data 2.60's default parquet path adds a ListFiles task that asks for a whole
+        # CPU whatever num_cpus says; on a 1-CPU node with the scorer actor placed it never
+        # runs and the job hangs at 0 rows. The previous read path honours num_cpus.
+        context = ray.data.DataContext.get_current()
+        v2, context.use_datasource_v2 = context.use_datasource_v2, False
+        try:
+            ds = ray.data.read_parquet(spec.fs_paths(), filesystem=filesystem, include_paths=True,
+                                       partitioning=None, num_cpus=DECODE_CPUS)
+        finally:
+            context.use_datasource_v2 = v2
         ds = ds.select_columns(["id", spec.column, "path"])  # pushed into the read: `label` is never read
     ds = ds.map_batches(decode_for_scoring, batch_format="pyarrow", batch_size=None, num_cpus=DECODE_CPUS,
                         fn_kwargs={"spec": spec.slim(), "input_shape": plan.input_shape,
