@@ -52,6 +52,8 @@ class CampaignConfig:
     use_gpu: bool = False
     actors: tuple[int, int] = (1, 1)
     per_class_quota: bool = False
+    # Worker-group restarts per training run; each resumes from the run's last checkpoint.
+    max_failures: int = 2
     extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -221,7 +223,7 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
     checkpoint_dir = cycle_uri(root, cycle, "checkpoint")
     if config.trainer == "ray":
         result = train_on_ray(train_config, ids, x, y, storage_uri=checkpoint_dir, num_workers=config.workers,
-                              use_gpu=config.use_gpu, name="train")
+                              use_gpu=config.use_gpu, max_failures=config.max_failures, name="train")
         checkpoint, history = result.checkpoint_uri, result.metrics
     else:
         from .checkpoint import save_checkpoint
