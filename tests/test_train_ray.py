@@ -3,7 +3,6 @@ DDP matches in-process training, checkpoints on S3 read back into the same model
 that dies resumes from the last checkpoint, and bad input is exit code 2 before any work."""
 import os
 
-import numpy as np
 import pyarrow as pa
 import pytest
 import torch

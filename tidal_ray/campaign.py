@@ -260,9 +260,8 @@ def step_export(root: str, config: CampaignConfig, cycle: int, log) -> None:
     from .pool import is_image_prefix
 
     selection = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet"))
-    files = write_exports(selection, config.pool, is_image_prefix(config.pool), cycle_uri(root, cycle, "export"))
+    write_exports(selection, config.pool, is_image_prefix(config.pool), cycle_uri(root, cycle, "export"))
     log(f"cycle {cycle}: exported {selection.num_rows} samples for labeling: {cycle_uri(root, cycle, 'export')}/")
-    del files
 
 
 def step_wait_for_labels(root: str, config: CampaignConfig, cycle: int, log) -> bool:
