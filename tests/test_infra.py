@@ -680,32 +680,31 @@ def test_launcher_versions_match_installed_and_pyproject(launcher):
         assert torch_pins == {mk}, f"Makefile pins torch {mk}, launcher {torch_pins}"
 
 
+def _parent(cfg, path):
+    """The dict holding the last key of ``path``, and that key."""
+    *parents, last = path
+    for key in parents:
+        cfg = cfg[key]
+    return cfg, last
+
+
 def _drop(path):
     def f(cfg):
-        *parents, last = path
-        d = cfg
-        for k in parents:
-            d = d[k]
+        d, last = _parent(cfg, path)
         del d[last]
     return f
 
 
 def _set(path, value):
     def f(cfg):
-        *parents, last = path
-        d = cfg
-        for k in parents:
-            d = d[k]
+        d, last = _parent(cfg, path)
         d[last] = value
     return f
 
 
 def _rename(path, new):
     def f(cfg):
-        *parents, last = path
-        d = cfg
-        for k in parents:
-            d = d[k]
+        d, last = _parent(cfg, path)
         d[new] = d.pop(last)
     return f
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 from . import storage
 from .pool import (DUPLICATE_ID, NULL_ID, PoolSpec, check_compatible, decode_batch, describe_pool,
                    format_shape, input_dtype, iter_tables, reason_kind, stream_batch)
-from .topk import StreamingTopK
+from .topk import StreamingTopK, is_member
 from .uncertainty import STRATEGIES, check_strategy
 
 BALD_SAMPLES = 20            # MC-dropout passes when bald is scored
@@ -406,13 +406,6 @@ class SeenIds:
         return mask
 
 
-def _member(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    if len(sorted_ids) == 0 or len(ids) == 0:
-        return np.zeros(len(ids), dtype=bool)
-    pos = np.searchsorted(sorted_ids, ids).clip(max=len(sorted_ids) - 1)
-    return sorted_ids[pos] == ids
-
-
 class ScoresWriter:
     """``--save-scores``: every scored row's scores, as parquet parts of bounded size."""
 
@@ -496,7 +489,7 @@ class Reduction:
         if rejected.any():
             self._reject(ids[rejected], np.asarray(batch["file"])[rejected], reasons[rejected])
         live = ~rejected
-        excluded = live & _member(self.plan.exclude, ids)
+        excluded = live & is_member(self.plan.exclude, ids)
         keep = live & ~excluded
         self.rows_excluded += int(excluded.sum())
         self.rows_scored += int(keep.sum())

@@ -11,6 +11,14 @@ import math
 import numpy as np
 
 
+def is_member(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """For each of ``ids``, whether it is in ``sorted_ids`` (sorted, unique)."""
+    if len(sorted_ids) == 0 or len(ids) == 0:
+        return np.zeros(len(ids), dtype=bool)
+    pos = np.searchsorted(sorted_ids, ids).clip(max=len(sorted_ids) - 1)
+    return sorted_ids[pos] == ids
+
+
 def rank_order(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Indices that sort rows by score descending, then id ascending."""
     return np.lexsort((ids, -scores))
@@ -54,13 +62,12 @@ class StreamingTopK:
         self.rows_excluded = 0
 
     def _is_excluded(self, ids: np.ndarray) -> np.ndarray:
-        if self.exclude is None or len(ids) == 0:
+        if self.exclude is None:
             return np.zeros(len(ids), dtype=bool)
         numeric = set("iu")
         if self.exclude.dtype.kind != ids.dtype.kind and not {self.exclude.dtype.kind, ids.dtype.kind} <= numeric:
             raise ValueError(f"excluded ids are of type {self.exclude.dtype} but pool ids are {ids.dtype}")
-        pos = np.searchsorted(self.exclude, ids).clip(max=len(self.exclude) - 1)
-        return self.exclude[pos] == ids
+        return is_member(self.exclude, ids)
 
     def add(self, ids, scores, classes=None) -> None:
         ids, scores = np.asarray(ids), np.asarray(scores, dtype=np.float64)
