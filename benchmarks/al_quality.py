@@ -43,9 +43,10 @@ def run_one(regime: str, strategy: str, seed: int, cycles: int, recipe: dict) ->
     from tidal_ray.checkpoint import save_checkpoint
     from tidal_ray.datasets import (DIGITS_CLASSES, DIGITS_SHAPE, imbalance, initial_labels, load_digits,
                                     split_pool_test)
-    from tidal_ray.score import BatchScorer
+    from tidal_ray.scorer import BatchScorer
     from tidal_ray.topk import StreamingTopK
-    from tidal_ray.train import TrainConfig, prepare_input, train_in_process
+    from tidal_ray.models import prepare_input
+    from tidal_ray.train import TrainConfig, train_in_process
 
     torch.set_num_threads(1)
     spec = REGIMES[regime]
@@ -71,9 +72,10 @@ def run_one(regime: str, strategy: str, seed: int, cycles: int, recipe: dict) ->
             if cycle == cycles:
                 break
             scorer = BatchScorer(save_checkpoint(session.last_state, os.path.join(tmp, f"c{cycle}")), seed=seed)
-            topk = StreamingTopK(spec["k"], exclude=ids[rows])
-            for start in range(0, len(pool), 512):
-                chunk = pool[start:start + 512]
+            topk = StreamingTopK(spec["k"])
+            unlabeled = np.setdiff1d(pool, rows)
+            for start in range(0, len(unlabeled), 512):
+                chunk = unlabeled[start:start + 512]
                 out = scorer({"id": ids[chunk], "x": pixels[chunk]})
                 topk.add(out["id"], out[strategy], out["predicted_class"])
             chosen, scores, _ = topk.result()

@@ -33,9 +33,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from tidal_ray.checkpoint import save_checkpoint  # noqa: E402
 from tidal_ray.make_pool import make_pool, synthetic_rows  # noqa: E402
-from tidal_ray.models import build_model  # noqa: E402
-from tidal_ray.score import parse_actors, score_pool  # noqa: E402
-from tidal_ray.train import prepare_input  # noqa: E402
+from tidal_ray.cli import parse_actors  # noqa: E402
+from tidal_ray.models import build_model, prepare_input  # noqa: E402
+from tidal_ray.score import score_pool  # noqa: E402
 
 SHAPE, CLASSES, BACKBONE = (3, 32, 32), 10, "resnet18"
 

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from tidal_ray.dynamics import TDTable  # noqa: E402
-from tidal_ray.models import build_backbone, build_model  # noqa: E402
-from tidal_ray.train import prepare_input, train_step  # noqa: E402
+from tidal_ray.models import build_backbone, build_model, prepare_input  # noqa: E402
+from tidal_ray.train import train_step  # noqa: E402
 
 SHAPE, CLASSES = (3, 32, 32), 10
 

@@ -43,7 +43,7 @@ def child(rows: int, k: int, ids_kind: str) -> dict:
     import pyarrow as pa
 
     from tidal_ray.pool import PoolSpec
-    from tidal_ray.score import Plan, Reduction
+    from tidal_ray.reduce import Reduction
 
     def ids_at(positions):
         ids = np.asarray(positions, dtype=np.int64)
@@ -52,10 +52,7 @@ def child(rows: int, k: int, ids_kind: str) -> dict:
     spec = PoolSpec(uri="synthetic://pool", format="pixels", files=(("synthetic://pool/part-0", 0),),
                     id_type=pa.int64(), rows=rows, shape=(1,))
     exclude = np.unique(ids_at(np.arange(EXCLUDED) * max(1, rows // EXCLUDED)))
-    plan = Plan(checkpoint_uri="-", spec=spec, input_shape=(1,), num_classes=10, k=k, strategy="tidal-entropy",
-                exclude=exclude, per_class_quota=False, save_scores=False, batch_size=256, actors=(1, 1),
-                seed=0, mc_samples=0)
-    reduction = Reduction(plan)
+    reduction = Reduction(k, "tidal-entropy", 10, pa.int64(), exclude, spec.file_name)
     rng = np.random.default_rng(0)
     baseline = rss_mb()
     started = time.perf_counter()

@@ -3,7 +3,7 @@ import json
 
 import pyarrow as pa
 
-from tidal_ray.export import (ground_truth_manifest, label_studio_tasks, read_labels, selection_csv,
+from tidal_ray.labeling import (ground_truth_manifest, label_studio_tasks, read_labels, selection_csv,
                               validate_labels)
 
 SELECTION = pa.table({"rank": [1, 2], "id": ["cats/a.png", "dogs/b.png"], "score": [0.9, 0.8],

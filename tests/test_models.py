@@ -5,8 +5,8 @@ from torch import nn
 
 from tidal_ray.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from tidal_ray.datasets import DIGITS_SHAPE, load_digits
-from tidal_ray.models import HookedModel, TDModule, TiDALNet, build_backbone, build_model
-from tidal_ray.train import TrainConfig, prepare_input, train_in_process
+from tidal_ray.models import HookedModel, TDModule, TiDALNet, build_backbone, build_model, prepare_input
+from tidal_ray.train import TrainConfig, train_in_process
 
 
 @pytest.mark.parametrize("name,shape,dims", [

@@ -10,9 +10,10 @@ from PIL import Image
 
 from tidal_ray.datasets import load_digits
 from tidal_ray.make_pool import make_pool
-from tidal_ray.pool import (NOT_FINITE, NULL_ID, SHAPE_KEY, UNDECODABLE, WRONG_LENGTH, WRONG_SIZE,
-                            check_compatible, decode_batch, describe_pool, is_image_prefix, load_rows, pool_has_ids,
-                            stream_batch)
+from tidal_ray.decode import (NOT_FINITE, NULL_ID, UNDECODABLE, WRONG_LENGTH, WRONG_SIZE, decode_batch,
+                              stream_batch)
+from tidal_ray.loader import load_rows, pool_has_ids
+from tidal_ray.pool import SHAPE_KEY, check_compatible, describe_pool, is_image_prefix
 
 FORMATS = ["pixels", "image", "features", "files"]
 

@@ -14,8 +14,11 @@ from tidal_ray import storage
 from tidal_ray.checkpoint import save_checkpoint
 from tidal_ray.cli import main
 from tidal_ray.make_pool import make_pool, synthetic_rows
-from tidal_ray.pool import NOT_FINITE, NULL_ID, SHAPE_KEY, UNDECODABLE, WRONG_LENGTH, WRONG_SIZE
-from tidal_ray.score import BatchScorer, SeenIds, score_pool
+from tidal_ray.decode import NOT_FINITE, NULL_ID, UNDECODABLE, WRONG_LENGTH, WRONG_SIZE
+from tidal_ray.ids import SeenIds
+from tidal_ray.pool import SHAPE_KEY
+from tidal_ray.score import score_pool
+from tidal_ray.scorer import BatchScorer
 from tidal_ray.train import TrainConfig, train_in_process
 
 SHAPE = (1, 8, 8)
@@ -271,13 +274,13 @@ def test_a_pool_without_a_valid_row_fails_and_writes_nothing(tmp_path, checkpoin
 
 
 def test_scores_are_saved_in_parts_and_stale_parts_go(tmp_path, checkpoint, monkeypatch):
-    import tidal_ray.score as score
+    import tidal_ray.reduce as reduce
 
     pool, out = str(tmp_path / "pool"), tmp_path / "out"
     make_pool(pool, "digits", rows=1000, shards=2)
     (out / "scores").mkdir(parents=True)
     (out / "scores" / "part-00099.parquet").write_bytes(b"from an earlier run")
-    monkeypatch.setattr(score, "SCORES_ROWS_PER_PART", 300)
+    monkeypatch.setattr(reduce, "SCORES_ROWS_PER_PART", 300)
     summary = score_pool(checkpoint, pool, 10, str(out), save_scores=True, exclude_ids=[5], use_ray=False,
                          progress=False)
     parts = sorted(p.name for p in (out / "scores").iterdir())
@@ -290,11 +293,10 @@ def test_scores_are_saved_in_parts_and_stale_parts_go(tmp_path, checkpoint, monk
 
 def test_reduction_rejects_non_finite_scores():
     from tidal_ray.pool import PoolSpec
-    from tidal_ray.score import NONFINITE_SCORE, Plan, Reduction
+    from tidal_ray.reduce import NONFINITE_SCORE, Reduction
 
     spec = PoolSpec("mem://pool", "pixels", (("mem://pool/a.parquet", 1),), pa.int64(), 4, (1,))
-    plan = Plan("-", spec, (1,), 3, 2, "entropy", np.array([4]), False, False, 256, (1, 1), 0, 0)
-    reduction = Reduction(plan)
+    reduction = Reduction(2, "entropy", 3, pa.int64(), np.array([4]), spec.file_name)
     reduction.add({"id": np.array([1, 2, 3, 4]), "file": np.zeros(4, np.int32), "reason": np.array(["", "", "", ""]),
                    "predicted_class": np.array([0, 1, 2, 0]), "entropy": np.array([0.5, np.nan, np.inf, 0.9])})
     assert reduction.accounting() == {"rows_read": 4, "rows_scored": 1, "rows_rejected": 2, "rows_excluded": 1,

@@ -1,9 +1,12 @@
-"""Streaming top-k equals a plain sort of everything, whatever the batching."""
+"""Streaming top-k equals a plain sort of everything, whatever the batching; exclusion
+is checked through the driver's reduction, the one place that applies it."""
 import math
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
+from tidal_ray.reduce import Reduction
 from tidal_ray.topk import StreamingTopK
 
 
@@ -21,12 +24,16 @@ def sort_topk(ids, scores, classes, k, exclude=(), quota=None):
     return [r[1] for r in rows], [-r[0] for r in rows]
 
 
-def stream(ids, scores, classes, k, rng, **kw):
-    topk = StreamingTopK(k, **kw)
+def stream(ids, scores, classes, k, rng, exclude=(), per_class_quota=False, num_classes=None):
+    """Every row through a Reduction in random batches, as scoring feeds it."""
+    exclude = np.unique(np.asarray(list(exclude), dtype=np.int64))
+    reduction = Reduction(k, "score", num_classes, pa.int64(), exclude, lambda f, i: "pool",
+                          per_class_quota=per_class_quota)
     cuts = np.sort(rng.choice(np.arange(1, len(ids)), size=rng.integers(1, 30), replace=False))
     for part in np.split(np.arange(len(ids)), cuts):
-        topk.add(ids[part], scores[part], classes[part])
-    return topk
+        reduction.add({"id": ids[part], "score": scores[part], "predicted_class": classes[part],
+                       "reason": np.full(len(part), ""), "file": np.zeros(len(part), np.int32)})
+    return reduction
 
 
 @pytest.mark.parametrize("seed", range(25))
@@ -40,12 +47,13 @@ def test_streaming_equals_sort(seed):
     exclude = rng.choice(ids, size=rng.integers(0, n // 2), replace=False) if seed % 2 else ()
     quota = bool(seed % 3 == 0)
 
-    topk = stream(ids, scores, classes, k, rng, exclude=exclude, per_class_quota=quota, num_classes=5)
-    got_ids, got_scores, got_classes = topk.result()
+    reduction = stream(ids, scores, classes, k, rng, exclude=exclude, per_class_quota=quota, num_classes=5)
+    got_ids, got_scores, got_classes = reduction.topk.result()
     want_ids, want_scores = sort_topk(ids, scores, classes, k, exclude, math.ceil(k / 5) if quota else None)
     assert got_ids.tolist() == want_ids
     np.testing.assert_array_equal(got_scores, want_scores)
-    assert topk.rows_in == n and topk.rows_excluded == len(exclude)
+    assert reduction.rows_read == n and reduction.rows_excluded == len(exclude)
+    assert reduction.topk.rows_in == n - len(exclude)
     assert not set(got_ids.tolist()) & set(np.asarray(exclude).tolist())
 
 
@@ -76,6 +84,8 @@ def test_nan_score_is_refused():
 
 
 def test_exclusion_ids_of_another_type_are_an_error_not_ignored():
-    topk = StreamingTopK(2, exclude=np.array(["1", "2"]))
-    with pytest.raises(ValueError, match="excluded ids are of type"):
-        topk.add(np.array([1, 2, 3]), np.array([0.1, 0.2, 0.3]))
+    from tidal_ray.errors import BadInput
+    from tidal_ray.ids import from_user
+
+    with pytest.raises(BadInput, match="ids must be integers to match the pool"):
+        from_user(np.array(["img/1.png", "img/2.png"]), pa.int64(), "exclude_ids")

@@ -11,7 +11,9 @@ from tidal_ray import storage
 from tidal_ray.checkpoint import load_checkpoint, model_from_checkpoint
 from tidal_ray.cli import main
 from tidal_ray.datasets import DIGITS_SHAPE, load_digits
-from tidal_ray.train import TrainConfig, prepare_input, train_in_process, train_on_ray
+from tidal_ray.models import prepare_input
+from tidal_ray.train import TrainConfig, train_in_process
+from tidal_ray.train_ray import FAIL_AT_EPOCH_ENV, train_on_ray
 
 N, EPOCHS = 128, 8
 
@@ -96,15 +98,16 @@ def test_checkpoint_on_s3_reads_back_into_the_same_model(s3_run):
     assert history[-1]["train_accuracy"] > 0.8
 
 
-def test_worker_failure_resumes_from_the_last_checkpoint(ray_local, s3_bucket, capsys):
+def test_worker_failure_resumes_from_the_last_checkpoint(ray_local, s3_bucket, capsys, monkeypatch):
     """One worker raises at the start of epoch index 2 of 4 (after two checkpoints); the
     group restarts, resumes at epoch 2 with the TD table from the checkpoint, and finishes."""
     ids, pixels, labels = digits(96)
     labeled, out = f"{s3_bucket}/labeled/cycle-000.parquet", f"{s3_bucket}/runs"
     write_labeled(labeled, ids, pixels, labels)
 
+    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "2")  # test-only fault injection (tests/README.md)
     code = main(["train", "--labeled", labeled, "--out", out, "--name", "crash", "--epochs", "4",
-                 "--workers", "2", "--batch-size", "32", "--fail-at-epoch", "2", "--max-failures", "1", "--checkpoint-every", "1"])
+                 "--workers", "2", "--batch-size", "32", "--max-failures", "1", "--checkpoint-every", "1"])
     assert code == 0, capsys.readouterr().err
     assert f"checkpoint: {out}/crash/epoch-0004" in capsys.readouterr().out
 
@@ -112,8 +115,10 @@ def test_worker_failure_resumes_from_the_last_checkpoint(ray_local, s3_bucket, c
     history = storage.read_json(f"{out}/crash/metrics.json")
     assert [m["epoch"] for m in history] == [1, 2, 3, 4]  # no epoch trained twice
     assert [m["resumed_from_epoch"] for m in history] == [0, 0, 2, 2]
-    td = load_checkpoint(f"{out}/crash/epoch-0004")["td_table"]
+    state = load_checkpoint(f"{out}/crash/epoch-0004")
+    td = state["td_table"]
     assert td["count"].tolist() == [4] * 96 and td["epoch"] == 4  # every sample once per epoch
+    assert not any("fail" in key for key in state["config"])  # no test field in what users load
 
 
 @pytest.mark.parametrize("args, message", [

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 
 from tidal_ray.datasets import DIGITS_SHAPE, load_digits
 from tidal_ray.dynamics import TDTable
-from tidal_ray.models import build_model
-from tidal_ray.train import TrainConfig, prepare_input, train_in_process, train_step
+from tidal_ray.models import build_model, prepare_input
+from tidal_ray.train import TrainConfig, train_in_process, train_step
 
 
 def fixed_batch(n=64):

@@ -12,19 +12,18 @@ cycle's arrive in their own ``labeled/cycle-NNN.parquet``.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import time
-import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .export import read_labels, validate_labels, write_exports
+from .errors import BadInput
+from .labeling import read_labels, validate_labels, write_exports
+from .lock import CampaignLock
 
 STEPS = ("train", "select", "export", "wait-for-labels", "merge")
 # Test-only: "CYCLE:STEP" makes the driver SIGKILL itself as that step starts (crash tests).
@@ -54,7 +53,6 @@ class CampaignConfig:
     per_class_quota: bool = False
     # Worker-group restarts per training run; each resumes from the run's last checkpoint.
     max_failures: int = 2
-    extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
         from .models import BACKBONES
@@ -62,17 +60,13 @@ class CampaignConfig:
 
         check_strategy(self.strategy)
         if self.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+            raise BadInput(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
         if self.k <= 0 or self.cycles <= 0:
-            raise ValueError("--k and --cycles must be positive")
+            raise BadInput("--k and --cycles must be positive")
         if self.trainer not in ("ray", "local"):
-            raise ValueError(f"unknown trainer {self.trainer!r}; choose ray or local")
+            raise BadInput(f"unknown trainer {self.trainer!r}; choose ray or local")
         if self.num_classes < 2:
-            raise ValueError("--num-classes must be at least 2")
-
-
-class CampaignLocked(RuntimeError):
-    plain_message = True
+            raise BadInput("--num-classes must be at least 2")
 
 
 # ---- where things live ---------------------------------------------------------------------
@@ -91,7 +85,7 @@ def labels_uri(root: str, cycle: int) -> str:
 
 def load_state(root: str) -> dict:
     if not storage.exists(state_uri(root)):
-        raise ValueError(f"no campaign at {root} (run 'tidal-ray campaign init' first)")
+        raise BadInput(f"no campaign at {root} (run 'tidal-ray campaign init' first)")
     return storage.read_json(state_uri(root))
 
 
@@ -102,56 +96,9 @@ def save_state(root: str, state: dict) -> None:
 
 def config_of(state: dict) -> CampaignConfig:
     config = dict(state["config"])
+    config.pop("extra", None)  # written by 0.1, always empty
     config["actors"] = tuple(config["actors"])
     return CampaignConfig(**config)
-
-
-# ---- the lock: one driver per campaign -----------------------------------------------------
-
-class CampaignLock:
-    """``lock.json`` created conditionally; a lock left by a dead process on this host
-    (a killed driver) is taken over, any other is refused."""
-
-    def __init__(self, root: str):
-        self.uri = storage.join(root, "lock.json")
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
-                      "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-    def _is_stale(self, holder: dict) -> bool:
-        if holder.get("host") != socket.gethostname():
-            return False
-        try:
-            os.kill(int(holder["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, KeyError, ValueError, TypeError):
-            return False
-        return False
-
-    def __enter__(self):
-        body = json.dumps(self.owner).encode()
-        if storage.put_if_absent(self.uri, body):
-            return self
-        try:
-            holder = storage.read_json(self.uri)
-        except (FileNotFoundError, json.JSONDecodeError):
-            holder = {}
-        if holder and self._is_stale(holder):
-            storage.delete(self.uri)
-            if storage.put_if_absent(self.uri, body):
-                return self
-            holder = storage.read_json(self.uri)
-        raise CampaignLocked(
-            f"campaign is in use by another driver (pid {holder.get('pid')} on {holder.get('host')} "
-            f"since {holder.get('since')}); if no driver is running, delete {self.uri}"
-        )
-
-    def __exit__(self, *exc):
-        try:
-            if storage.read_json(self.uri).get("token") == self.owner["token"]:
-                storage.delete(self.uri)
-        except FileNotFoundError:
-            pass
 
 
 # ---- labels ---------------------------------------------------------------------------------
@@ -189,13 +136,13 @@ def _evaluate(checkpoint_uri: str, test_uri: str | None) -> float | None:
     import torch
 
     from .checkpoint import load_checkpoint, model_from_checkpoint
-    from .pool import load_rows
-    from .train import prepare_input
+    from .loader import load_rows
+    from .models import prepare_input
 
     net = model_from_checkpoint(load_checkpoint(checkpoint_uri))
     _, x, labels, _ = load_rows(test_uri)
     if labels is None:
-        raise ValueError(f"test set {test_uri} has no label column")
+        raise BadInput(f"test set {test_uri} has no label column")
     correct = 0
     with torch.no_grad():
         for start in range(0, len(x), 512):
@@ -208,8 +155,9 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
     metrics_uri = cycle_uri(root, cycle, "metrics.json")
     if storage.exists(metrics_uri):
         return
-    from .pool import load_rows
-    from .train import TrainConfig, train_in_process, train_on_ray
+    from .loader import load_rows
+    from .train import TrainConfig, train_in_process
+    from .train_ray import train_on_ray
 
     labels = labeled_table(root)
     label_of = dict(zip(labels.column("id").to_pylist(), labels.column("label").to_pylist()))
@@ -256,12 +204,22 @@ def step_select(root: str, config: CampaignConfig, cycle: int, log) -> None:
                seed=config.seed, save_scores=False)
 
 
-def step_export(root: str, config: CampaignConfig, cycle: int, log) -> None:
+def export(root: str, cycle: int | None = None, out_uri: str | None = None) -> list[str]:
+    """Write the labeling-tool manifests of a cycle's selection (default: the current
+    cycle, into its ``export/``); returns the files written."""
     from .pool import is_image_prefix
 
+    state = load_state(root)
+    config = config_of(state)
+    cycle = state["cycle"] if cycle is None else cycle
     selection = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet"))
-    write_exports(selection, config.pool, is_image_prefix(config.pool), cycle_uri(root, cycle, "export"))
-    log(f"cycle {cycle}: exported {selection.num_rows} samples for labeling: {cycle_uri(root, cycle, 'export')}/")
+    return write_exports(selection, config.pool, is_image_prefix(config.pool),
+                         out_uri or cycle_uri(root, cycle, "export"))
+
+
+def step_export(root: str, config: CampaignConfig, cycle: int, log) -> None:
+    written = export(root, cycle)
+    log(f"cycle {cycle}: exported {len(written)} files for labeling: {cycle_uri(root, cycle, 'export')}/")
 
 
 def step_wait_for_labels(root: str, config: CampaignConfig, cycle: int, log) -> bool:
@@ -273,12 +231,12 @@ def step_wait_for_labels(root: str, config: CampaignConfig, cycle: int, log) -> 
         log(f"cycle {cycle}: waiting for labels. Label {cycle_uri(root, cycle, 'export')}/ and run "
             f"'tidal-ray campaign import-labels {root} FILE', then 'tidal-ray campaign run {root}'")
         return False
-    from .pool import load_rows
+    from .loader import load_rows
 
     selection = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet"))
     ids, _, labels, _ = load_rows(config.pool, ids=selection.column("id").to_pylist())
     if labels is None:
-        raise ValueError(f"the oracle needs a 'label' column in the pool {config.pool}")
+        raise BadInput(f"the oracle needs a 'label' column in the pool {config.pool}")
     storage.write_parquet(target, pa.table({"id": pa.array(ids), "label": pa.array(labels, pa.int64())}))
     log(f"cycle {cycle}: oracle labeled {len(ids)} samples")
     return True
@@ -319,10 +277,48 @@ def run(root: str, log=print) -> dict:
                 break
             state["step"] = STEPS[STEPS.index(step) + 1]
             save_state(root, state)
-        from .report import write_report
-
         write_report(root)
         return state
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+def cycle_rows(root: str) -> list[dict]:
+    """One row per trained cycle: metrics, and the selection's spread when it has one."""
+    state = load_state(root)
+    rows = []
+    for c in range(state["cycle"] + 1):
+        metrics_uri = cycle_uri(root, c, "metrics.json")
+        if not storage.exists(metrics_uri):
+            break
+        m = storage.read_json(metrics_uri)
+        row = {"cycle": c, "labeled": m["labeled"], "test_accuracy": m["test_accuracy"], "td_kl": m["td_kl"],
+               "train_seconds": m["train_seconds"], "label_counts": m.get("label_counts")}
+        selection_json = cycle_uri(root, c, "selection.json")
+        if storage.exists(selection_json):
+            sel = storage.read_json(selection_json)
+            scores = storage.read_parquet(cycle_uri(root, c, "selection.parquet")).column("score").to_numpy()
+            row.update(selected=len(scores), score_seconds=sel.get("wall_seconds"),
+                       rows_scored=sel.get("rows_scored"), rows_rejected=sel.get("rows_rejected"),
+                       score_min=float(scores.min()) if len(scores) else None,
+                       score_median=float(np.median(scores)) if len(scores) else None,
+                       score_max=float(scores.max()) if len(scores) else None)
+        rows.append(row)
+    return rows
+
+
+def write_report(root: str) -> str:
+    """``report/report.md`` and ``report/learning_curve.png`` of the campaign."""
+    from . import report
+
+    state = load_state(root)
+    config = config_of(state)
+    heading = (f"# Campaign report: {root}\n\n"
+               f"Status **{state['status']}**, cycle {state['cycle']} of {config.cycles}, step `{state['step']}`. "
+               f"Strategy `{config.strategy}`, backbone `{config.backbone}`, k = {config.k} per cycle, "
+               f"pool `{config.pool}`.")
+    title = f"campaign {root.rstrip('/').split('/')[-1]}: {config.strategy}"
+    return report.write_report(storage.join(root, "report"), heading, cycle_rows(root), title)
 
 
 # ---- init, status, import -------------------------------------------------------------------
@@ -330,12 +326,12 @@ def run(root: str, log=print) -> dict:
 def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = None, log=print) -> dict:
     config.check()
     if storage.exists(state_uri(root)):
-        raise ValueError(f"a campaign already exists at {root}")
-    from .pool import load_rows
+        raise BadInput(f"a campaign already exists at {root}")
+    from .loader import load_rows
 
     pool_ids, _, pool_labels, _ = load_rows(config.pool)
     if config.test is not None and not storage.exists(config.test):
-        raise ValueError(f"test set {config.test} does not exist")
+        raise BadInput(f"test set {config.test} does not exist")
     if initial_labels_uri:
         rows = read_labels(initial_labels_uri, config.pool)
         table, problems = validate_labels(rows, pool_ids.tolist(), config.num_classes, lambda _: False,
@@ -344,14 +340,14 @@ def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = Non
             log(f"initial labels: line {p['line']}: id {p['id']!r}: {p['reason']}")
     elif config.oracle and config.initial_labels > 0:
         if pool_labels is None:
-            raise ValueError(f"the oracle needs a 'label' column in the pool {config.pool}")
+            raise BadInput(f"the oracle needs a 'label' column in the pool {config.pool}")
         rng = np.random.default_rng(config.seed)
         rows = np.sort(rng.choice(len(pool_ids), size=config.initial_labels, replace=False))
         table = pa.table({"id": pa.array(pool_ids[rows]), "label": pa.array(pool_labels[rows], pa.int64())})
     else:
-        raise ValueError("give initial labels: --initial-labels-file FILE, or --oracle with --initial-labels N")
+        raise BadInput("give initial labels: --initial-labels-file FILE, or --oracle with --initial-labels N")
     if table.num_rows == 0:
-        raise ValueError("no valid initial labels")
+        raise BadInput("no valid initial labels")
     storage.write_parquet(labels_uri(root, 0), table)
     state = {"config": asdict(config), "cycle": 0, "step": "train", "status": "initialized",
              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -376,16 +372,16 @@ def status(root: str) -> dict:
 
 def import_labels(root: str, labels_file: str, log=print) -> dict:
     """Merge a person's labels for the current cycle's selection; bad rows are listed, not merged."""
-    from .pool import pool_has_ids
+    from .loader import pool_has_ids
 
     state = load_state(root)
     config = config_of(state)
     cycle = state["cycle"]
     if state["step"] not in ("wait-for-labels",) or state["status"] != "waiting-for-labels":
-        raise ValueError(f"cycle {cycle} is at step {state['step']!r}, not waiting for labels")
+        raise BadInput(f"cycle {cycle} is at step {state['step']!r}, not waiting for labels")
     target = labels_uri(root, cycle + 1)
     if storage.exists(target):
-        raise ValueError(f"labels for cycle {cycle} were already imported ({target})")
+        raise BadInput(f"labels for cycle {cycle} were already imported ({target})")
     selection = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet"))
     rows = read_labels(labels_file, config.pool)
     candidates = [str(r["id"]) for r in rows if r["id"] is not None]

@@ -7,6 +7,7 @@ import io
 import torch
 
 from . import storage
+from .errors import BadInput
 from .models import TiDALNet, build_model
 
 CHECKPOINT_FILE = "model.pt"
@@ -31,9 +32,9 @@ def load_checkpoint(uri: str) -> dict:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"{checkpoint_file(uri)} is not a tidal-ray checkpoint ({type(e).__name__})") from None
+        raise BadInput(f"{checkpoint_file(uri)} is not a tidal-ray checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{checkpoint_file(uri)} is not a tidal-ray checkpoint")
+        raise BadInput(f"{checkpoint_file(uri)} is not a tidal-ray checkpoint")
     return state
 
 

@@ -1,37 +1,94 @@
-"""The ``tidal-ray`` command. Exit codes: 0 success, 2 bad usage or bad input, 1 anything else."""
+"""The ``tidal-ray`` command: every command's arguments and its error handling.
+
+Exit codes: 0 success, 2 bad usage or bad input (``errors.BadInput``, a missing file),
+1 anything else, with one readable line unless ``--debug`` asks for the traceback and
+Ray's own logs. The modules do the work; importing this one stays cheap (no torch, no
+Ray) so ``--help`` is instant.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 import traceback
 
+from .errors import BadInput, Refused
 
-class UsageError(ValueError):
-    """Bad input from the user: exit code 2."""
+TRAIN_DESCRIPTION = """Train the backbone and the TD module (CE + lambda * KL) on Ray Train workers
+(DDP: gloo on CPU, nccl with --use-gpu). The labeled set is parquet with `id`, `label`
+(0..C-1) and the sample's data (`pixels` or `features`). The run goes to OUT/NAME:
+a checkpoint directory every --checkpoint-every epochs and after the last (model.pt,
+metrics.json; the last two kept) and metrics.json. Rerunning with the same OUT and
+--name resumes that run."""
 
 
-def _not_yet(name: str):
-    def run(_args):
-        raise UsageError(f"'tidal-ray {name}' is not implemented yet in this version")
+def parse_actors(text: str) -> tuple[int, int]:
+    low, _, high = str(text).partition(",")
+    try:
+        low, high = int(low), int(high or low)
+    except ValueError:
+        low = high = 0
+    if not 1 <= low <= high:
+        raise BadInput(f"--actors takes MIN,MAX with 1 <= MIN <= MAX (e.g. 1,4), got {text!r}")
+    return low, high
 
-    return run
+
+# ---- commands --------------------------------------------------------------------------------
 
 
 def cmd_demo(args):
     from .demo import run_demo
-
     from .uncertainty import check_strategy
 
     check_strategy(args.strategy)
     if min(args.initial, args.k, args.cycles, args.epochs) <= 0:
-        raise UsageError("--initial, --k, --cycles and --epochs must be positive")
+        raise BadInput("--initial, --k, --cycles and --epochs must be positive")
     run_demo(args.workdir, initial=args.initial, k=args.k, cycles=args.cycles, strategy=args.strategy,
              epochs=args.epochs)
 
 
+def cmd_make_pool(args):
+    from .make_pool import make_pool
+
+    files = make_pool(args.out, source=args.source, rows=args.rows, fmt=args.fmt, shards=args.shards,
+                      seed=args.seed, shape=args.shape, num_classes=args.num_classes)
+    print(f"wrote {len(files)} file(s) under {args.out}")
+
+
+def cmd_train(args):
+    from .loader import load_labeled
+    from .train import TrainConfig
+    from .train_ray import train_on_ray
+
+    ids, x, y, input_shape, declared_classes = load_labeled(args.labeled)
+    # A labeled set that lacks the top class would otherwise shrink C.
+    num_classes = args.num_classes or declared_classes or max(int(y.max()) + 1, 2)
+    config = TrainConfig(num_classes=num_classes, input_shape=tuple(input_shape), backbone=args.backbone,
+                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lam=args.lam,
+                         seed=args.seed, checkpoint_every=args.checkpoint_every)
+    result = train_on_ray(config, ids, x, y, args.out, num_workers=args.workers, use_gpu=args.use_gpu,
+                          max_failures=args.max_failures, name=args.name, cpus_per_worker=args.cpus_per_worker)
+    last = result.metrics[-1]
+    print(f"trained {last['epoch']} epochs on {len(ids)} labeled samples with {args.workers} workers: "
+          f"loss {last['loss']:.4f}, train acc {last['train_accuracy']:.3f}")
+    print(f"checkpoint: {result.checkpoint_uri}")
+    print(f"metrics: {result.history_uri}")
+
+
+def cmd_score(args):
+    from .score import score_pool
+
+    summary = score_pool(args.checkpoint, args.pool, args.k, args.out, strategy=args.strategy,
+                         exclude_uris=args.exclude, per_class_quota=args.per_class_quota,
+                         save_scores=args.save_scores, batch_size=args.batch_size,
+                         actors=parse_actors(args.actors), seed=args.seed, use_ray=not args.in_process)
+    print(f"selected {summary['selected']} of {summary['rows_scored']:,} scored rows by {summary['strategy']} "
+          f"({summary['rows_read']:,} read, {summary['rows_rejected']:,} rejected, {summary['rows_excluded']:,} "
+          f"excluded; {summary['rows_per_s']:,.0f} rows/s)")
+    print(f"selection: {summary['outputs']['selection']}")
+
+
 def cmd_campaign(args):
     from . import campaign
-    from .score import parse_actors
 
     if args.action == "init":
         config = campaign.CampaignConfig(
@@ -49,25 +106,88 @@ def cmd_campaign(args):
 
         print(json.dumps(campaign.status(args.campaign), indent=2))
     elif args.action == "export":
-        from .export import write_exports
-        from .pool import is_image_prefix
-        from .storage import read_parquet
-
-        state = campaign.load_state(args.campaign)
-        config = campaign.config_of(state)
-        cycle = state["cycle"] if args.cycle is None else args.cycle
-        selection = read_parquet(campaign.cycle_uri(args.campaign, cycle, "selection.parquet"))
-        out = args.out or campaign.cycle_uri(args.campaign, cycle, "export")
-        for uri in write_exports(selection, config.pool, is_image_prefix(config.pool), out):
+        for uri in campaign.export(args.campaign, args.cycle, args.out):
             print(uri)
     elif args.action == "import-labels":
         campaign.import_labels(args.campaign, args.labels)
 
 
 def cmd_report(args):
-    from .report import write_report
+    from .campaign import write_report
 
     print(write_report(args.campaign))
+
+
+# ---- arguments -------------------------------------------------------------------------------
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """The training recipe, shared by ``train`` and ``campaign init``."""
+    p.add_argument("--backbone", default="small_cnn", help="resnet18, small_cnn or mlp (default: small_cnn)")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=64, help="samples per step over all workers (default: 64)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="weight of the TD-module KL loss (default: 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, nccl")
+
+
+def add_make_pool_parser(sub) -> None:
+    from .make_pool import DEFAULT_SYNTHETIC_ROWS, SOURCES
+    from .pool import FORMATS
+
+    p = sub.add_parser("make-pool", help="write a digits or synthetic pool (any format, sharded, local or s3://)")
+    p.add_argument("out", metavar="OUT", help="where to write the pool (local dir or s3://bucket/prefix)")
+    p.add_argument("--source", required=True, choices=SOURCES,
+                   help="digits: the real scikit-learn digits; synthetic: class-conditional random data")
+    p.add_argument("--rows", type=int, default=None,
+                   help=f"rows to write (digits: at most 1797; synthetic default {DEFAULT_SYNTHETIC_ROWS})")
+    p.add_argument("--format", dest="fmt", default="pixels", choices=FORMATS,
+                   help="pixels (raw uint8), image (PNG bytes), features (float vectors) in parquet, "
+                        "or files (one PNG per row under OUT)")
+    p.add_argument("--shards", type=int, default=1, help="parquet files to split the rows into")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", default="3x32x32", help="synthetic only: one row's shape, e.g. 1x8x8")
+    p.add_argument("--num-classes", type=int, default=10, help="synthetic only")
+    p.set_defaults(run=cmd_make_pool)
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train backbone + TD module on Ray Train", description=TRAIN_DESCRIPTION)
+    p.add_argument("--labeled", required=True, metavar="URI", help="labeled set: a parquet file or prefix (local or s3://)")
+    p.add_argument("--out", required=True, metavar="URI", help="where the run is stored (local dir or s3://bucket/prefix)")
+    p.add_argument("--name", default="train", help="run name under OUT (default: train)")
+    add_recipe_arguments(p)
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="C (default: the labeled set's tidal_ray.num_classes metadata, else the largest label + 1)")
+    p.add_argument("--checkpoint-every", type=int, default=10, metavar="E",
+                   help="checkpoint every E epochs and after the last (default: 10); a restarted worker group resumes from the latest")
+    p.add_argument("--max-failures", type=int, default=0, help="worker-group restarts, each resuming from the last checkpoint")
+    p.add_argument("--cpus-per-worker", type=float, default=0.5,
+                   help="CPUs reserved per worker (default: 0.5, leaving room for data tasks)")
+    p.set_defaults(run=cmd_train)
+
+
+def add_score_parser(sub) -> None:
+    from .uncertainty import STRATEGIES
+
+    p = sub.add_parser("score", help="score a whole pool on Ray Data and select the top k")
+    p.add_argument("--checkpoint", required=True, metavar="URI", help="a checkpoint dir (model.pt) or file")
+    p.add_argument("--pool", required=True, metavar="URI", help="the pool: local dir or s3:// prefix")
+    p.add_argument("--k", required=True, type=int, help="how many samples to select")
+    p.add_argument("--out", required=True, metavar="URI", help="where selection.parquet/json and rejects go")
+    p.add_argument("--strategy", default="tidal-entropy", help=f"one of {', '.join(STRATEGIES)}")
+    p.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="URI",
+                   help="parquet/csv files (or prefixes) whose 'id's are never selected: labeled, pending")
+    p.add_argument("--per-class-quota", action="store_true",
+                   help="at most ceil(k / classes) per predicted class")
+    p.add_argument("--save-scores", action="store_true", help="also write every row's scores (all strategies)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--actors", default="1,1", metavar="MIN,MAX", help="scorer actors (a GPU each when there are GPUs)")
+    p.add_argument("--seed", type=int, default=0, help="for the random strategy")
+    p.add_argument("--in-process", action="store_true", help="no Ray: score in this process (small pools)")
+    p.set_defaults(run=cmd_score)
 
 
 def add_campaign_parser(sub) -> None:
@@ -81,12 +201,7 @@ def add_campaign_parser(sub) -> None:
     a.add_argument("--k", type=int, required=True, help="samples to label per cycle")
     a.add_argument("--cycles", type=int, required=True, help="selection cycles")
     a.add_argument("--strategy", default="tidal-entropy")
-    a.add_argument("--backbone", default="small_cnn")
-    a.add_argument("--epochs", type=int, default=60)
-    a.add_argument("--batch-size", type=int, default=64)
-    a.add_argument("--lr", type=float, default=1e-3)
-    a.add_argument("--lambda", dest="lam", type=float, default=1.0)
-    a.add_argument("--seed", type=int, default=0)
+    add_recipe_arguments(a)
     a.add_argument("--initial-labels", type=int, default=0, help="with --oracle: draw N random initial labels")
     a.add_argument("--initial-labels-file", help="CSV/JSONL/parquet of id,label to start from")
     a.add_argument("--oracle", action="store_true",
@@ -95,7 +210,6 @@ def add_campaign_parser(sub) -> None:
     a.add_argument("--trainer", default="ray", choices=["ray", "local"],
                    help="ray: Ray Train workers; local: in the driver process")
     a.add_argument("--workers", type=int, default=1)
-    a.add_argument("--use-gpu", action="store_true")
     a.add_argument("--actors", default="1,1", help="scorer actors MIN,MAX")
     a.add_argument("--per-class-quota", action="store_true")
 
@@ -118,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tidal-ray",
         description="Distributed active learning with training dynamics (TiDAL) on Ray.",
     )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", help="full tracebacks on errors, and Ray's own logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("demo", help="a whole labeling campaign on real data (scikit-learn digits), locally")
@@ -130,24 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=40, help="training epochs per cycle (default: 40)")
     p.set_defaults(run=cmd_demo)
 
-    p = sub.add_parser("make-pool", help="write a digits or synthetic pool (any format, sharded, local or s3://)")
-    from . import make_pool
-
-    make_pool.add_arguments(p)
-    p.set_defaults(run=make_pool.run)
-
-    from . import train_cli
-
-    p = sub.add_parser("train", help="train backbone + TD module on Ray Train", description=train_cli.DESCRIPTION)
-    train_cli.add_arguments(p)
-    p.set_defaults(run=train_cli.run)
-
-    p = sub.add_parser("score", help="score a whole pool on Ray Data and select the top k")
-    from . import score
-
-    score.add_arguments(p)
-    p.set_defaults(run=score.run_cli)
-
+    add_make_pool_parser(sub)
+    add_train_parser(sub)
+    add_score_parser(sub)
     add_campaign_parser(sub)
 
     p = sub.add_parser("report", help="learning curve and per-cycle report of a campaign")
@@ -157,26 +256,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import runtime
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    runtime.DEBUG = args.debug
+    prefix = f"tidal-ray {args.command}"
     try:
         args.run(args)
     except KeyboardInterrupt:
-        print("tidal-ray: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return 1
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except (BadInput, FileNotFoundError) as e:
         if args.debug:
             traceback.print_exc()
-        print(f"tidal-ray {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prefix}: error: {e}", file=sys.stderr)
         return 2
+    except Refused as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{prefix}: error: {e}", file=sys.stderr)
+        return 1
     except Exception as e:
         if args.debug:
             traceback.print_exc()
-        if getattr(e, "plain_message", False):  # an expected condition, said plainly
-            print(f"tidal-ray {args.command}: error: {e}", file=sys.stderr)
-            return 1
-        print(f"tidal-ray {args.command}: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        print(f"{prefix}: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0
 

@@ -31,7 +31,7 @@ def write_digits_split(root: str, seed: int = 0, test_size: int = 400) -> tuple[
 def run_demo(workdir: str, initial: int = 50, k: int = 50, cycles: int = 5, strategy: str = "tidal-entropy",
              epochs: int = 40, seed: int = 0) -> str:
     from . import campaign
-    from .report import cycle_rows
+    from .campaign import cycle_rows
 
     root = storage.join(workdir, "campaign")
     if storage.exists(campaign.state_uri(root)):

@@ -71,10 +71,3 @@ class TDTable:
         table.epoch = int(state["epoch"])
         return table
 
-
-def index_ids(ids: np.ndarray) -> dict:
-    """Map each labeled id to its row in the TD table (the order of ``ids``)."""
-    mapping = {key: i for i, key in enumerate(ids.tolist())}
-    if len(mapping) != len(ids):
-        raise ValueError("labeled set has duplicate ids")
-    return mapping

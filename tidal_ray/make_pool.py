@@ -2,7 +2,6 @@
 class-conditional synthetic data of any size, in any pool format (DESIGN §2)."""
 from __future__ import annotations
 
-import argparse
 import io
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,7 +9,9 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .pool import CLASSES_KEY, FORMATS, SHAPE_KEY, format_shape, parse_shape
+from .decode import format_shape, parse_shape
+from .errors import BadInput
+from .pool import CLASSES_KEY, FORMATS, SHAPE_KEY
 
 SOURCES = ("digits", "synthetic")
 DEFAULT_SYNTHETIC_ROWS = 10_000
@@ -22,7 +23,7 @@ def _digits(rows: int | None):
     ids, pixels, labels = load_digits()
     if rows is not None:
         if rows > len(ids):
-            raise ValueError(f"--rows {rows}: the digits source has only {len(ids)} rows")
+            raise BadInput(f"--rows {rows}: the digits source has only {len(ids)} rows")
         ids, pixels, labels = ids[:rows], pixels[:rows], labels[:rows]
     return ids, pixels, labels, DIGITS_SHAPE, DIGITS_CLASSES
 
@@ -52,7 +53,7 @@ def _png(image: np.ndarray) -> bytes:
 
     channels = image.shape[0]
     if channels not in (1, 3):
-        raise ValueError(f"PNG images need 1 or 3 channels, got shape {format_shape(image.shape)}")
+        raise BadInput(f"PNG images need 1 or 3 channels, got shape {format_shape(image.shape)}")
     buf = io.BytesIO()
     Image.fromarray(image[0] if channels == 1 else image.transpose(1, 2, 0)).save(buf, format="PNG")
     return buf.getvalue()
@@ -82,13 +83,13 @@ def make_pool(out_uri: str, source: str = "digits", rows: int | None = None, fmt
     being the key under the prefix; such pools carry no labels). ``digits`` is the real
     scikit-learn digits (1x8x8, 10 classes; ``shape`` and ``num_classes`` are ignored)."""
     if source not in SOURCES:
-        raise ValueError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
+        raise BadInput(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise BadInput(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if shards < 1 or (rows is not None and rows < 1):
-        raise ValueError(f"need rows >= 1 and shards >= 1, got rows={rows} shards={shards}")
+        raise BadInput(f"need rows >= 1 and shards >= 1, got rows={rows} shards={shards}")
     if storage.exists(out_uri) and storage.list_files(out_uri):
-        raise ValueError(f"{out_uri} already holds files; write a pool to an empty prefix")
+        raise BadInput(f"{out_uri} already holds files; write a pool to an empty prefix")
 
     if source == "digits":
         ids, pixels, labels, shape, num_classes = _digits(rows)
@@ -96,7 +97,7 @@ def make_pool(out_uri: str, source: str = "digits", rows: int | None = None, fmt
     else:
         shape = parse_shape(shape) if isinstance(shape, str) else tuple(int(d) for d in shape)
         if num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+            raise BadInput(f"num_classes must be at least 2, got {num_classes}")
         total = rows if rows is not None else DEFAULT_SYNTHETIC_ROWS
     bounds = np.linspace(0, total, min(shards, total) + 1).astype(int)
 
@@ -122,28 +123,3 @@ def _write_pngs(out_uri: str, shard: int | None, ids, pixels) -> list[str]:
     with ThreadPoolExecutor(max_workers=16) as pool:  # many small PUTs on S3
         list(pool.map(lambda item: storage.write_bytes(item[0], _png(item[1])), zip(uris, pixels)))
     return uris
-
-
-# ---- command line --------------------------------------------------------------------------
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out", metavar="OUT", help="where to write the pool (local dir or s3://bucket/prefix)")
-    p.add_argument("--source", required=True, choices=SOURCES,
-                   help="digits: the real scikit-learn digits; synthetic: class-conditional random data")
-    p.add_argument("--rows", type=int, default=None,
-                   help=f"rows to write (digits: at most 1797; synthetic default {DEFAULT_SYNTHETIC_ROWS})")
-    p.add_argument("--format", dest="fmt", default="pixels", choices=FORMATS,
-                   help="pixels (raw uint8), image (PNG bytes), features (float vectors) in parquet, "
-                        "or files (one PNG per row under OUT)")
-    p.add_argument("--shards", type=int, default=1, help="parquet files to split the rows into")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shape", default="3x32x32", help="synthetic only: one row's shape, e.g. 1x8x8")
-    p.add_argument("--num-classes", type=int, default=10, help="synthetic only")
-
-
-def run(args: argparse.Namespace) -> list[str]:
-    files = make_pool(args.out, source=args.source, rows=args.rows, fmt=args.fmt, shards=args.shards,
-                      seed=args.seed, shape=args.shape, num_classes=args.num_classes)
-    print(f"wrote {len(files)} file(s) under {args.out}")
-    return files

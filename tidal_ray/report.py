@@ -1,35 +1,13 @@
-"""``tidal-ray report``: a campaign's learning curve and a one-page summary per cycle."""
+"""A campaign's report: the learning curve and a one-page table per cycle.
+
+It is handed its rows (one dict per cycle, built by ``campaign.cycle_rows``) and only
+renders them; it knows nothing of where a campaign keeps its state.
+"""
 from __future__ import annotations
 
 import io
 
-import numpy as np
-
 from . import storage
-from .campaign import config_of, cycle_uri, load_state
-
-
-def cycle_rows(root: str) -> list[dict]:
-    state = load_state(root)
-    rows = []
-    for c in range(state["cycle"] + 1):
-        metrics_uri = cycle_uri(root, c, "metrics.json")
-        if not storage.exists(metrics_uri):
-            break
-        m = storage.read_json(metrics_uri)
-        row = {"cycle": c, "labeled": m["labeled"], "test_accuracy": m["test_accuracy"], "td_kl": m["td_kl"],
-               "train_seconds": m["train_seconds"], "label_counts": m.get("label_counts")}
-        selection_json = cycle_uri(root, c, "selection.json")
-        if storage.exists(selection_json):
-            sel = storage.read_json(selection_json)
-            scores = storage.read_parquet(cycle_uri(root, c, "selection.parquet")).column("score").to_numpy()
-            row.update(selected=len(scores), score_seconds=sel.get("wall_seconds"),
-                       rows_scored=sel.get("rows_scored"), rows_rejected=sel.get("rows_rejected"),
-                       score_min=float(scores.min()) if len(scores) else None,
-                       score_median=float(np.median(scores)) if len(scores) else None,
-                       score_max=float(scores.max()) if len(scores) else None)
-        rows.append(row)
-    return rows
 
 
 def _fmt(value, spec=".4f") -> str:
@@ -57,15 +35,10 @@ def learning_curve_png(rows: list[dict], title: str) -> bytes:
     return buf.getvalue()
 
 
-def write_report(root: str) -> str:
-    state = load_state(root)
-    config = config_of(state)
-    rows = cycle_rows(root)
+def write_report(out_uri: str, heading: str, rows: list[dict], title: str) -> str:
+    """Write ``report.md`` and ``learning_curve.png`` under ``out_uri``; returns the markdown."""
     lines = [
-        f"# Campaign report: {root}",
-        "",
-        f"Status **{state['status']}**, cycle {state['cycle']} of {config.cycles}, step `{state['step']}`. "
-        f"Strategy `{config.strategy}`, backbone `{config.backbone}`, k = {config.k} per cycle, pool `{config.pool}`.",
+        heading,
         "",
         "| cycle | labeled | test accuracy | TD-module KL | train s | selected | score min / median / max | score s | rejected |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
@@ -83,7 +56,6 @@ def write_report(root: str) -> str:
                   + ", ".join(f"{c}: {n}" for c, n in enumerate(rows[-1]["label_counts"]))]
     lines += ["", "![learning curve](learning_curve.png)", ""]
     text = "\n".join(lines)
-    storage.write_bytes(storage.join(root, "report", "report.md"), text.encode())
-    storage.write_bytes(storage.join(root, "report", "learning_curve.png"),
-                        learning_curve_png(rows, f"campaign {root.rstrip('/').split('/')[-1]}: {config.strategy}"))
+    storage.write_bytes(storage.join(out_uri, "report.md"), text.encode())
+    storage.write_bytes(storage.join(out_uri, "learning_curve.png"), learning_curve_png(rows, title))
     return text

@@ -6,6 +6,7 @@ credentials. Writes are atomic: write-then-rename locally, one PUT on S3.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -22,8 +23,14 @@ def is_s3(uri: str) -> bool:
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
+    """One S3 filesystem per endpoint and region, reused by every call."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return _s3_filesystem(endpoint, region)
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
     kwargs = {"region": region}
     if endpoint:
         scheme, _, host = endpoint.partition("://")

@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from .errors import BadInput
+
 
 def is_member(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """For each of ``ids``, whether it is in ``sorted_ids`` (sorted, unique)."""
@@ -47,27 +49,21 @@ class _Best:
 
 
 class StreamingTopK:
-    def __init__(self, k: int, exclude=None, per_class_quota: bool = False, num_classes: int | None = None):
+    """The exact top k of every row added (ids, scores, predicted classes), in O(k).
+    Rows that must not be selected (labeled, pending) are left out by the caller
+    (``reduce.Reduction``), using ``is_member``."""
+
+    def __init__(self, k: int, per_class_quota: bool = False, num_classes: int | None = None):
         if int(k) <= 0:
-            raise ValueError(f"k must be a positive integer, got {k}")
+            raise BadInput(f"k must be a positive integer, got {k}")
         self.k = int(k)
-        self.exclude = None if exclude is None or len(exclude) == 0 else np.unique(np.asarray(exclude))
         self.quota = None
         if per_class_quota:
             if not num_classes:
-                raise ValueError("a per-class quota needs the number of classes")
+                raise BadInput("a per-class quota needs the number of classes")
             self.quota = math.ceil(self.k / num_classes)
         self._buckets: dict[int, _Best] = {}
         self.rows_in = 0
-        self.rows_excluded = 0
-
-    def _is_excluded(self, ids: np.ndarray) -> np.ndarray:
-        if self.exclude is None:
-            return np.zeros(len(ids), dtype=bool)
-        numeric = set("iu")
-        if self.exclude.dtype.kind != ids.dtype.kind and not {self.exclude.dtype.kind, ids.dtype.kind} <= numeric:
-            raise ValueError(f"excluded ids are of type {self.exclude.dtype} but pool ids are {ids.dtype}")
-        return is_member(self.exclude, ids)
 
     def add(self, ids, scores, classes=None) -> None:
         ids, scores = np.asarray(ids), np.asarray(scores, dtype=np.float64)
@@ -75,9 +71,6 @@ class StreamingTopK:
         if np.isnan(scores).any():
             raise ValueError("NaN score reached the top-k; the scorer must reject such rows first")
         self.rows_in += len(ids)
-        excluded = self._is_excluded(ids)
-        self.rows_excluded += int(excluded.sum())
-        ids, scores, classes = ids[~excluded], scores[~excluded], classes[~excluded]
         if self.quota is None:
             self._buckets.setdefault(-1, _Best(self.k)).add(ids, scores, classes)
             return

@@ -1,27 +1,26 @@
 """The training loop: cross-entropy plus lambda * KL(TD target || TD module), with TD collection.
 
-``run_training`` is the one loop. It talks to its surroundings through a session:
-``LocalSession`` runs it in this process (tests, benchmarks, the quality protocol);
-``RayTrainSession`` runs the same function on every DDP worker of a Ray Train
-``TorchTrainer`` (``train_on_ray`` launches it).
+``run_training`` is the one loop, plain PyTorch, read top to bottom. It talks to its
+surroundings through a session: ``LocalSession`` (here) runs it in this process over
+in-memory arrays (tests, benchmarks, the quality protocol, ``--trainer local``);
+``train_ray.RayTrainSession`` runs the same function on every DDP worker of a Ray Train
+``TorchTrainer``. A session gives ``batches(epoch)``, ``prepare(net)``, ``restore()``,
+``report(metrics, state)``, ``device``, ``ids`` and ``num_samples``.
 """
 from __future__ import annotations
 
-import os
-import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import storage
-from .checkpoint import load_checkpoint, save_checkpoint
-from .dynamics import TDTable, index_ids
-from .models import TiDALNet, build_backbone, build_model
+from . import ids as id_utils
+from .dynamics import TDTable
+from .errors import BadInput
+from .models import TiDALNet, build_backbone, build_model, prepare_input
 
 
 @dataclass
@@ -35,17 +34,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     lam: float = 1.0
     seed: int = 0
-    # Test-only: raise once at the start of this epoch (see ``maybe_fail_for_test``).
-    fail_at_epoch: int | None = None
     # A checkpoint every this many epochs, and always after the last. Under Ray Train each
     # one is persisted to storage (about a second even for a small model), so not every epoch.
     checkpoint_every: int = 10
-    extra: dict = field(default_factory=dict)
-
-
-def prepare_input(x: torch.Tensor) -> torch.Tensor:
-    """Raw uint8 pixels become floats in [0, 1]; feature vectors pass through as float32."""
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
 
 def train_step(model, table: TDTable, optimizer, x, y, index, lam: float) -> dict:
@@ -65,18 +56,18 @@ def train_step(model, table: TDTable, optimizer, x, y, index, lam: float) -> dic
             "correct": (logits.argmax(1) == y).sum().item(), "n": n}
 
 
-def maybe_fail_for_test(config: TrainConfig, epoch: int, marker_dir: str | None) -> None:
-    """Test-only fault injection: fail once at ``config.fail_at_epoch``.
-
-    A marker file makes it fire once per run, so the restarted worker group goes on.
-    ``marker_dir`` is a local path or an ``s3://`` URI that outlives the worker."""
-    if config.fail_at_epoch is None or epoch != config.fail_at_epoch or marker_dir is None:
-        return
-    marker = storage.join(marker_dir, f"failed-at-epoch-{epoch}")
-    if storage.exists(marker):
-        return
-    storage.write_bytes(marker, b"")
-    raise RuntimeError(f"injected failure at epoch {epoch} (TrainConfig.fail_at_epoch, test-only)")
+def join_single_row_tail(batches):
+    """Pass dict batches through, except that a trailing batch of one row joins the
+    batch before it: BatchNorm cannot train on a single row."""
+    held = None
+    for batch in batches:
+        if held is not None and len(next(iter(batch.values()))) == 1:
+            batch = {key: np.concatenate([held[key], batch[key]]) for key in batch}
+        elif held is not None:
+            yield held
+        held = batch
+    if held is not None:
+        yield held
 
 
 def _sum_across_ranks(totals: dict, device) -> dict:
@@ -107,7 +98,6 @@ def run_training(config: TrainConfig, session) -> tuple[TiDALNet, TDTable]:
     table.to(device)
 
     for epoch in range(start_epoch, config.epochs):
-        maybe_fail_for_test(config, epoch, session.fault_marker_dir)
         model.train()
         started = time.perf_counter()
         totals = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "correct": 0.0, "n": 0.0}
@@ -135,8 +125,6 @@ def run_training(config: TrainConfig, session) -> tuple[TiDALNet, TDTable]:
 class LocalSession:
     """Runs ``run_training`` in this process over in-memory arrays (one rank, no Ray)."""
 
-    fault_marker_dir = None
-
     def __init__(self, ids, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0,
                  device: str = "cpu", on_epoch=None):
         self.ids = list(np.asarray(ids).tolist())
@@ -150,12 +138,9 @@ class LocalSession:
 
     def batches(self, epoch: int):
         order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        # A trailing batch of one row would break BatchNorm; it joins the batch before it.
-        bounds = list(range(0, self.num_samples, self.batch_size)) + [self.num_samples]
-        if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
-            del bounds[-2]
-        for start, stop in zip(bounds, bounds[1:]):
-            index = order[start:stop]
+        chunks = ({"index": chunk.numpy()} for chunk in order.split(self.batch_size))
+        for chunk in join_single_row_tail(chunks):
+            index = torch.from_numpy(chunk["index"])
             yield self.x[index], self.y[index], index
 
     def prepare(self, net):
@@ -182,218 +167,31 @@ def train_in_process(config: TrainConfig, ids, x, y, device: str = "cpu", on_epo
 
 def validate_labeled(config: TrainConfig, ids, x, y, num_workers: int = 1):
     """Check a labeled set against the config before anything starts; returns
-    ``(ids, x, y)`` as arrays. Raises ValueError with a one-line message."""
+    ``(ids, x, y)`` as arrays. Raises BadInput with a one-line message."""
     if ids is None or x is None or y is None or len(ids) == 0:
-        raise ValueError("the labeled set is missing or empty")
+        raise BadInput("the labeled set is missing or empty")
     ids, x, y = np.asarray(ids), np.asarray(x), np.asarray(y)
     if not len(ids) == len(x) == len(y):
-        raise ValueError(f"the labeled set has {len(ids)} ids, {len(x)} inputs and {len(y)} labels; they must match")
+        raise BadInput(f"the labeled set has {len(ids)} ids, {len(x)} inputs and {len(y)} labels; they must match")
     if x.dtype not in (np.uint8, np.float32):
-        raise ValueError(f"inputs must be uint8 pixels or float32 features, got {x.dtype}")
+        raise BadInput(f"inputs must be uint8 pixels or float32 features, got {x.dtype}")
     if tuple(x.shape[1:]) != tuple(config.input_shape):
-        raise ValueError(f"inputs have shape {tuple(x.shape[1:])} per sample, expected {tuple(config.input_shape)}")
+        raise BadInput(f"inputs have shape {tuple(x.shape[1:])} per sample, expected {tuple(config.input_shape)}")
     if x.dtype == np.float32 and not np.isfinite(x).all():
-        raise ValueError("the labeled features contain NaN or inf")
+        raise BadInput("the labeled features contain NaN or inf")
     build_backbone(config.backbone, config.num_classes, config.input_shape)  # unknown name, shape it can't take
     if y.ndim != 1 or y.dtype.kind not in "iu":
-        raise ValueError(f"labels must be a 1-D integer array, got {y.dtype} with shape {y.shape}")
+        raise BadInput(f"labels must be a 1-D integer array, got {y.dtype} with shape {y.shape}")
     bad = (y < 0) | (y >= config.num_classes)
     if bad.any():
-        raise ValueError(f"{int(bad.sum())} labels are outside 0..{config.num_classes - 1} "
+        raise BadInput(f"{int(bad.sum())} labels are outside 0..{config.num_classes - 1} "
                          f"(e.g. label {y[bad][0]} for id {ids[bad][0]})")
-    index_ids(ids)  # duplicate ids
+    id_utils.check_unique(ids, "the labeled set")
     if num_workers < 1:
-        raise ValueError(f"workers must be at least 1, got {num_workers}")
+        raise BadInput(f"workers must be at least 1, got {num_workers}")
     # Every worker trains on a shard; BatchNorm needs at least two rows in it.
     if len(ids) < 2 * num_workers:
-        raise ValueError(f"{len(ids)} labeled samples are too few for {num_workers} workers (need 2 per worker)")
+        raise BadInput(f"{len(ids)} labeled samples are too few for {num_workers} workers (need 2 per worker)")
     if config.epochs < 1 or config.batch_size < 1:
-        raise ValueError(f"epochs and batch size must be positive, got {config.epochs} and {config.batch_size}")
+        raise BadInput(f"epochs and batch size must be positive, got {config.epochs} and {config.batch_size}")
     return ids, x, y.astype(np.int64)
-
-
-def _epoch_line(metrics: dict) -> str:
-    return (f"epoch {metrics['epoch']}: loss {metrics['loss']:.4f} (CE {metrics['ce']:.4f}, "
-            f"KL {metrics['kl']:.4f}), train acc {metrics['train_accuracy']:.3f}, "
-            f"{metrics['samples_per_s']:.0f} samples/s")
-
-
-class RayTrainSession:
-    """Runs ``run_training`` on one Ray Train worker (built inside the worker).
-
-    The labeled set arrives as this worker's shard of the ``"train"`` dataset, rows
-    ``{id, index, label, x}`` where ``index`` is the sample's row in the TD table
-    (its position in ``ids``). ``batch_size`` is global (samples per optimiser step
-    over all workers, as in-process); each worker takes its share of it.
-    Rank 0 writes the checkpoint (``model.pt`` + ``metrics.json``, the history so far).
-
-    ``fault_marker_dir`` (test-only) is given to the last rank alone, so exactly one
-    worker raises at ``TrainConfig.fail_at_epoch``."""
-
-    def __init__(self, ids, batch_size: int, fault_marker_dir: str | None = None):
-        import ray.train
-        import ray.train.torch
-
-        context = ray.train.get_context()
-        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        self.ids = list(np.asarray(ids).tolist())
-        self.num_samples = len(self.ids)
-        self.device = ray.train.torch.get_device()
-        self.batch_size = -(-batch_size // self.world_size)
-        self.fault_marker_dir = fault_marker_dir if self.rank == self.world_size - 1 else None
-        self.history: list[dict] = []
-        self.resumed_from_epoch = 0
-
-    def _shard_batches(self):
-        import ray.train
-
-        shard = ray.train.get_dataset_shard("train")
-        held = None
-        for batch in shard.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
-            # A trailing batch of one row would break BatchNorm; it joins the batch before it.
-            if held is not None and len(batch["index"]) == 1:
-                batch = {key: np.concatenate([held[key], batch[key]]) for key in ("x", "label", "index")}
-            elif held is not None:
-                yield held
-            held = batch
-        if held is not None:
-            yield held
-
-    def batches(self, epoch: int):
-        # Ray's split (equal=True) gives every rank the same number of rows, hence of
-        # batches. Agreeing on "one more batch?" each step costs one tiny all-reduce and
-        # turns any mismatch into a shorter epoch on one rank instead of a DDP hang.
-        local = self._shard_batches()
-        while True:
-            batch = next(local, None)
-            more = torch.tensor([batch is not None], dtype=torch.int32, device=self.device)
-            if self.world_size > 1:
-                dist.all_reduce(more, op=dist.ReduceOp.MIN)
-            if not more.item():
-                for _ in local:  # finish this epoch's stream so the next epoch can start
-                    pass
-                return
-            yield (torch.from_numpy(np.array(batch["x"])),  # a writable copy of Arrow's buffer
-                   torch.from_numpy(batch["label"].astype(np.int64)),
-                   torch.from_numpy(batch["index"].astype(np.int64)))
-
-    def prepare(self, net):
-        import ray.train.torch
-
-        return ray.train.torch.prepare_model(net)  # moves to the device; DDP when world_size > 1
-
-    def restore(self):
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as directory:
-            state = load_checkpoint(directory)
-            self.history = storage.read_json(os.path.join(directory, "metrics.json"))
-        if state["labeled_ids"] != self.ids:
-            raise ValueError("the checkpoint to resume from was trained on a different labeled set; "
-                             "use a new run name or output location")
-        self.resumed_from_epoch = int(state["epoch"])
-        return state
-
-    def report(self, metrics: dict, state: dict | None) -> None:
-        import ray.train
-
-        metrics = {**metrics, "resumed_from_epoch": self.resumed_from_epoch}
-        self.history.append(metrics)
-        if self.rank == 0:
-            # Not print(): Ray Train's print patch would show the line twice on the driver.
-            sys.stdout.write(_epoch_line(metrics) + "\n")
-            sys.stdout.flush()
-        if state is None:
-            # ray.train.report blocks until the controller's next poll (about 2 s in 2.60),
-            # so results go to Ray Train with the checkpoints, not every epoch; the history
-            # of every epoch travels inside each checkpoint (metrics.json).
-            return
-        if self.rank != 0:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as directory:
-            save_checkpoint(state, directory)
-            storage.write_json(os.path.join(directory, "metrics.json"), self.history)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                             checkpoint_dir_name=f"epoch-{metrics['epoch']:04d}")
-
-
-def _train_worker(loop_config: dict) -> None:
-    config = TrainConfig(**loop_config["config"])
-    session = RayTrainSession(loop_config["ids"], config.batch_size, loop_config["fault_marker_dir"])
-    run_training(config, session)
-
-
-@dataclass
-class TrainResult:
-    checkpoint_uri: str  # directory holding model.pt (local path or s3://...)
-    metrics: list[dict]  # one dict per epoch, over all attempts of the run
-    history_uri: str  # metrics.json of the run
-    run_uri: str  # Ray Train's directory for the run
-
-
-def _labeled_dataset(ids: np.ndarray, x: np.ndarray, y: np.ndarray):
-    import pyarrow as pa
-    import ray.data
-    from ray.data.extensions import ArrowTensorArray
-
-    table = pa.table({"id": pa.array(ids.tolist()), "index": np.arange(len(ids), dtype=np.int64),
-                      "label": y, "x": ArrowTensorArray.from_numpy(np.ascontiguousarray(x))})
-    return ray.data.from_arrow(table)
-
-
-def train_on_ray(config: TrainConfig, ids, x, y, storage_uri: str, num_workers: int = 2,
-                 use_gpu: bool = False, max_failures: int = 0, name: str | None = None,
-                 cpus_per_worker: float = 0.5) -> TrainResult:
-    """Train on ``num_workers`` Ray Train workers (DDP: gloo on CPU, nccl with ``use_gpu``).
-
-    ``ids``/``x``/``y``: the labeled set as arrays (``x`` uint8 pixels (N, C, H, W) or
-    float32 features (N, D)). The run lives at ``storage_uri/name`` (local dir or
-    ``s3://``); a checkpoint per epoch (the last two kept), ``metrics.json`` beside them.
-    Reusing ``name`` at the same place resumes that run (Ray Train restores from it).
-    Workers take ``cpus_per_worker`` CPUs each (fractional, so data tasks keep a CPU on
-    small machines). A worker that dies is restarted up to ``max_failures`` times and
-    resumes from the last checkpoint, TD table included.
-
-    ``config.fail_at_epoch`` is test-only: one worker raises once at that epoch (a
-    marker under the run directory makes it fire once)."""
-    ids, x, y = validate_labeled(config, ids, x, y, num_workers)
-    if cpus_per_worker <= 0:
-        raise ValueError(f"cpus per worker must be positive, got {cpus_per_worker}")
-    import ray
-    from ray.data import RandomSeedConfig
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    if not ray.is_initialized():
-        ray.init()
-    name = name or time.strftime("train-%Y%m%d-%H%M%S")
-    run_uri = storage.join(storage_uri, name)
-    fs, path = storage.resolve(storage_uri)
-    # A new shuffle every epoch (reseeded per execution), reproducible from the seed; it also
-    # moves the <num_workers rows that the equal split leaves out to other samples each epoch.
-    dataset = _labeled_dataset(ids, x, y).random_shuffle(
-        seed=RandomSeedConfig(seed=config.seed, reseed_after_execution=True))
-    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={"config": asdict(config), "ids": ids,
-                           "fault_marker_dir": storage.join(run_uri, "fault-markers")},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             logging_config=LoggingConfig(log_level="WARNING")),
-        datasets={"train": dataset},
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training at {run_uri} finished without a checkpoint")
-    checkpoint_uri = ("s3://" if storage.is_s3(storage_uri) else "") + result.checkpoint.path
-    metrics = storage.read_json(storage.join(checkpoint_uri, "metrics.json"))
-    history_uri = storage.join(run_uri, "metrics.json")
-    storage.write_json(history_uri, metrics)
-    return TrainResult(checkpoint_uri, metrics, history_uri, run_uri)

@@ -9,6 +9,8 @@ import hashlib
 
 import numpy as np
 
+from .errors import BadInput
+
 STRATEGIES = ("tidal-entropy", "tidal-margin", "entropy", "margin", "least-confidence", "bald", "random")
 
 
@@ -85,5 +87,5 @@ def score_all(
 
 def check_strategy(name: str) -> str:
     if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+        raise BadInput(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
     return name

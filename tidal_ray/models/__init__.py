@@ -1,8 +1,11 @@
-"""Backbones that return ``(logits, [stage features])`` and the TiDAL network around them."""
+"""Backbones that return ``(logits, [stage features])``, the TiDAL network around them
+(backbone + TD module) and ``prepare_input``, how a batch becomes the model's input."""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ..errors import BadInput
 
 from .hooked import HookedModel
 from .resnet import ResNet18
@@ -15,16 +18,16 @@ BACKBONES = ("resnet18", "small_cnn", "mlp")
 def build_backbone(name: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
     """``input_shape`` is one sample's shape: ``(C, H, W)`` for images, ``(D,)`` for features."""
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+        raise BadInput(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     if num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        raise BadInput(f"num_classes must be at least 2, got {num_classes}")
     input_shape = tuple(int(d) for d in input_shape)
     if name == "mlp":
         if len(input_shape) != 1:
-            raise ValueError(f"backbone 'mlp' takes feature vectors (D,), got input shape {input_shape}")
+            raise BadInput(f"backbone 'mlp' takes feature vectors (D,), got input shape {input_shape}")
         return MLP(num_classes, input_dim=input_shape[0])
     if len(input_shape) != 3:
-        raise ValueError(f"backbone {name!r} takes images (C, H, W), got input shape {input_shape}")
+        raise BadInput(f"backbone {name!r} takes images (C, H, W), got input shape {input_shape}")
     if name == "resnet18":
         return ResNet18(num_classes, in_channels=input_shape[0])
     return SmallCNN(num_classes, in_channels=input_shape[0])
@@ -52,7 +55,7 @@ class TiDALNet(nn.Module):
             return logits, td_logits, None
         head = getattr(self.backbone, "head", None)
         if head is None or not hasattr(self.backbone, "forward_features"):
-            raise ValueError("strategy 'bald' needs a built-in backbone with a dropout head")
+            raise BadInput("strategy 'bald' needs a built-in backbone with a dropout head")
         embedding, _ = self.backbone.forward_features(x)
         head.train()  # dropout on, for the head alone
         try:
@@ -66,4 +69,10 @@ def build_model(backbone: str, num_classes: int, input_shape: tuple[int, ...]) -
     return TiDALNet(build_backbone(backbone, num_classes, input_shape), num_classes)
 
 
-__all__ = ["BACKBONES", "HookedModel", "TDModule", "TiDALNet", "build_backbone", "build_model"]
+def prepare_input(x: torch.Tensor) -> torch.Tensor:
+    """How a batch becomes the model's float input: raw uint8 pixels become floats in
+    [0, 1]; feature vectors pass through as float32."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+__all__ = ["BACKBONES", "HookedModel", "TDModule", "TiDALNet", "build_backbone", "build_model", "prepare_input"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import BadInput
+
 
 class HookedModel(nn.Module):
     """Any ``nn.Module`` that maps inputs to logits, made to return ``(logits, [features])``.
@@ -14,11 +16,11 @@ class HookedModel(nn.Module):
     def __init__(self, module: nn.Module, feature_layers: list[str], input_shape: tuple[int, ...]):
         super().__init__()
         if not feature_layers:
-            raise ValueError("name at least one layer to feed the TD module")
+            raise BadInput("name at least one layer to feed the TD module")
         names = dict(module.named_modules())
         missing = [n for n in feature_layers if n not in names]
         if missing:
-            raise ValueError(f"unknown layer(s) {missing}; the model has: {sorted(n for n in names if n)}")
+            raise BadInput(f"unknown layer(s) {missing}; the model has: {sorted(n for n in names if n)}")
         self.module = module
         self.feature_layers = list(feature_layers)
         self._captured: dict[str, torch.Tensor] = {}

@@ -12,6 +12,7 @@ import json
 import pyarrow as pa
 
 from . import storage
+from .errors import BadInput
 
 ID_FIELD = "tidal-ray-id"
 
@@ -92,13 +93,13 @@ def read_labels(uri: str, pool_uri: str | None = None) -> list[dict]:
         table = storage.read_parquet(uri)
         missing = {"id", "label"} - set(table.column_names)
         if missing:
-            raise ValueError(f"{uri}: missing column(s) {sorted(missing)}; need id,label")
+            raise BadInput(f"{uri}: missing column(s) {sorted(missing)}; need id,label")
         return [{"id": r["id"], "label": r["label"], "line": i + 1} for i, r in enumerate(table.select(["id", "label"]).to_pylist())]
     text = storage.read_bytes(uri).decode()
     if uri.endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text))
         if not reader.fieldnames or not {"id", "label"} <= set(reader.fieldnames):
-            raise ValueError(f"{uri}: a labels CSV needs a header with id,label")
+            raise BadInput(f"{uri}: a labels CSV needs a header with id,label")
         return [{"id": r["id"], "label": r["label"], "line": i + 2} for i, r in enumerate(reader)]
     rows = []
     for i, line in enumerate(text.splitlines()):

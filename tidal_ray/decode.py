@@ -1,0 +1,201 @@
+"""Decoding pool rows: pure functions of one batch, shared by scoring, training and
+the in-memory loader, so Ray Data tasks and in-process code decode alike.
+
+A batch is a pyarrow table (or a dict of columns) with ``id``, the pool's data column
+(``pixels``, ``image``, ``features``; ``bytes`` for image files) and ``path`` when
+known. Rows that cannot be decoded are not errors: they come back as rejects with a
+reason, so a job never crashes on a bad row and never loses one silently.
+"""
+from __future__ import annotations
+
+import io
+import os
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import ids as id_utils
+from .errors import BadInput
+
+# Reject reasons. Details may follow after ": " (grouping uses the part before it).
+NULL_ID = "null id"
+DUPLICATE_ID = "duplicate id"
+UNDECODABLE = "undecodable image"
+WRONG_LENGTH = "wrong tensor length"
+NOT_FINITE = "NaN/inf features"
+WRONG_SIZE = "wrong image size"
+
+
+def reason_kind(reason: str) -> str:
+    return reason.split(":", 1)[0]
+
+
+def format_shape(shape) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in str(text).lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) <= 0:
+        raise BadInput(f"bad shape {text!r}; expected e.g. 3x32x32")
+    return shape
+
+
+def _image_mode(channels: int) -> str:
+    return "L" if channels == 1 else "RGB"
+
+
+def decode_image(blob, channels: int) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 ``(C, H, W)``; ValueError when undecodable."""
+    from PIL import Image
+
+    if blob is None:
+        raise ValueError(UNDECODABLE)
+    try:
+        with Image.open(io.BytesIO(blob)) as img:
+            img = img.convert(_image_mode(channels))
+            arr = np.asarray(img, dtype=np.uint8)
+    except Exception:  # Pillow raises many types for corrupt data
+        raise ValueError(UNDECODABLE) from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _table(batch) -> pa.Table:
+    if isinstance(batch, pa.Table):
+        return batch
+    if isinstance(batch, pa.RecordBatch):
+        return pa.Table.from_batches([batch])
+    return pa.table({k: pa.array(v) if not isinstance(v, (pa.Array, pa.ChunkedArray)) else v
+                     for k, v in batch.items()})
+
+
+def column_array(table: pa.Table, name: str) -> pa.Array:
+    """One column as a single Arrow array."""
+    col = table.column(name)
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _contiguous_bytes(arr: pa.Array, row_bytes: int) -> np.ndarray:
+    """The values of a binary array whose rows all hold ``row_bytes`` bytes, zero-copy."""
+    if len(arr) == 0:
+        return np.empty(0, dtype=np.uint8)
+    if pa.types.is_fixed_size_binary(arr.type):
+        arr = arr.cast(pa.binary())
+    offsets_type = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
+    _, offsets, data = arr.buffers()
+    offsets = np.frombuffer(offsets, dtype=offsets_type)[arr.offset: arr.offset + len(arr) + 1]
+    return np.frombuffer(data, dtype=np.uint8)[offsets[0]: offsets[-1]]
+
+
+def _ids_of(table: pa.Table, spec) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, null)``; null ids are filled (0 or "") and flagged."""
+    if spec.format == "files":
+        root = spec.root.rstrip("/") + "/"
+        paths = column_array(table, "path").to_pylist()
+        return np.array([p[len(root):] if p.startswith(root) else os.path.basename(p) for p in paths], dtype=str), \
+            np.zeros(len(paths), dtype=bool)
+    ids = column_array(table, "id")
+    null = ids.is_null().to_numpy(zero_copy_only=False)
+    return id_utils.to_numpy(ids.cast(spec.id_type).fill_null("" if id_utils.is_string(spec.id_type) else 0),
+                             spec.id_type), null
+
+
+def _file_indices(table: pa.Table, spec, file_index: dict[str, int] | None) -> np.ndarray:
+    if "path" not in table.column_names or table.num_rows == 0 or spec.format == "files":
+        return np.full(table.num_rows, -1, dtype=np.int32)
+    index = file_index if file_index is not None else spec.file_index()
+    paths = column_array(table, "path")
+    uniq = pc.unique(paths).to_pylist()
+    codes = pc.index_in(paths, value_set=pa.array(uniq, paths.type)).to_numpy(zero_copy_only=False)
+    return np.array([index.get(p, -1) for p in uniq], dtype=np.int32)[codes]
+
+
+def decode_batch(batch, spec, input_shape, file_index: dict[str, int] | None = None) -> tuple[dict, dict]:
+    """Decode one batch of pool rows.
+
+    ``batch``: a pyarrow table (or dict of columns) with ``id`` and the data column
+    (image files: ``bytes``), and ``path`` when known. ``input_shape`` is what the model
+    takes. Returns ``(good, rejects)``: good ``{"id", "x", "file", "row"}`` and rejects
+    ``{"id", "file", "reason"}``, where ``file`` indexes ``spec.files`` (-1 if unknown),
+    ``row`` is the row's position in ``batch`` and a null id is ``None``. Pure: no I/O."""
+    table = _table(batch)
+    input_shape = tuple(int(d) for d in input_shape)
+    ids, null_id = _ids_of(table, spec)
+    files = _file_indices(table, spec, file_index)
+    reasons = np.where(null_id, NULL_ID, "").astype(object)
+    data = column_array(table, spec.column)
+
+    if spec.format == "pixels":
+        row_bytes = int(np.prod(input_shape))
+        lengths = pc.binary_length(data).fill_null(-1).to_numpy(zero_copy_only=False)
+        wrong = (reasons == "") & (lengths != row_bytes)
+        reasons[wrong] = [f"{WRONG_LENGTH}: {n_} bytes, expected {row_bytes}" for n_ in lengths[wrong]]
+        good = reasons == ""
+        x = _contiguous_bytes(data.filter(pa.array(good)), row_bytes).reshape(-1, *input_shape)
+    elif spec.format == "features":
+        dim = input_shape[0]
+        lengths = pc.list_value_length(data).fill_null(-1).to_numpy(zero_copy_only=False)
+        wrong = (reasons == "") & (lengths != dim)
+        reasons[wrong] = [f"{WRONG_LENGTH}: {n_} features, expected {dim}" for n_ in lengths[wrong]]
+        candidates = np.flatnonzero(reasons == "")
+        values = data.filter(pa.array(reasons == "")).flatten()
+        x = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+        finite = np.isfinite(x).all(axis=1)
+        reasons[candidates[~finite]] = NOT_FINITE
+        x = x[finite] if not finite.all() else x
+        good = reasons == ""
+    else:  # PNG/JPEG bytes, in parquet or as files
+        blobs = data.to_pylist()
+        decoded = []
+        for i in np.flatnonzero(reasons == ""):
+            try:
+                img = decode_image(blobs[i], input_shape[0])
+            except ValueError as e:
+                reasons[i] = str(e)
+                continue
+            if img.shape != input_shape:
+                reasons[i] = f"{WRONG_SIZE}: {format_shape(img.shape[1:])}, expected {format_shape(input_shape[1:])}"
+                continue
+            decoded.append(img)
+        good = reasons == ""
+        x = np.stack(decoded) if decoded else np.empty((0, *input_shape), dtype=np.uint8)
+
+    bad = ~good
+    reject_ids = ids[bad].astype(object)
+    reject_ids[null_id[bad]] = None
+    return ({"id": ids[good], "x": x, "file": files[good], "row": np.flatnonzero(good)},
+            {"id": reject_ids, "file": files[bad], "reason": reasons[bad].astype(str)})
+
+
+def stream_batch(good: dict, rejects: dict, input_shape, dtype) -> dict:
+    """Good rows and rejects as one batch (for Ray Data): ``reason`` is "" for good rows,
+    rejects carry zero inputs and a filled id (0 or "") when theirs was null."""
+    n_bad = len(rejects["id"])
+    ids = good["id"]
+    if n_bad:
+        fill = "" if ids.dtype.kind in "US" else 0
+        bad_ids = np.array([fill if i is None else i for i in rejects["id"]],
+                           dtype=ids.dtype if ids.dtype.kind not in "US" else str)
+        ids = np.concatenate([ids, bad_ids]) if len(ids) else bad_ids
+    x = good["x"]
+    if n_bad:
+        x = np.concatenate([x, np.zeros((n_bad, *input_shape), dtype=x.dtype if len(x) else dtype)])
+    return {
+        "id": ids,
+        "x": x,
+        "file": np.concatenate([good["file"], rejects["file"]]).astype(np.int32),
+        "reason": np.concatenate([np.full(len(good["id"]), "", dtype=object), rejects["reason"].astype(object)]).astype(str),
+    }
+
+
+def input_dtype(spec):
+    return np.float32 if spec.format == "features" else np.uint8
+
+
+def decode_for_scoring(batch, spec, input_shape, file_index: dict[str, int]) -> dict:
+    """Decode one read batch into the scorer's input: good rows and rejects in one batch."""
+    good, rejects = decode_batch(batch, spec, input_shape, file_index)
+    return stream_batch(good, rejects, input_shape, input_dtype(spec))

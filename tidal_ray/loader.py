@@ -1,0 +1,138 @@
+"""Small pools and labeled sets read whole into memory, decoded.
+
+For tests, benchmarks and the steps that still need a whole (small) set in one
+process; whole-pool work goes through Ray Data (``score.py``). Decoding is
+``decode.py``'s, and the first of duplicate ids wins by ``ids.SeenIds``, as in scoring.
+"""
+from __future__ import annotations
+
+import io
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import ids as id_utils
+from . import storage
+from .decode import column_array, decode_batch, decode_image, input_dtype
+from .errors import BadInput
+from .pool import PoolSpec, describe_pool
+
+
+def iter_tables(spec: PoolSpec, columns: list[str] | None = None, batch_rows: int = 65536):
+    """The pool as tables in pool order, reading only ``columns`` (plus ``path``)."""
+    if spec.format == "files":
+        for start in range(0, len(spec.files), batch_rows):
+            chunk = spec.files[start:start + batch_rows]
+            paths = [storage.resolve(f)[1] for f, _ in chunk]
+            yield pa.table({"bytes": [storage.read_bytes(f) for f, _ in chunk], "path": paths})
+        return
+    for uri, _ in spec.files:
+        fs, path = storage.resolve(uri)
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            for rb in pf.iter_batches(batch_size=batch_rows, columns=columns):
+                table = pa.Table.from_batches([rb])
+                yield table.append_column("path", pa.array([path] * table.num_rows, pa.string()))
+
+
+def _natural_shape(spec: PoolSpec) -> tuple[int, ...]:
+    if spec.shape is not None:
+        return spec.shape
+    if spec.format == "features":
+        for table in iter_tables(spec, ["features"]):
+            lengths = pc.list_value_length(column_array(table, "features")).drop_null()
+            if len(lengths):
+                return (int(lengths[0].as_py()),)
+        raise BadInput(f"{spec.uri}: no feature vector found")
+    for table in iter_tables(spec, ["image"] if spec.format == "image" else None, batch_rows=64):
+        for blob in column_array(table, spec.column).to_pylist():
+            try:
+                from PIL import Image
+
+                with Image.open(io.BytesIO(blob)) as img:
+                    channels = 1 if img.mode in ("1", "L", "I", "I;16", "F") else 3
+                return decode_image(blob, channels).shape
+            except Exception:
+                continue
+    raise BadInput(f"{spec.uri}: no decodable image found")
+
+
+def load_rows(uri: str, ids=None):
+    """A small pool or labeled set in memory, decoded: ``(ids, x, labels or None, input_shape)``.
+
+    With ``ids``, only those rows, in the order given (BadInput if one is missing).
+    Rows that cannot be decoded are skipped with a one-line warning on stderr; for
+    duplicate ids the first row wins."""
+    spec = describe_pool(uri)
+    wanted = None if ids is None else id_utils.from_user(ids, spec.id_type, uri)
+    if wanted is not None and spec.format == "files":
+        root = spec.root.rstrip("/") + "/"
+        keys = set(wanted.to_pylist())
+        spec = replace(spec, files=tuple(f for f in spec.files if storage.resolve(f[0])[1][len(root):] in keys))
+    input_shape = _natural_shape(spec) if spec.files else (0,)
+    columns = None if spec.format == "files" else ["id", spec.column] + (["label"] if spec.has_label else [])
+    file_index = spec.file_index()
+    parts_ids, parts_x, parts_labels, skipped = [], [], [], []
+    for table in iter_tables(spec, columns):
+        if wanted is not None and spec.format != "files":
+            table = table.filter(pc.is_in(table.column("id"), value_set=wanted))
+        good, rejects = decode_batch(table, spec, input_shape, file_index)
+        skipped += [(spec.file_name(f, i), r) for f, i, r in zip(rejects["file"], rejects["id"], rejects["reason"])]
+        parts_ids.append(good["id"])
+        parts_x.append(good["x"])
+        if spec.has_label:
+            labels = column_array(table, "label").take(pa.array(good["row"]))
+            parts_labels.append(labels.cast(pa.int64()).fill_null(-1).to_numpy(zero_copy_only=False))
+    if skipped:
+        print(f"load_rows: skipped {len(skipped)} bad row(s) in {uri} (first: {skipped[0][0]}: {skipped[0][1]})",
+              file=sys.stderr)
+    all_ids = np.concatenate(parts_ids) if parts_ids else id_utils.empty(spec.id_type)
+    x = np.concatenate(parts_x) if parts_x else np.empty((0, *input_shape), dtype=input_dtype(spec))
+    labels = np.concatenate(parts_labels) if spec.has_label and parts_labels else None
+
+    first = id_utils.SeenIds().first_seen(all_ids)
+    all_ids, x = all_ids[first], x[first]
+    labels = None if labels is None else labels[first]
+    if wanted is not None:
+        position = {v: i for i, v in enumerate(all_ids.tolist())}
+        requested = wanted.to_pylist()
+        missing = [v for v in requested if v not in position]
+        if missing:
+            raise BadInput(f"{len(missing)} requested id(s) not found in {uri} (e.g. {missing[0]!r})")
+        take = np.array([position[v] for v in requested], dtype=np.int64)
+        all_ids, x = all_ids[take], x[take]
+        labels = None if labels is None else labels[take]
+    return all_ids, x, labels, tuple(input_shape)
+
+
+def pool_has_ids(uri: str, candidates) -> set[str]:
+    """Which of ``candidates`` (as strings) are ids in the pool; reads the ids only."""
+    spec = describe_pool(uri)
+    candidates = [str(c) for c in candidates]
+    if spec.format == "files":
+        root = spec.root.rstrip("/") + "/"
+        keys = {storage.resolve(f)[1][len(root):] for f, _ in spec.files}
+        return {c for c in candidates if c in keys}
+    value_set = id_utils.parse_keys(candidates, spec.id_type)
+    found: set[str] = set()
+    for table in iter_tables(spec, ["id"]):
+        ids = column_array(table, "id").cast(spec.id_type)
+        found.update(str(v) for v in ids.filter(pc.is_in(ids, value_set=value_set)).to_pylist())
+    return {c for c in candidates if id_utils.key(c, spec.id_type) in found}
+
+
+def load_labeled(uri: str):
+    """A labeled set in memory: ``(ids, x, labels, input_shape, num_classes declared in
+    its metadata or None)``."""
+    if not storage.exists(uri):
+        raise BadInput(f"labeled set not found: {uri}")
+    ids, x, labels, input_shape = load_rows(uri)
+    if labels is None:
+        raise BadInput(f"labeled set {uri} has no label column")
+    if len(ids) == 0:
+        raise BadInput(f"labeled set {uri} has no rows")
+    return ids, x, labels, input_shape, describe_pool(uri).num_classes

@@ -1,0 +1,85 @@
+"""``BatchScorer``: a decoded batch -> ids, predicted class and the scores the run needs.
+
+The same class runs in-process and as a Ray Data actor (a GPU each when there are GPUs).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import BadInput
+from .uncertainty import STRATEGIES
+
+BALD_SAMPLES = 20            # MC-dropout passes when bald is scored
+
+
+class BatchScorer:
+    """Maps a batch ``{"id", "x"}`` to ids, predicted class and the scores of
+    ``strategies`` (default: every strategy; bald only with ``mc_samples``).
+
+    Pipeline batches also carry ``reason`` (rows already rejected: "" = good) and
+    ``file``; rejected rows pass through with NaN scores and class -1. With ``pad_to``,
+    every forward pass sees exactly that many rows (the tail padded with zeros): CPU
+    kernels pick different code paths for different batch sizes, and the padding keeps a
+    row's score bit-identical however the pipeline happened to batch it."""
+
+    def __init__(self, checkpoint_uri: str, seed: int = 0, mc_samples: int = 0, device: str | None = None,
+                 *, strategies=None, pad_to: int | None = None, num_threads: int | None = None):
+        import torch
+
+        from .checkpoint import load_checkpoint, model_from_checkpoint
+
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        state = load_checkpoint(checkpoint_uri)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.net = model_from_checkpoint(state).to(self.device)
+        self.input_shape = tuple(state["config"]["input_shape"])
+        self.num_classes = int(state["config"]["num_classes"])
+        self.seed, self.mc_samples = seed, mc_samples
+        self.strategies = None if strategies is None else tuple(strategies)
+        self.pad_to = pad_to
+
+    def _forward(self, x: np.ndarray):
+        import torch
+
+        from .models import prepare_input
+
+        step = self.pad_to or max(len(x), 1)
+        logits, td_logits, mc = [], [], []
+        for start in range(0, len(x), step):
+            chunk = x[start:start + step]
+            n = len(chunk)
+            if n < step:
+                chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), dtype=chunk.dtype)])
+            # A writable copy: Ray Data hands out read-only views of its blocks.
+            raw = torch.from_numpy(np.array(chunk)).to(self.device, non_blocking=True)
+            out = self.net.predict(prepare_input(raw), self.mc_samples)
+            logits.append(out[0][:n].float().cpu().numpy())
+            td_logits.append(out[1][:n].float().cpu().numpy())
+            if out[2] is not None:
+                mc.append(out[2][:, :n].float().cpu().numpy())
+        return np.concatenate(logits), np.concatenate(td_logits), (np.concatenate(mc, axis=1) if mc else None)
+
+    def _names(self) -> tuple[str, ...]:
+        if self.strategies is not None:
+            return self.strategies
+        return tuple(s for s in STRATEGIES if s != "bald" or self.mc_samples > 0)
+
+    def __call__(self, batch: dict) -> dict:
+        from .uncertainty import score_all
+
+        ids = np.asarray(batch["id"])
+        x = np.asarray(batch["x"])
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise BadInput(f"batch rows have shape {tuple(x.shape[1:])}, the checkpoint expects {self.input_shape}")
+        good = np.ones(len(ids), dtype=bool) if "reason" not in batch else (np.asarray(batch["reason"]) == "")
+        out = {"id": ids, **{k: np.asarray(batch[k]) for k in ("file", "reason") if k in batch}}
+        predicted = np.full(len(ids), -1, dtype=np.int64)
+        columns = {name: np.full(len(ids), np.nan) for name in self._names()}
+        if good.any():
+            logits, td_logits, mc = self._forward(x[good] if not good.all() else x)
+            scores = score_all(logits, td_logits, ids[good], self.seed, mc)
+            predicted[good] = scores["predicted_class"]
+            for name in columns:
+                columns[name][good] = scores[name]
+        return {**out, "predicted_class": predicted, **columns}

@@ -1,0 +1,225 @@
+"""Training on Ray Train: ``RayTrainSession`` (the session ``train.run_training`` talks
+to on each DDP worker) and ``train_on_ray``, which launches a ``TorchTrainer`` with the
+labeled set as a sharded Ray Dataset.
+
+Test-only fault injection: with ``TIDAL_RAY_TEST_FAIL_AT_EPOCH=E`` in the driver's
+environment, one worker raises once at the start of epoch E (see tests/README.md).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import storage
+from .checkpoint import load_checkpoint, save_checkpoint
+from .errors import BadInput
+from .train import TrainConfig, join_single_row_tail, run_training, validate_labeled
+
+FAIL_AT_EPOCH_ENV = "TIDAL_RAY_TEST_FAIL_AT_EPOCH"
+
+
+def maybe_fail_for_test(fail_at_epoch: int | None, epoch: int, marker_dir: str | None) -> None:
+    """Test-only fault injection: fail once at ``fail_at_epoch``.
+
+    A marker file makes it fire once per run, so the restarted worker group goes on.
+    ``marker_dir`` is a local path or an ``s3://`` URI that outlives the worker."""
+    if fail_at_epoch is None or epoch != fail_at_epoch or marker_dir is None:
+        return
+    marker = storage.join(marker_dir, f"failed-at-epoch-{epoch}")
+    if storage.exists(marker):
+        return
+    storage.write_bytes(marker, b"")
+    raise RuntimeError(f"injected failure at epoch {epoch} ({FAIL_AT_EPOCH_ENV}, test-only)")
+
+
+def _fail_at_epoch_for_test() -> int | None:
+    value = os.environ.get(FAIL_AT_EPOCH_ENV)
+    return int(value) if value else None
+
+
+def _epoch_line(metrics: dict) -> str:
+    return (f"epoch {metrics['epoch']}: loss {metrics['loss']:.4f} (CE {metrics['ce']:.4f}, "
+            f"KL {metrics['kl']:.4f}), train acc {metrics['train_accuracy']:.3f}, "
+            f"{metrics['samples_per_s']:.0f} samples/s")
+
+
+class RayTrainSession:
+    """Runs ``run_training`` on one Ray Train worker (built inside the worker).
+
+    The labeled set arrives as this worker's shard of the ``"train"`` dataset, rows
+    ``{id, index, label, x}`` where ``index`` is the sample's row in the TD table
+    (its position in ``ids``). ``batch_size`` is global (samples per optimiser step
+    over all workers, as in-process); each worker takes its share of it.
+    Rank 0 writes the checkpoint (``model.pt`` + ``metrics.json``, the history so far).
+
+    ``fail_at_epoch`` (test-only) is armed on the last rank alone, so exactly one worker
+    raises there."""
+
+    def __init__(self, ids, batch_size: int, fail_at_epoch: int | None = None, fault_marker_dir: str | None = None):
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.ids = list(np.asarray(ids).tolist())
+        self.num_samples = len(self.ids)
+        self.device = ray.train.torch.get_device()
+        self.batch_size = -(-batch_size // self.world_size)
+        self.fail_at_epoch = fail_at_epoch if self.rank == self.world_size - 1 else None
+        self.fault_marker_dir = fault_marker_dir
+        self.history: list[dict] = []
+        self.resumed_from_epoch = 0
+
+    def _shard_batches(self):
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("train")
+        batches = shard.iter_batches(batch_size=self.batch_size, batch_format="numpy")
+        return join_single_row_tail({key: b[key] for key in ("x", "label", "index")} for b in batches)
+
+    def batches(self, epoch: int):
+        maybe_fail_for_test(self.fail_at_epoch, epoch, self.fault_marker_dir)
+        # Ray's split (equal=True) gives every rank the same number of rows, hence of
+        # batches. Agreeing on "one more batch?" each step costs one tiny all-reduce and
+        # turns any mismatch into a shorter epoch on one rank instead of a DDP hang.
+        local = self._shard_batches()
+        while True:
+            batch = next(local, None)
+            more = torch.tensor([batch is not None], dtype=torch.int32, device=self.device)
+            if self.world_size > 1:
+                dist.all_reduce(more, op=dist.ReduceOp.MIN)
+            if not more.item():
+                for _ in local:  # finish this epoch's stream so the next epoch can start
+                    pass
+                return
+            yield (torch.from_numpy(np.array(batch["x"])),  # a writable copy of Arrow's buffer
+                   torch.from_numpy(batch["label"].astype(np.int64)),
+                   torch.from_numpy(batch["index"].astype(np.int64)))
+
+    def prepare(self, net):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(net)  # moves to the device; DDP when world_size > 1
+
+    def restore(self):
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(directory)
+            self.history = storage.read_json(os.path.join(directory, "metrics.json"))
+        if state["labeled_ids"] != self.ids:
+            raise BadInput("the checkpoint to resume from was trained on a different labeled set; "
+                             "use a new run name or output location")
+        self.resumed_from_epoch = int(state["epoch"])
+        return state
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        import ray.train
+
+        metrics = {**metrics, "resumed_from_epoch": self.resumed_from_epoch}
+        self.history.append(metrics)
+        if self.rank == 0:
+            # Not print(): Ray Train's print patch would show the line twice on the driver.
+            sys.stdout.write(_epoch_line(metrics) + "\n")
+            sys.stdout.flush()
+        if state is None:
+            # ray.train.report blocks until the controller's next poll (about 2 s in 2.60),
+            # so results go to Ray Train with the checkpoints, not every epoch; the history
+            # of every epoch travels inside each checkpoint (metrics.json).
+            return
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            save_checkpoint(state, directory)
+            storage.write_json(os.path.join(directory, "metrics.json"), self.history)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=f"epoch-{metrics['epoch']:04d}")
+
+
+def _train_worker(loop_config: dict) -> None:
+    config = TrainConfig(**loop_config["config"])
+    session = RayTrainSession(loop_config["ids"], config.batch_size, loop_config["fail_at_epoch"],
+                              loop_config["fault_marker_dir"])
+    run_training(config, session)
+
+
+@dataclass
+class TrainResult:
+    checkpoint_uri: str  # directory holding model.pt (local path or s3://...)
+    metrics: list[dict]  # one dict per epoch, over all attempts of the run
+    history_uri: str  # metrics.json of the run
+    run_uri: str  # Ray Train's directory for the run
+
+
+def _labeled_dataset(ids: np.ndarray, x: np.ndarray, y: np.ndarray):
+    import pyarrow as pa
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+
+    table = pa.table({"id": pa.array(ids.tolist()), "index": np.arange(len(ids), dtype=np.int64),
+                      "label": y, "x": ArrowTensorArray.from_numpy(np.ascontiguousarray(x))})
+    return ray.data.from_arrow(table)
+
+
+def train_on_ray(config: TrainConfig, ids, x, y, storage_uri: str, num_workers: int = 2,
+                 use_gpu: bool = False, max_failures: int = 0, name: str | None = None,
+                 cpus_per_worker: float = 0.5) -> TrainResult:
+    """Train on ``num_workers`` Ray Train workers (DDP: gloo on CPU, nccl with ``use_gpu``).
+
+    ``ids``/``x``/``y``: the labeled set as arrays (``x`` uint8 pixels (N, C, H, W) or
+    float32 features (N, D)). The run lives at ``storage_uri/name`` (local dir or
+    ``s3://``); a checkpoint every ``config.checkpoint_every`` epochs and after the last
+    (the last two kept), ``metrics.json`` beside them.
+    Reusing ``name`` at the same place resumes that run (Ray Train restores from it).
+    Workers take ``cpus_per_worker`` CPUs each (fractional, so data tasks keep a CPU on
+    small machines). A worker that dies is restarted up to ``max_failures`` times and
+    resumes from the last checkpoint, TD table included."""
+    ids, x, y = validate_labeled(config, ids, x, y, num_workers)
+    if cpus_per_worker <= 0:
+        raise BadInput(f"cpus per worker must be positive, got {cpus_per_worker}")
+    import ray
+    from ray.data import RandomSeedConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .runtime import init_ray
+
+    init_ray()
+    name = name or time.strftime("train-%Y%m%d-%H%M%S")
+    run_uri = storage.join(storage_uri, name)
+    fs, path = storage.resolve(storage_uri)
+    # A new shuffle every epoch (reseeded per execution), reproducible from the seed; it also
+    # moves the <num_workers rows that the equal split leaves out to other samples each epoch.
+    dataset = _labeled_dataset(ids, x, y).random_shuffle(
+        seed=RandomSeedConfig(seed=config.seed, reseed_after_execution=True))
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"config": asdict(config), "ids": ids, "fail_at_epoch": _fail_at_epoch_for_test(),
+                           "fault_marker_dir": storage.join(run_uri, "fault-markers")},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=LoggingConfig(log_level="WARNING")),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training at {run_uri} finished without a checkpoint")
+    checkpoint_uri = ("s3://" if storage.is_s3(storage_uri) else "") + result.checkpoint.path
+    metrics = storage.read_json(storage.join(checkpoint_uri, "metrics.json"))
+    history_uri = storage.join(run_uri, "metrics.json")
+    storage.write_json(history_uri, metrics)
+    return TrainResult(checkpoint_uri, metrics, history_uri, run_uri)
