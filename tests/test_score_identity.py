@@ -112,9 +112,7 @@ def make_duplicate_pool(root) -> str:
 def outputs(out) -> tuple:
     selection = storage.read_parquet(f"{out}/selection.parquet")
     rejects = sorted(storage.read_parquet(f"{out}/rejects.parquet").to_pylist(), key=lambda r: (r["file"], r["id"]))
-    # bald's MC-dropout masks come from the scorer's torch RNG, which depends on the order
-    # blocks reach it: the one score that is not a function of the row alone.
-    scores = storage.read_parquet(f"{out}/scores/part-00000.parquet").sort_by("id").drop_columns(["bald"])
+    scores = storage.read_parquet(f"{out}/scores/part-00000.parquet").sort_by("id")
     summary = storage.read_json(f"{out}/selection.json")
     accounting = {k: summary[k] for k in ("rows_read", "rows_scored", "rows_rejected", "rows_excluded")}
     return selection, rejects, scores, accounting
@@ -150,3 +148,30 @@ def test_ray_without_preserve_order_matches_in_process_bit_for_bit(ray_local, s3
         assert got[2].equals(expected[2]), name
         assert got[1:2] + got[3:] == expected[1:2] + expected[3:], name
         assert summary["repeated_ids"] == 6 and summary["timing"]["first_row_seconds"] > 0
+
+
+def test_a_rows_scores_do_not_depend_on_its_batch_bald_included(checkpoint):
+    from tidal_ray.scorer import BatchScorer
+
+    pixels, _ = synthetic_rows(np.arange(300), SHAPE, 10, seed=3)
+    ids = np.arange(1_000, 1_300)
+    scorer = BatchScorer(checkpoint, seed=4, mc_samples=8, pad_to=64)
+    whole = scorer({"id": ids, "x": pixels})
+    order = np.random.default_rng(0).permutation(300)[:170]
+    part = scorer({"id": ids[order], "x": pixels[order]})
+    for name in ("bald", "tidal-entropy", "random", "predicted_class"):
+        np.testing.assert_array_equal(part[name], whole[name][order], err_msg=name)
+    assert np.isfinite(whole["bald"]).all() and whole["bald"].max() > 0  # the passes really differ
+    other_seed = BatchScorer(checkpoint, seed=5, mc_samples=8, pad_to=64)({"id": ids, "x": pixels})
+    assert not np.array_equal(other_seed["bald"], whole["bald"])
+
+
+def test_bf16_precision_scores_close_to_fp32(checkpoint):
+    from tidal_ray.scorer import BatchScorer
+
+    pixels, _ = synthetic_rows(np.arange(128), SHAPE, 10, seed=3)
+    batch = {"id": np.arange(128), "x": pixels}
+    fp32 = BatchScorer(checkpoint, strategies=["entropy"], pad_to=64)(batch)
+    bf16 = BatchScorer(checkpoint, strategies=["entropy"], pad_to=64, precision="bf16")(batch)
+    assert set(fp32) == set(bf16) and "tidal-entropy" not in fp32  # only the strategies asked for
+    np.testing.assert_allclose(bf16["entropy"], fp32["entropy"], atol=0.05)

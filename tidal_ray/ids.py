@@ -177,6 +177,15 @@ def hash64(ids: np.ndarray, seed: int = 0) -> np.ndarray:
     return h
 
 
+def row_uniforms(keys: np.ndarray, stream: int, width: int) -> np.ndarray:
+    """``(len(keys), width)`` float32 uniforms in [0, 1), each a function of its row's key
+    (a ``hash64``), ``stream`` and its column alone: per-row randomness that does not
+    depend on the batch a row lands in."""
+    columns = _mix64(np.arange(stream * width, (stream + 1) * width, dtype=np.uint64) + _GOLDEN)
+    mixed = _mix64(np.asarray(keys, dtype=np.uint64)[:, None] ^ columns[None, :])
+    return (mixed >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
+
+
 def repeated_ids(id_chunks, id_type: pa.DataType) -> np.ndarray:
     """The ids that occur more than once across ``id_chunks`` (Arrow or NumPy id arrays,
     nulls ignored), sorted unique. Memory: a ``SeenIds`` and the repeats."""

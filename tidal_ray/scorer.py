@@ -63,25 +63,29 @@ class BatchScorer:
         self.strategies = None if strategies is None else tuple(strategies)
         self.pad_to = pad_to
 
-    def _forward(self, x: np.ndarray):
+    def _forward(self, x: np.ndarray, ids: np.ndarray):
         import torch
 
+        from .ids import hash64
         from .models import prepare_input
 
+        keys = hash64(ids, self.seed) if self.mc_samples > 0 else None
         step = self.pad_to or max(len(x), 1)
         logits, td_logits, mc = [], [], []
         for start in range(0, len(x), step):
             chunk = x[start:start + step]
             n = len(chunk)
+            chunk_keys = None if keys is None else keys[start:start + step]
             if n < step:
                 chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), dtype=chunk.dtype)])
+                chunk_keys = None if keys is None else np.concatenate([chunk_keys, np.zeros(step - n, np.uint64)])
             # A writable copy: Ray Data hands out read-only views of its blocks.
             raw = torch.from_numpy(np.array(chunk)).to(self.device, non_blocking=True)
             inputs = prepare_input(raw)
             if self.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                out = self.net.predict(inputs, self.mc_samples)
+                out = self.net.predict(inputs, self.mc_samples, row_keys=chunk_keys)
             logits.append(out[0][:n].float().cpu().numpy())
             td_logits.append(out[1][:n].float().cpu().numpy())
             if out[2] is not None:
@@ -105,7 +109,7 @@ class BatchScorer:
         predicted = np.full(len(ids), -1, dtype=np.int64)
         columns = {name: np.full(len(ids), np.nan) for name in self._names()}
         if good.any():
-            logits, td_logits, mc = self._forward(x[good] if not good.all() else x)
+            logits, td_logits, mc = self._forward(x[good] if not good.all() else x, ids[good])
             scores = score(columns, logits, td_logits, ids[good], self.seed, mc)
             predicted[good] = scores["predicted_class"]
             for name in columns:
