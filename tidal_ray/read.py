@@ -24,14 +24,21 @@ FILES_PER_UNIT = 64          # image files read by one unit
 READ_THREADS = 8             # image files (or footers) fetched at once
 
 
-def read_units(spec: PoolSpec) -> list[dict]:
+def read_units(spec: PoolSpec, max_bytes: int = 64 << 20) -> list[dict]:
     """The pool's read units, in pool order: ``{"file", "row_group", "uris"}``, one per
     parquet row group (``uris``: its file) or per run of image files (``uris``: theirs,
-    ``file``: the first one's index; ``row_group`` -1)."""
+    at most ``FILES_PER_UNIT`` and ``max_bytes`` unless one file is larger; ``file``:
+    the first one's index; ``row_group`` -1)."""
     if spec.format == "files":
-        uris = [uri for uri, _ in spec.files]
-        return [{"file": start, "row_group": -1, "uris": uris[start:start + FILES_PER_UNIT]}
-                for start in range(0, len(uris), FILES_PER_UNIT)]
+        units, start, size = [], 0, 0
+        for i, (_, nbytes) in enumerate(spec.files):
+            if i > start and (i - start >= FILES_PER_UNIT or size + nbytes > max_bytes):
+                units.append({"file": start, "row_group": -1, "uris": [u for u, _ in spec.files[start:i]]})
+                start, size = i, 0
+            size += nbytes
+        if start < len(spec.files):
+            units.append({"file": start, "row_group": -1, "uris": [u for u, _ in spec.files[start:]]})
+        return units
     counts = spec.row_groups or _row_group_counts(spec)
     return [{"file": i, "row_group": g, "uris": [uri]}
             for i, ((uri, _), groups) in enumerate(zip(spec.files, counts)) for g in range(len(groups))]
@@ -48,10 +55,11 @@ def _row_group_counts(spec: PoolSpec) -> tuple[tuple[int, ...], ...]:
         return tuple(pool.map(footer, [uri for uri, _ in spec.files]))
 
 
-def read_unit(unit: dict, spec: PoolSpec, block_rows: int = 65536):
-    """Yield one unit's rows as tables of at most ``block_rows``: ``id`` and the data
-    column (image files: ``bytes`` and ``path``, the id being the key), plus ``file`` and
-    ``row``."""
+def read_unit(unit: dict, spec: PoolSpec, block_rows: int = 65536, max_bytes: int = 64 << 20):
+    """Yield one unit's rows as tables of at most ``block_rows`` rows and, going by the
+    row group's average row size, about ``max_bytes`` (large encoded images): ``id`` and
+    the data column (image files: ``bytes`` and ``path``, the id being the key), plus
+    ``file`` and ``row``."""
     first = int(unit["file"])
     if spec.format == "files":
         uris = list(unit["uris"])
@@ -67,17 +75,20 @@ def read_unit(unit: dict, spec: PoolSpec, block_rows: int = 65536):
         pf = pq.ParquetFile(f)
         group = int(unit["row_group"])
         row = sum(pf.metadata.row_group(g).num_rows for g in range(group))
-        for batch in pf.iter_batches(batch_size=block_rows, row_groups=[group], columns=["id", spec.column]):
+        meta = pf.metadata.row_group(group)
+        row_size = meta.total_byte_size / max(1, meta.num_rows)
+        rows = max(1, min(block_rows, int(max_bytes // max(row_size, 1.0))))
+        for batch in pf.iter_batches(batch_size=rows, row_groups=[group], columns=["id", spec.column]):
             n = batch.num_rows
             yield pa.Table.from_batches([batch]).append_column("file", pa.array(np.full(n, first, dtype=np.int32))) \
                 .append_column("row", pa.array(np.arange(row, row + n, dtype=np.int64)))
             row += n
 
 
-def read_batches(batch: pa.Table, spec: PoolSpec, block_rows: int = 65536):
+def read_batches(batch: pa.Table, spec: PoolSpec, block_rows: int = 65536, max_bytes: int = 64 << 20):
     """Ray Data's form of ``read_unit``: a batch of units in, their rows' tables out."""
     for unit in batch.to_pylist():
-        yield from read_unit(unit, spec, block_rows)
+        yield from read_unit(unit, spec, block_rows, max_bytes)
 
 
 def repeated_ids(spec: PoolSpec) -> np.ndarray:

@@ -32,6 +32,7 @@ from .uncertainty import STRATEGIES, check_strategy
 ACTOR_CPU_STEPS = (0.5, 0.2, 0.1, 0.05)
 DECODE_CPUS = 0.25
 BLOCK_BATCHES = 8            # rows per block = this many scorer batches
+READ_BLOCK_BYTES = 64 << 20  # encoded bytes per read block (large images: fewer rows)
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,8 @@ def score_batches_in_process(plan: Plan):
     """The pipeline in this process: read, decode, score, one block at a time."""
     scorer = BatchScorer(**_scorer_kwargs(plan))
     spec = plan.spec.slim()
-    for unit in arrival_order_for_tests(read_units(plan.spec)):
-        for table in read_unit(unit, spec, _block_rows(plan)):
+    for unit in arrival_order_for_tests(read_units(plan.spec, READ_BLOCK_BYTES)):
+        for table in read_unit(unit, spec, _block_rows(plan), READ_BLOCK_BYTES):
             yield scorer(decode_for_scoring(table, spec, plan.input_shape, {}))
 
 
@@ -157,10 +158,11 @@ def score_batches_on_ray(plan: Plan, use_gpu: bool | None = None):
     # Our own read, one task per parquet row group (or run of image files), in fractional
     # CPUs: Ray Data 2.60's read_parquet adds a ListFiles task that asks for a whole CPU
     # and hung a 1-CPU node with the scorer actor placed. Every row keeps its position.
-    units = read_units(spec)
+    units = read_units(spec, READ_BLOCK_BYTES)
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
     ds = ds.map_batches(read_batches, batch_size=1, batch_format="pyarrow", num_cpus=DECODE_CPUS,
-                        fn_kwargs={"spec": spec.slim(), "block_rows": _block_rows(plan)})
+                        fn_kwargs={"spec": spec.slim(), "block_rows": _block_rows(plan),
+                                   "max_bytes": READ_BLOCK_BYTES})
     ds = ds.map_batches(decode_for_scoring, batch_format="pyarrow", batch_size=None, num_cpus=DECODE_CPUS,
                         fn_kwargs={"spec": spec.slim(), "input_shape": plan.input_shape, "file_index": {}})
     ds = ds.map_batches(BatchScorer, fn_constructor_kwargs=scorer, batch_size=plan.batch_size,
