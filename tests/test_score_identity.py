@@ -175,3 +175,24 @@ def test_bf16_precision_scores_close_to_fp32(checkpoint):
     bf16 = BatchScorer(checkpoint, strategies=["entropy"], pad_to=64, precision="bf16")(batch)
     assert set(fp32) == set(bf16) and "tidal-entropy" not in fp32  # only the strategies asked for
     np.testing.assert_allclose(bf16["entropy"], fp32["entropy"], atol=0.05)
+
+
+def test_read_units_give_every_row_once_with_its_position_in_bounded_blocks(tmp_path):
+    from tidal_ray.pool import describe_pool
+    from tidal_ray.read import read_unit, read_units
+
+    blobs = [bytes([i]) * 1_000 for i in range(30)]
+    for name, ids in [("a", range(30)), ("b", range(100, 130))]:
+        table = pa.table({"id": pa.array(list(ids), pa.int64()), "image": pa.array(blobs, pa.binary())})
+        buf = io.BytesIO()
+        pq.write_table(table, buf, row_group_size=10)
+        storage.write_bytes(str(tmp_path / "pool" / f"{name}.parquet"), buf.getvalue())
+    spec = describe_pool(str(tmp_path / "pool"))
+    units = read_units(spec)
+    assert [(u["file"], u["row_group"]) for u in units] == [(f, g) for f in range(2) for g in range(3)]
+    seen = []
+    for unit in units[::-1]:
+        for table in read_unit(unit, spec.slim(), block_rows=4, max_bytes=2_500):
+            assert table.num_rows <= 2 and table.column_names == ["id", "image", "file", "row"]
+            seen += zip(table.column("file").to_pylist(), table.column("row").to_pylist(), table.column("id").to_pylist())
+    assert sorted(seen) == [(0, r, r) for r in range(30)] + [(1, r, 100 + r) for r in range(30)]
