@@ -141,12 +141,15 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    driver_cpu = time.process_time()
     on_ray = score_pool(checkpoint, pool, 100, os.path.join(workdir, "out-ray"), actors=(low, high), **common)
+    driver_cpu = time.process_time() - driver_cpu
     ray.shutdown()
     torch.set_num_threads(args.threads)  # the in-process scorer may have set it
     ray_steady, ray_startup = steady(on_ray)
     print(f"Ray pipeline: {on_ray['rows_per_s']:,.0f} rows/s end to end ({on_ray['wall_seconds']:.1f}s); steady "
-          f"{(ray_steady or 0):,.0f} rows/s after a start-up of {(ray_startup or 0):.1f}s", flush=True)
+          f"{(ray_steady or 0):,.0f} rows/s after a start-up of {(ray_startup or 0):.1f}s; the driver used "
+          f"{driver_cpu:.1f} CPU-s", flush=True)
 
     after = model_only(net, x, args.batch_size)
     print(f"model only (after): {after:,.0f} rows/s", flush=True)
@@ -176,7 +179,7 @@ def main() -> None:
         "model_only_rows_per_s": {"before": before, "after": after, "mean": reference},
         "in_process_rows_per_s": in_process, "in_process_wall_seconds": local["wall_seconds"],
         "ray_rows_per_s_end_to_end": on_ray["rows_per_s"], "ray_wall_seconds": on_ray["wall_seconds"],
-        "ray_steady_rows_per_s": ray_steady, "ray_startup_seconds": ray_startup,
+        "ray_steady_rows_per_s": ray_steady, "ray_startup_seconds": ray_startup, "ray_driver_cpu_seconds": driver_cpu,
         "ingest_rows_per_s": ingest, **ratios, "targets": TARGETS, "same_selection": same,
         "load_average": {"start": load_start, "end": load_end},
     }
