@@ -118,8 +118,11 @@ def main() -> None:
     pipeline = summary["rows_per_s"]
     driver_cpu = time.process_time() - driver_cpu
     load_after = os.getloadavg()[0]
+    timing = summary["timing"]
     print(f"pipeline (Ray Data, actors {low},{high}): {pipeline:,.1f} rows/s "
-          f"({summary['rows_read']:,} rows in {summary['wall_seconds']:.1f}s)", flush=True)
+          f"({summary['rows_read']:,} rows in {summary['wall_seconds']:.1f}s); steady "
+          f"{timing['steady_rows_per_s'] or 0:,.1f} rows/s after a start-up of {timing['first_row_seconds']:.1f}s",
+          flush=True)
     ray.shutdown()
 
     in_process = None
@@ -147,6 +150,7 @@ def main() -> None:
         "model_rows": args.model_rows, "batch_size": args.batch_size, "torch_threads": threads,
         "actors": [low, high], "niceness": os.nice(0), "model_only_rows_per_s": {"before": before, "after": after, "mean": reference},
         "pipeline_rows_per_s": pipeline, "pipeline_wall_seconds": summary["wall_seconds"],
+        "pipeline_steady_rows_per_s": timing["steady_rows_per_s"], "pipeline_startup_seconds": timing["first_row_seconds"],
         "in_process_pipeline_rows_per_s": in_process, "ratio": ratio, "target_ratio": 0.90,
         "driver_cpu_seconds": driver_cpu, "load_average": [load_before, load_after],
         "accounting": {k: summary[k] for k in ("rows_read", "rows_scored", "rows_rejected", "rows_excluded")},

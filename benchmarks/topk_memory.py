@@ -3,8 +3,9 @@
     python benchmarks/topk_memory.py [--rows 200000] [--k 1000] [--ids dense|sparse|both]
 
 Each size runs in a fresh process, which feeds scorer-output batches (4,096 rows: id,
-file, reason, predicted class, score, as the actors send them) through the driver's real
-reduction, ``tidal_ray.score.Reduction``: duplicate check, exclusions (10,000 ids),
+file, row, reason, predicted class, score, as the actors send them) through the driver's
+real duplicate pre-pass (``ids.SeenIds`` over the ids, as ``read.repeated_ids`` does) and
+reduction, ``tidal_ray.reduce.Reduction``: exclusions (10,000 ids),
 streaming exact top-k, row accounting. Ids are either dense (0..N-1, what make-pool and
 most pools use) or sparse (scattered 62-bit integers), since the duplicate check keeps a
 bit per id for the first and 8 bytes per id for the second. Prints peak RSS per size and
@@ -42,6 +43,7 @@ def child(rows: int, k: int, ids_kind: str) -> dict:
     import numpy as np
     import pyarrow as pa
 
+    from tidal_ray.ids import SeenIds
     from tidal_ray.pool import PoolSpec
     from tidal_ray.reduce import Reduction
 
@@ -56,17 +58,21 @@ def child(rows: int, k: int, ids_kind: str) -> dict:
     rng = np.random.default_rng(0)
     baseline = rss_mb()
     started = time.perf_counter()
+    seen = SeenIds()  # the duplicate pre-pass: the pool's ids, once
+    for start in range(0, rows, BATCH):
+        seen.first_seen(ids_at(np.arange(start, min(start + BATCH, rows))))
     for start in range(0, rows, BATCH):
         stop = min(start + BATCH, rows)
         n = stop - start
-        reduction.add({"id": ids_at(np.arange(start, stop)), "file": np.zeros(n, np.int32), "reason": np.full(n, "", dtype="<U1"),
+        reduction.add({"id": ids_at(np.arange(start, stop)), "file": np.zeros(n, np.int32),
+                       "row": np.arange(start, stop), "reason": np.full(n, "", dtype="<U1"),
                        "predicted_class": rng.integers(0, 10, n), "tidal-entropy": rng.random(n)})
     seconds = time.perf_counter() - started
     selected = reduction.selection_table()
     assert selected.num_rows == k and reduction.rows_read == rows
     assert reduction.rows_scored + reduction.rows_excluded == rows
     return {"rows": rows, "ids": ids_kind, "k": k, "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": baseline,
-            "duplicate_check_bytes": reduction.seen.nbytes, "reduction_rows_per_s": rows / seconds}
+            "duplicate_check_bytes": seen.nbytes, "reduction_rows_per_s": rows / seconds}
 
 
 def measure(rows: int, k: int, ids_kind: str) -> dict:

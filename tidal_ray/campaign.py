@@ -201,7 +201,7 @@ def step_select(root: str, config: CampaignConfig, cycle: int, log) -> None:
     log(f"cycle {cycle}: scoring the pool, selecting {config.k} by {config.strategy} ({len(exclude)} excluded)")
     score_pool(metrics["checkpoint"], config.pool, config.k, out, strategy=config.strategy,
                exclude_ids=exclude, per_class_quota=config.per_class_quota, actors=config.actors,
-               seed=config.seed, save_scores=False)
+               seed=config.seed, save_scores=False, use_gpu=True if config.use_gpu else None)
 
 
 def export(root: str, cycle: int | None = None, out_uri: str | None = None) -> list[str]:

@@ -80,7 +80,8 @@ def cmd_score(args):
     summary = score_pool(args.checkpoint, args.pool, args.k, args.out, strategy=args.strategy,
                          exclude_uris=args.exclude, per_class_quota=args.per_class_quota,
                          save_scores=args.save_scores, batch_size=args.batch_size,
-                         actors=parse_actors(args.actors), seed=args.seed, use_ray=not args.in_process)
+                         actors=parse_actors(args.actors), seed=args.seed, use_ray=not args.in_process,
+                         use_gpu=True if args.use_gpu else None, precision=args.precision)
     print(f"selected {summary['selected']} of {summary['rows_scored']:,} scored rows by {summary['strategy']} "
           f"({summary['rows_read']:,} read, {summary['rows_rejected']:,} rejected, {summary['rows_excluded']:,} "
           f"excluded; {summary['rows_per_s']:,.0f} rows/s)")
@@ -187,6 +188,12 @@ def add_score_parser(sub) -> None:
     p.add_argument("--actors", default="1,1", metavar="MIN,MAX", help="scorer actors (a GPU each when there are GPUs)")
     p.add_argument("--seed", type=int, default=0, help="for the random strategy")
     p.add_argument("--in-process", action="store_true", help="no Ray: score in this process (small pools)")
+    p.add_argument("--use-gpu", action="store_true",
+                   help="each scorer actor asks for a GPU, even before a GPU node is up (an autoscaler starts one); "
+                        "default: GPUs if the cluster has some now")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: autocast on the scorer's device; faster on GPUs, scores change slightly "
+                        "(a selection is repeatable per device and precision)")
     p.set_defaults(run=cmd_score)
 
 

@@ -104,6 +104,8 @@ def _ids_of(table: pa.Table, spec) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _file_indices(table: pa.Table, spec, file_index: dict[str, int] | None) -> np.ndarray:
+    if "file" in table.column_names:  # read by position (read.py)
+        return column_array(table, "file").to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
     if "path" not in table.column_names or table.num_rows == 0 or spec.format == "files":
         return np.full(table.num_rows, -1, dtype=np.int32)
     index = file_index if file_index is not None else spec.file_index()
@@ -125,45 +127,52 @@ def decode_batch(batch, spec, input_shape, file_index: dict[str, int] | None = N
     input_shape = tuple(int(d) for d in input_shape)
     ids, null_id = _ids_of(table, spec)
     files = _file_indices(table, spec, file_index)
-    reasons = np.where(null_id, NULL_ID, "").astype(object)
+    # Reason strings are made for rejected rows only; ``ok`` tracks the rest.
+    ok = ~null_id
+    reasons = np.full(len(ids), "", dtype=object)
+    reasons[null_id] = NULL_ID
     data = column_array(table, spec.column)
 
     if spec.format == "pixels":
         row_bytes = int(np.prod(input_shape))
         lengths = pc.binary_length(data).fill_null(-1).to_numpy(zero_copy_only=False)
-        wrong = (reasons == "") & (lengths != row_bytes)
-        reasons[wrong] = [f"{WRONG_LENGTH}: {n_} bytes, expected {row_bytes}" for n_ in lengths[wrong]]
-        good = reasons == ""
-        x = _contiguous_bytes(data.filter(pa.array(good)), row_bytes).reshape(-1, *input_shape)
+        wrong = ok & (lengths != row_bytes)
+        if wrong.any():
+            reasons[wrong] = [f"{WRONG_LENGTH}: {n_} bytes, expected {row_bytes}" for n_ in lengths[wrong]]
+            ok &= ~wrong
+        x = _contiguous_bytes(data if ok.all() else data.filter(pa.array(ok)), row_bytes).reshape(-1, *input_shape)
     elif spec.format == "features":
         dim = input_shape[0]
         lengths = pc.list_value_length(data).fill_null(-1).to_numpy(zero_copy_only=False)
-        wrong = (reasons == "") & (lengths != dim)
-        reasons[wrong] = [f"{WRONG_LENGTH}: {n_} features, expected {dim}" for n_ in lengths[wrong]]
-        candidates = np.flatnonzero(reasons == "")
-        values = data.filter(pa.array(reasons == "")).flatten()
+        wrong = ok & (lengths != dim)
+        if wrong.any():
+            reasons[wrong] = [f"{WRONG_LENGTH}: {n_} features, expected {dim}" for n_ in lengths[wrong]]
+            ok &= ~wrong
+        candidates = np.flatnonzero(ok)
+        values = (data if ok.all() else data.filter(pa.array(ok))).flatten()
         x = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
         finite = np.isfinite(x).all(axis=1)
-        reasons[candidates[~finite]] = NOT_FINITE
-        x = x[finite] if not finite.all() else x
-        good = reasons == ""
+        if not finite.all():
+            reasons[candidates[~finite]] = NOT_FINITE
+            ok[candidates[~finite]] = False
+            x = x[finite]
     else:  # PNG/JPEG bytes, in parquet or as files
         blobs = data.to_pylist()
         decoded = []
-        for i in np.flatnonzero(reasons == ""):
+        for i in np.flatnonzero(ok):
             try:
                 img = decode_image(blobs[i], input_shape[0])
             except ValueError as e:
-                reasons[i] = str(e)
+                reasons[i], ok[i] = str(e), False
                 continue
             if img.shape != input_shape:
                 reasons[i] = f"{WRONG_SIZE}: {format_shape(img.shape[1:])}, expected {format_shape(input_shape[1:])}"
+                ok[i] = False
                 continue
             decoded.append(img)
-        good = reasons == ""
         x = np.stack(decoded) if decoded else np.empty((0, *input_shape), dtype=np.uint8)
 
-    bad = ~good
+    good, bad = ok, ~ok
     reject_ids = ids[bad].astype(object)
     reject_ids[null_id[bad]] = None
     return ({"id": ids[good], "x": x, "file": files[good], "row": np.flatnonzero(good)},
@@ -174,20 +183,21 @@ def stream_batch(good: dict, rejects: dict, input_shape, dtype) -> dict:
     """Good rows and rejects as one batch (for Ray Data): ``reason`` is "" for good rows,
     rejects carry zero inputs and a filled id (0 or "") when theirs was null."""
     n_bad = len(rejects["id"])
+    if n_bad == 0:
+        return {"id": good["id"], "x": good["x"], "file": good["file"].astype(np.int32, copy=False),
+                "reason": np.full(len(good["id"]), "", dtype="U1")}
     ids = good["id"]
-    if n_bad:
-        fill = "" if ids.dtype.kind in "US" else 0
-        bad_ids = np.array([fill if i is None else i for i in rejects["id"]],
-                           dtype=ids.dtype if ids.dtype.kind not in "US" else str)
-        ids = np.concatenate([ids, bad_ids]) if len(ids) else bad_ids
+    fill = "" if ids.dtype.kind in "US" else 0
+    bad_ids = np.array([fill if i is None else i for i in rejects["id"]],
+                       dtype=ids.dtype if ids.dtype.kind not in "US" else str)
+    ids = np.concatenate([ids, bad_ids]) if len(ids) else bad_ids
     x = good["x"]
-    if n_bad:
-        x = np.concatenate([x, np.zeros((n_bad, *input_shape), dtype=x.dtype if len(x) else dtype)])
+    x = np.concatenate([x, np.zeros((n_bad, *input_shape), dtype=x.dtype if len(x) else dtype)])
     return {
         "id": ids,
         "x": x,
         "file": np.concatenate([good["file"], rejects["file"]]).astype(np.int32),
-        "reason": np.concatenate([np.full(len(good["id"]), "", dtype=object), rejects["reason"].astype(object)]).astype(str),
+        "reason": np.concatenate([np.full(len(good["id"]), "", dtype="U1"), rejects["reason"].astype(str)]),
     }
 
 
@@ -196,6 +206,12 @@ def input_dtype(spec):
 
 
 def decode_for_scoring(batch, spec, input_shape, file_index: dict[str, int]) -> dict:
-    """Decode one read batch into the scorer's input: good rows and rejects in one batch."""
-    good, rejects = decode_batch(batch, spec, input_shape, file_index)
-    return stream_batch(good, rejects, input_shape, input_dtype(spec))
+    """Decode one read batch into the scorer's input: good rows and rejects in one batch.
+    A batch read by position (``read.py``) keeps its ``row`` column (rejects: -1)."""
+    table = _table(batch)
+    good, rejects = decode_batch(table, spec, input_shape, file_index)
+    out = stream_batch(good, rejects, input_shape, input_dtype(spec))
+    if "row" in table.column_names:
+        rows = column_array(table, "row").to_numpy(zero_copy_only=False)
+        out["row"] = np.concatenate([rows[good["row"]], np.full(len(rejects["id"]), -1, dtype=np.int64)])
+    return out

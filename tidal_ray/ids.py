@@ -4,11 +4,12 @@ and checks them.
 A pool's ids are int64 or string (``id_type``). On the driver and in decoded batches
 they are NumPy arrays: int64, or str for string ids. Ids typed by people (CSV cells,
 JSON values, exclude files) are converted here, with a one-line error when they do not
-fit the pool. ``SeenIds`` decides "the first of duplicate ids wins" for every caller.
+fit the pool. Duplicates are decided here: ``SeenIds`` finds the ids seen before (in
+pool order: ``repeated_ids``, the in-memory loader) and ``EarliestRows`` picks, among
+the rows of a repeated id offered in any order, the one at the earliest position.
+``hash64`` is the one vectorised id hash (the random strategy, string-id keys).
 """
 from __future__ import annotations
-
-import hashlib
 
 import numpy as np
 import pyarrow as pa
@@ -139,14 +140,104 @@ def read_id_files(uris, id_type: pa.DataType, option: str = "--exclude") -> list
     return found
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection of uint64 that spreads every input bit."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _MIX[0]
+    x = x ^ (x >> np.uint64(27))
+    x = x * _MIX[1]
+    return x ^ (x >> np.uint64(31))
+
+
+def hash64(ids: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A 64-bit hash of each id with ``seed``, vectorised (no per-row Python): integer
+    ids through splitmix64; string ids word by word over their UCS-4 code points, each
+    word folded in only while the string lasts, so a string hashes alike in any batch."""
+    ids = np.asarray(ids)
+    key = _mix64(np.array([int(seed) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) + _GOLDEN)
+    if ids.dtype.kind in "iub":
+        return _mix64(ids.astype(np.int64).view(np.uint64) * _GOLDEN + key)
+    ids = np.ascontiguousarray(ids.astype(str))
+    width = ids.dtype.itemsize // 4
+    lengths = np.char.str_len(ids) if len(ids) else np.zeros(0, dtype=np.int64)
+    h = _mix64(lengths.astype(np.uint64) + key)
+    if width == 0 or len(ids) == 0:
+        return h
+    points = ids.view(np.uint32).reshape(len(ids), width)
+    if width % 2:
+        points = np.concatenate([points, np.zeros((len(ids), 1), dtype=np.uint32)], axis=1)
+    # One copy into word-major order, so each fold step reads a contiguous row.
+    words = np.ascontiguousarray(points.view(np.uint64).T)
+    for j, word in enumerate(words):
+        h = np.where(lengths > 2 * j, _mix64(h ^ word), h)
+    return h
+
+
+def row_uniforms(keys: np.ndarray, stream: int, width: int) -> np.ndarray:
+    """``(len(keys), width)`` float32 uniforms in [0, 1), each a function of its row's key
+    (a ``hash64``), ``stream`` and its column alone: per-row randomness that does not
+    depend on the batch a row lands in."""
+    columns = _mix64(np.arange(stream * width, (stream + 1) * width, dtype=np.uint64) + _GOLDEN)
+    mixed = _mix64(np.asarray(keys, dtype=np.uint64)[:, None] ^ columns[None, :])
+    return (mixed >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
+
+
+def repeated_ids(id_chunks, id_type: pa.DataType) -> np.ndarray:
+    """The ids that occur more than once across ``id_chunks`` (Arrow or NumPy id arrays,
+    nulls ignored), sorted unique. Memory: a ``SeenIds`` and the repeats."""
+    seen, repeats = SeenIds(), [empty(id_type)]
+    for chunk in id_chunks:
+        if isinstance(chunk, (pa.Array, pa.ChunkedArray)):
+            chunk = chunk.drop_null()
+        ids = to_numpy(chunk, id_type)
+        repeats.append(ids[~seen.first_seen(ids)])
+    return np.unique(np.concatenate(repeats))
+
+
+class EarliestRows:
+    """Among the rows of repeated ids, offered in any order with their positions, the
+    one at the earliest position wins (DESIGN §2: file order, then row order within the
+    file). Holds one row per repeated id; ``repeated`` is sorted unique."""
+
+    def __init__(self, repeated: np.ndarray):
+        self.repeated = repeated
+        self.best: dict = {}      # id -> (position, payload)
+
+    def candidates(self, ids: np.ndarray) -> np.ndarray:
+        """Which of ``ids`` are repeated ids, whose rows must go through ``offer``."""
+        if len(self.repeated) == 0 or len(ids) == 0:
+            return np.zeros(len(ids), dtype=bool)
+        pos = np.searchsorted(self.repeated, ids).clip(max=len(self.repeated) - 1)
+        return self.repeated[pos] == ids
+
+    def offer(self, sample_id, position, payload):
+        """Keep this row if it is the earliest of its id so far; returns the payload that
+        lost (this one or the one it displaced), or None."""
+        held = self.best.get(sample_id)
+        if held is None:
+            self.best[sample_id] = (position, payload)
+            return None
+        if position < held[0]:
+            self.best[sample_id] = (position, payload)
+            return held[1]
+        return payload
+
+    def winners(self) -> list:
+        return [payload for _, payload in self.best.values()]
+
+
 class SeenIds:
     """Every id seen so far, so the first row of an id wins and later ones are duplicates.
 
     The one structure on the driver that grows with the pool. Dense non-negative integer
     ids (the usual 0..N-1) cost one bit per id value: a bitmap, grown while it stays
     under a byte per id seen. Other ids go to sorted runs of fixed-width keys, 8 bytes
-    per integer id and 16 per string id (a 128-bit BLAKE2 hash: a collision, odds about
-    N^2 / 2^129, would reject a good row as a duplicate). Runs merge like a binary
+    per integer id and 16 per string id (two 64-bit ``hash64`` lanes: a collision, odds
+    about N^2 / 2^129 for well-mixed hashes, would reject a good row as a duplicate). Runs merge like a binary
     counter, so a lookup searches O(log N) of them."""
 
     MIN_BITMAP_BYTES = 1 << 20
@@ -160,8 +251,8 @@ class SeenIds:
     def _keys(ids: np.ndarray) -> np.ndarray:
         if ids.dtype.kind in "iu":
             return ids.astype(np.int64, copy=False)
-        digests = b"".join(hashlib.blake2b(str(i).encode(), digest_size=16).digest() for i in ids)
-        return np.frombuffer(digests, dtype="S16")
+        lanes = np.stack([hash64(ids, 0x5EED1), hash64(ids, 0x5EED2)], axis=1)
+        return np.ascontiguousarray(lanes).view("S16").ravel()
 
     def __len__(self) -> int:
         return self._count

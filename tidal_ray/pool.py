@@ -43,6 +43,7 @@ class PoolSpec:
     has_label: bool = False
     num_classes: int | None = None      # declared in the schema metadata, if any
     max_label: int | None = None        # from parquet statistics, if every row group has them
+    row_groups: tuple[tuple[int, ...], ...] = ()  # per parquet file, its row groups' row counts
 
     @property
     def column(self) -> str:
@@ -51,7 +52,7 @@ class PoolSpec:
 
     def slim(self) -> PoolSpec:
         """What decode tasks need: everything but the file list, which can be very long."""
-        return replace(self, files=())
+        return replace(self, files=(), row_groups=())
 
     def key_uri(self, key: str) -> str:
         """The URI of an image file from its id."""
@@ -193,6 +194,8 @@ def describe_pool(uri: str) -> PoolSpec:
         rows=sum(meta.num_rows for _, meta in footers), shape=first["shape"],
         has_label=any(fact["label"] for fact in facts),
         num_classes=max(declared) if declared else None, max_label=max_label,
+        row_groups=tuple(tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
+                         for _, meta in footers),
     )
 
 

@@ -1,8 +1,8 @@
 """The driver's side of scoring: row accounting, rejects, duplicates, exclusions and
 the exact top-k, plus the ``--save-scores`` writer and the progress line.
 
-Memory: O(k) for the selection, O(rejects) for the rejects table, and the duplicate
-check (``ids.SeenIds``): a bit per id for dense integer ids, else 8-16 bytes per id.
+Memory: O(k) for the selection, O(rejects) for the rejects table, and the repeated
+ids (found before scoring by ``ids.repeated_ids``) with one held row each.
 """
 from __future__ import annotations
 
@@ -74,47 +74,92 @@ class ScoresWriter:
 class Reduction:
     """Folds the scorer's output batches, in any order, into the selection and the
     accounting. It is handed what it needs: ``exclude`` (sorted unique ids of the pool's
-    ``id_type``), ``file_name(file_index, id)`` to name a reject's file, and ``scores``
-    (a ``ScoresWriter``) for ``--save-scores``."""
+    ``id_type``), ``repeated`` (the ids that occur more than once in the pool, sorted
+    unique: ``ids.repeated_ids``), ``file_name(file_index, id)`` to name a reject's file,
+    and ``scores`` (a ``ScoresWriter``) for ``--save-scores``.
+
+    Batches carry ``id``, ``file`` and ``row`` (the row's position: index into the pool's
+    files, row within the file), ``reason`` ("" = decoded), ``predicted_class`` and the
+    score columns. A decoded row of a repeated id is held until every row has arrived;
+    the one at the earliest position wins (``ids.EarliestRows``), so the result does not
+    depend on the order batches arrive in. ``finish`` settles them."""
 
     def __init__(self, k: int, strategy: str, num_classes: int, id_type: pa.DataType, exclude: np.ndarray,
-                 file_name, *, per_class_quota: bool = False, scores: ScoresWriter | None = None):
+                 file_name, *, repeated: np.ndarray | None = None, per_class_quota: bool = False,
+                 scores: ScoresWriter | None = None):
         self.strategy, self.id_type, self.exclude, self.file_name = strategy, id_type, exclude, file_name
         self.topk = StreamingTopK(k, per_class_quota=per_class_quota, num_classes=num_classes)
-        self.seen = id_utils.SeenIds()
+        self.earliest = id_utils.EarliestRows(id_utils.empty(id_type) if repeated is None else repeated)
         self.scores = scores
+        self.columns = ("predicted_class", strategy) + tuple(s for s in (scores.strategies if scores else ())
+                                                               if s != strategy)
         self.rows_read = self.rows_scored = self.rows_excluded = 0
         self.reject_ids, self.reject_files, self.reject_reasons = [], [], []
         self.rejects_by_reason: Counter = Counter()
+        self.finished = False
 
     @property
     def rows_rejected(self) -> int:
         return sum(self.rejects_by_reason.values())
 
     def add(self, batch: dict) -> None:
+        if self.finished:
+            raise RuntimeError("Reduction.add after finish")
         ids = id_utils.to_numpy(batch["id"], self.id_type)
-        reasons = np.asarray(batch["reason"]).astype(object)
+        files = np.asarray(batch["file"])
+        reasons = np.asarray(batch["reason"])
         self.rows_read += len(ids)
-        decoded = np.flatnonzero(reasons == "")
-        # Duplicates: the first decodable row of an id, in pool order, wins.
-        repeated = decoded[~self.seen.first_seen(ids[decoded])]
-        reasons[repeated] = DUPLICATE_ID
-        score = np.asarray(batch[self.strategy])
-        reasons[(reasons == "") & ~np.isfinite(score)] = NONFINITE_SCORE  # e.g. features that overflow the model
-        rejected = reasons != ""
-        if rejected.any():
-            self._reject(ids[rejected], np.asarray(batch["file"])[rejected], reasons[rejected])
-        live = ~rejected
-        excluded = live & is_member(self.exclude, ids)
-        keep = live & ~excluded
+        decoded = reasons == ""
+        if not decoded.all():
+            self._reject(ids[~decoded], files[~decoded], reasons[~decoded])
+        columns = {name: np.asarray(batch[name]) for name in self.columns}
+        repeated = decoded & self.earliest.candidates(ids)
+        if repeated.any():
+            rows = np.asarray(batch["row"])
+            for i in np.flatnonzero(repeated):
+                payload = (ids[i], files[i], {name: values[i] for name, values in columns.items()})
+                lost = self.earliest.offer(ids[i].item(), (int(files[i]), int(rows[i])), payload)
+                if lost is not None:
+                    self._reject(np.array([lost[0]]), np.array([lost[1]]), np.array([DUPLICATE_ID]))
+            decoded &= ~repeated
+        if decoded.all():
+            self._admit(ids, files, columns)
+        else:
+            self._admit(ids[decoded], files[decoded], {name: v[decoded] for name, v in columns.items()})
+
+    def finish(self) -> None:
+        """Admit the winning row of each repeated id (after the last ``add``)."""
+        if self.finished:
+            return
+        self.finished = True
+        winners = self.earliest.winners()
+        if winners:
+            ids = np.array([w[0] for w in winners])
+            files = np.array([w[1] for w in winners])
+            self._admit(ids, files, {name: np.array([w[2][name] for w in winners]) for name in self.columns})
+
+    def _admit(self, ids, files, columns) -> None:
+        """Decoded rows, each the only row of its id: non-finite scores are rejected,
+        the excluded counted, the rest go to the top-k (and the scores writer)."""
+        score = columns[self.strategy]
+        finite = np.isfinite(score)  # e.g. features that overflow the model
+        if not finite.all():
+            self._reject(ids[~finite], files[~finite], np.full((~finite).sum(), NONFINITE_SCORE))
+            ids, files = ids[finite], files[finite]
+            columns = {name: v[finite] for name, v in columns.items()}
+            score = columns[self.strategy]
+        excluded = is_member(self.exclude, ids)
+        keep = ~excluded
         self.rows_excluded += int(excluded.sum())
         self.rows_scored += int(keep.sum())
-        predicted = np.asarray(batch["predicted_class"])
-        self.topk.add(ids[keep], score[keep], predicted[keep])
+        predicted = columns["predicted_class"]
+        if keep.all():
+            self.topk.add(ids, score, predicted)
+        else:
+            self.topk.add(ids[keep], score[keep], predicted[keep])
         if self.scores is not None:
-            columns = {"id": ids[live], "predicted_class": predicted[live], "excluded": excluded[live]}
-            columns.update({s: np.asarray(batch[s])[live] for s in self.scores.strategies})
-            self.scores.add(columns)
+            self.scores.add({"id": ids, "predicted_class": predicted, "excluded": excluded,
+                             **{s: columns[s] for s in self.scores.strategies}})
 
     def _reject(self, ids, files, reasons) -> None:
         for i, f, r in zip(ids.tolist(), files.tolist(), reasons.tolist()):
@@ -125,11 +170,13 @@ class Reduction:
             self.rejects_by_reason[reason_kind(r)] += 1
 
     def accounting(self) -> dict:
+        self.finish()
         return {"rows_read": self.rows_read, "rows_scored": self.rows_scored,
                 "rows_rejected": self.rows_rejected, "rows_excluded": self.rows_excluded,
                 "rejects_by_reason": dict(sorted(self.rejects_by_reason.items()))}
 
     def selection_table(self) -> pa.Table:
+        self.finish()
         ids, scores, classes = self.topk.result()
         return pa.table({
             "rank": pa.array(np.arange(1, len(ids) + 1), pa.int64()),

@@ -1,11 +1,13 @@
 """Scoring a whole pool: every check before work (``plan_scoring``), then the pipeline.
 
-    read (Ray Data) -> decode (CPU tasks) -> BatchScorer (actor pool, a GPU each if any)
-      -> iter_batches to the driver -> Reduction: duplicates, exclusions, exact top-k
+    repeated ids (the id columns alone, on the driver)
+    read by position (Ray Data tasks) -> decode (CPU tasks) -> BatchScorer (actor pool,
+      a GPU each if any) -> iter_batches to the driver, in any order
+      -> Reduction: duplicates by position, exclusions, exact top-k
 
-``score_pool`` runs it; with ``use_ray=False`` the same decode function and the same
-``BatchScorer`` run in this process (tests, benchmarks, small pools). Importing this
-module stays cheap (no torch, no Ray) so the CLI starts fast.
+``score_pool`` runs it; with ``use_ray=False`` the same read, decode and ``BatchScorer``
+run in this process (tests, benchmarks, small pools). Importing this module stays cheap
+(no torch, no Ray) so the CLI starts fast.
 """
 from __future__ import annotations
 
@@ -18,10 +20,10 @@ from . import ids as id_utils
 from . import storage
 from .decode import decode_for_scoring, format_shape
 from .errors import BadInput
-from .loader import iter_tables
 from .pool import PoolSpec, check_compatible, describe_pool
+from .read import arrival_order_for_tests, read_batches, read_unit, read_units, repeated_ids
 from .reduce import Progress, Reduction, ScoresWriter
-from .scorer import BALD_SAMPLES, BatchScorer
+from .scorer import BALD_SAMPLES, PRECISIONS, BatchScorer
 from .uncertainty import STRATEGIES, check_strategy
 
 # CPUs per scorer actor on CPU-only clusters: the largest step that leaves the read
@@ -30,6 +32,7 @@ from .uncertainty import STRATEGIES, check_strategy
 ACTOR_CPU_STEPS = (0.5, 0.2, 0.1, 0.05)
 DECODE_CPUS = 0.25
 BLOCK_BATCHES = 8            # rows per block = this many scorer batches
+READ_BLOCK_BYTES = 64 << 20  # encoded bytes per read block (large images: fewer rows)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Plan:
     actors: tuple[int, int]
     seed: int
     mc_samples: int
+    precision: str = "fp32"
 
     @property
     def strategies(self) -> tuple[str, ...]:
@@ -65,13 +69,16 @@ def _check_actors(actors) -> tuple[int, int]:
 
 
 def plan_scoring(checkpoint_uri, pool_uri, k, strategy="tidal-entropy", exclude_uris=(), exclude_ids=None,
-                 per_class_quota=False, save_scores=False, batch_size=256, actors=(1, 1), seed=0) -> Plan:
+                 per_class_quota=False, save_scores=False, batch_size=256, actors=(1, 1), seed=0,
+                 precision="fp32") -> Plan:
     """Every check that can fail on bad input, before any work starts."""
     from .checkpoint import load_checkpoint
 
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
         raise BadInput(f"k must be a positive integer, got {k!r}")
     check_strategy(strategy)
+    if precision not in PRECISIONS:
+        raise BadInput(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if int(batch_size) < 1:
         raise BadInput(f"batch size must be at least 1, got {batch_size}")
     actors = _check_actors(actors)
@@ -89,24 +96,25 @@ def plan_scoring(checkpoint_uri, pool_uri, k, strategy="tidal-entropy", exclude_
     bald = strategy == "bald" or save_scores
     return Plan(checkpoint_uri, spec, input_shape, num_classes, int(k), strategy,
                 id_utils.sorted_unique(excluded, spec.id_type), bool(per_class_quota), bool(save_scores), int(batch_size),
-                actors, int(seed), BALD_SAMPLES if bald else 0)
+                actors, int(seed), BALD_SAMPLES if bald else 0, precision)
 
 
 def _scorer_kwargs(plan: Plan, **extra) -> dict:
     return {"checkpoint_uri": plan.checkpoint_uri, "seed": plan.seed, "mc_samples": plan.mc_samples,
-            "strategies": plan.strategies, "pad_to": plan.batch_size, **extra}
+            "strategies": plan.strategies, "pad_to": plan.batch_size, "precision": plan.precision, **extra}
 
 
-def _read_columns(spec: PoolSpec) -> list[str] | None:
-    return None if spec.format == "files" else ["id", spec.column]
+def _block_rows(plan: Plan) -> int:
+    return BLOCK_BATCHES * plan.batch_size
 
 
 def score_batches_in_process(plan: Plan):
-    """The pipeline in this process: read, decode, score, batch by batch."""
+    """The pipeline in this process: read, decode, score, one block at a time."""
     scorer = BatchScorer(**_scorer_kwargs(plan))
-    spec, file_index = plan.spec.slim(), plan.spec.file_index()
-    for table in iter_tables(plan.spec, _read_columns(plan.spec), batch_rows=plan.batch_size):
-        yield scorer(decode_for_scoring(table, spec, plan.input_shape, file_index))
+    spec = plan.spec.slim()
+    for unit in arrival_order_for_tests(read_units(plan.spec, READ_BLOCK_BYTES)):
+        for table in read_unit(unit, spec, _block_rows(plan), READ_BLOCK_BYTES):
+            yield scorer(decode_for_scoring(table, spec, plan.input_shape, {}))
 
 
 def _row_bytes(plan: Plan) -> int:
@@ -122,7 +130,10 @@ def _cluster_shape(ray) -> tuple[float, float]:
 
 
 def score_batches_on_ray(plan: Plan, use_gpu: bool | None = None):
-    """The pipeline on Ray Data; yields the scorer's output batches in pool order."""
+    """The pipeline on Ray Data; yields the scorer's output batches in whatever order
+    they finish (the reduction decides duplicates by position). ``use_gpu=True`` asks
+    for a GPU per scorer actor whether or not a GPU node is up yet (an autoscaler starts
+    one); None uses GPUs when the cluster has some now."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -133,7 +144,6 @@ def score_batches_on_ray(plan: Plan, use_gpu: bool | None = None):
     use_gpu = gpus >= 1 if use_gpu is None else use_gpu
     low, high = plan.actors
     spec = plan.spec
-    filesystem = storage.s3_filesystem() if storage.is_s3(spec.uri) else None
     if use_gpu:
         actor_resources = {"num_gpus": 1, "num_cpus": 1}
         scorer = _scorer_kwargs(plan, device="cuda")
@@ -145,32 +155,23 @@ def score_batches_on_ray(plan: Plan, use_gpu: bool | None = None):
         actor_resources = {"num_cpus": fits[0] if fits else ACTOR_CPU_STEPS[-1]}
         scorer = _scorer_kwargs(plan, device="cpu", num_threads=max(1, int(node_cpus // high)))
 
-    if spec.format == "files":
-        ds = ray.data.read_binary_files(spec.fs_paths(), include_paths=True, filesystem=filesystem,
-                                        num_cpus=DECODE_CPUS)
-    else:
-        # Ray Data 2.60's default parquet path adds a ListFiles task that asks for a whole
-        # CPU whatever num_cpus says; on a 1-CPU node with the scorer actor placed it never
-        # runs and the job hangs at 0 rows. The previous read path honours num_cpus.
-        context = ray.data.DataContext.get_current()
-        v2, context.use_datasource_v2 = context.use_datasource_v2, False
-        try:
-            ds = ray.data.read_parquet(spec.fs_paths(), filesystem=filesystem, include_paths=True,
-                                       partitioning=None, num_cpus=DECODE_CPUS)
-        finally:
-            context.use_datasource_v2 = v2
-        ds = ds.select_columns(["id", spec.column, "path"])  # pushed into the read: `label` is never read
+    # Our own read, one task per parquet row group (or run of image files), in fractional
+    # CPUs: Ray Data 2.60's read_parquet adds a ListFiles task that asks for a whole CPU
+    # and hung a 1-CPU node with the scorer actor placed. Every row keeps its position.
+    units = read_units(spec, READ_BLOCK_BYTES)
+    ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+    ds = ds.map_batches(read_batches, batch_size=1, batch_format="pyarrow", num_cpus=DECODE_CPUS,
+                        fn_kwargs={"spec": spec.slim(), "block_rows": _block_rows(plan),
+                                   "max_bytes": READ_BLOCK_BYTES})
     ds = ds.map_batches(decode_for_scoring, batch_format="pyarrow", batch_size=None, num_cpus=DECODE_CPUS,
-                        fn_kwargs={"spec": spec.slim(), "input_shape": plan.input_shape,
-                                   "file_index": spec.file_index()})
+                        fn_kwargs={"spec": spec.slim(), "input_shape": plan.input_shape, "file_index": {}})
     ds = ds.map_batches(BatchScorer, fn_constructor_kwargs=scorer, batch_size=plan.batch_size,
                         batch_format="numpy", compute=ActorPoolStrategy(min_size=low, max_size=high),
                         **actor_resources)
     # Blocks of a few thousand rows rather than one per file: the actors pipeline with
     # the reads and results reach the driver (and the progress line) as they are made.
-    ds.context.target_max_block_size = BLOCK_BATCHES * plan.batch_size * _row_bytes(plan)
-    # Pool order at the driver makes "the first of duplicate ids wins" exact and repeatable.
-    ds.context.execution_options.preserve_order = True
+    ds.context.target_max_block_size = _block_rows(plan) * _row_bytes(plan)
+    ds.context.execution_options.preserve_order = False  # any order: duplicates go by position
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
@@ -192,21 +193,31 @@ def _versions() -> dict:
 
 def score_pool(checkpoint_uri, pool_uri, k, out_uri, strategy="tidal-entropy", exclude_uris=(), exclude_ids=None,
                per_class_quota=False, save_scores=False, batch_size=256, actors=(1, 1), seed=0, progress=True,
-               *, use_ray=True, use_gpu=None) -> dict:
+               *, use_ray=True, use_gpu=None, precision="fp32") -> dict:
     """Score every row of a pool and write the exact top-k selection under ``out_uri``:
     ``selection.parquet``, ``selection.json`` (returned), ``rejects.parquet`` and, with
-    ``save_scores``, ``scores/``. Bad input raises BadInput before anything is written."""
+    ``save_scores``, ``scores/``. Bad input raises BadInput before anything is written.
+    ``use_gpu=True`` makes every scorer actor ask for a GPU (see ``score_batches_on_ray``);
+    ``precision="bf16"`` scores under bf16 autocast (scores change slightly)."""
     started = time.perf_counter()
     plan = plan_scoring(checkpoint_uri, pool_uri, k, strategy, exclude_uris, exclude_ids, per_class_quota,
-                        save_scores, batch_size, actors, seed)
+                        save_scores, batch_size, actors, seed, precision)
+    repeated = repeated_ids(plan.spec)
     scores = ScoresWriter(out_uri, plan.spec.id_type, plan.strategies) if save_scores else None
     reduction = Reduction(plan.k, plan.strategy, plan.num_classes, plan.spec.id_type, plan.exclude,
-                          plan.spec.file_name, per_class_quota=plan.per_class_quota, scores=scores)
+                          plan.spec.file_name, repeated=repeated, per_class_quota=plan.per_class_quota,
+                          scores=scores)
     batches = score_batches_on_ray(plan, use_gpu) if use_ray else score_batches_in_process(plan)
+    first_at = last_at = None
+    first_rows = 0
     try:
         with Progress(reduction, plan.spec.rows, progress):
             for batch in batches:
                 reduction.add(batch)
+                last_at = time.perf_counter()
+                if first_at is None:
+                    first_at, first_rows = last_at, reduction.rows_read
+        reduction.finish()
         accounting = reduction.accounting()
         if reduction.rows_read != plan.spec.rows:
             raise RuntimeError(f"read {reduction.rows_read} rows but the pool's files hold {plan.spec.rows}")
@@ -230,6 +241,12 @@ def score_pool(checkpoint_uri, pool_uri, k, out_uri, strategy="tidal-entropy", e
                  "files": [{"uri": f, "size": s} for f, s in plan.spec.files]},
         **accounting,
         "wall_seconds": round(wall, 3), "rows_per_s": round(reduction.rows_read / max(wall, 1e-9), 1),
+        # Start-up (plan, repeated ids, actors, checkpoint load, first block) and the
+        # rate from the first batch at the driver to the last.
+        "timing": {"first_row_seconds": round((first_at or started) - started, 3),
+                   "steady_rows_per_s": round((reduction.rows_read - first_rows) / (last_at - first_at), 1)
+                   if last_at is not None and last_at > first_at else None},
+        "precision": plan.precision, "repeated_ids": int(len(repeated)),
         "batch_size": plan.batch_size, "actors": list(plan.actors), "ray": bool(use_ray),
         "outputs": {"selection": storage.join(out_uri, "selection.parquet"),
                     "rejects": storage.join(out_uri, "rejects.parquet"),

@@ -4,26 +4,44 @@ The same class runs in-process and as a Ray Data actor (a GPU each when there ar
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .errors import BadInput
 from .uncertainty import STRATEGIES
 
 BALD_SAMPLES = 20            # MC-dropout passes when bald is scored
+PRECISIONS = ("fp32", "bf16")
+# TEST-ONLY (tests/README.md): a scorer actor given a GPU runs its model on the CPU, so
+# GPU scheduling is testable on machines without CUDA.
+GPU_AS_CPU_ENV = "TIDAL_RAY_TEST_GPU_AS_CPU"
+
+
+def scorer_device(device: str | None) -> str:
+    """The torch device a scorer uses: ``device`` (default: cuda when available), except
+    that the test-only switch turns "cuda" into "cpu"."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and os.environ.get(GPU_AS_CPU_ENV) == "1":
+        return "cpu"
+    return device
 
 
 class BatchScorer:
     """Maps a batch ``{"id", "x"}`` to ids, predicted class and the scores of
     ``strategies`` (default: every strategy; bald only with ``mc_samples``).
 
-    Pipeline batches also carry ``reason`` (rows already rejected: "" = good) and
-    ``file``; rejected rows pass through with NaN scores and class -1. With ``pad_to``,
+    Pipeline batches also carry ``reason`` (rows already rejected: "" = good), ``file``
+    and ``row``; rejected rows pass through with NaN scores and class -1. With ``pad_to``,
     every forward pass sees exactly that many rows (the tail padded with zeros): CPU
     kernels pick different code paths for different batch sizes, and the padding keeps a
     row's score bit-identical however the pipeline happened to batch it."""
 
     def __init__(self, checkpoint_uri: str, seed: int = 0, mc_samples: int = 0, device: str | None = None,
-                 *, strategies=None, pad_to: int | None = None, num_threads: int | None = None):
+                 *, strategies=None, pad_to: int | None = None, num_threads: int | None = None,
+                 precision: str = "fp32"):
         import torch
 
         from .checkpoint import load_checkpoint, model_from_checkpoint
@@ -31,29 +49,43 @@ class BatchScorer:
         if num_threads:
             torch.set_num_threads(int(num_threads))
         state = load_checkpoint(checkpoint_uri)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(scorer_device(device))
         self.net = model_from_checkpoint(state).to(self.device)
+        # Convolutions on a GPU run fastest on channels-last tensors; the scores stay the same.
+        self.channels_last = self.device.type == "cuda" and len(state["config"]["input_shape"]) == 3
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        # bf16 autocast changes scores slightly: a selection is repeatable per device and precision.
+        self.precision = precision
         self.input_shape = tuple(state["config"]["input_shape"])
         self.num_classes = int(state["config"]["num_classes"])
         self.seed, self.mc_samples = seed, mc_samples
         self.strategies = None if strategies is None else tuple(strategies)
         self.pad_to = pad_to
 
-    def _forward(self, x: np.ndarray):
+    def _forward(self, x: np.ndarray, ids: np.ndarray):
         import torch
 
+        from .ids import hash64
         from .models import prepare_input
 
+        keys = hash64(ids, self.seed) if self.mc_samples > 0 else None
         step = self.pad_to or max(len(x), 1)
         logits, td_logits, mc = [], [], []
         for start in range(0, len(x), step):
             chunk = x[start:start + step]
             n = len(chunk)
+            chunk_keys = None if keys is None else keys[start:start + step]
             if n < step:
                 chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), dtype=chunk.dtype)])
+                chunk_keys = None if keys is None else np.concatenate([chunk_keys, np.zeros(step - n, np.uint64)])
             # A writable copy: Ray Data hands out read-only views of its blocks.
             raw = torch.from_numpy(np.array(chunk)).to(self.device, non_blocking=True)
-            out = self.net.predict(prepare_input(raw), self.mc_samples)
+            inputs = prepare_input(raw)
+            if self.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                out = self.net.predict(inputs, self.mc_samples, row_keys=chunk_keys)
             logits.append(out[0][:n].float().cpu().numpy())
             td_logits.append(out[1][:n].float().cpu().numpy())
             if out[2] is not None:
@@ -66,19 +98,19 @@ class BatchScorer:
         return tuple(s for s in STRATEGIES if s != "bald" or self.mc_samples > 0)
 
     def __call__(self, batch: dict) -> dict:
-        from .uncertainty import score_all
+        from .uncertainty import score
 
         ids = np.asarray(batch["id"])
         x = np.asarray(batch["x"])
         if tuple(x.shape[1:]) != self.input_shape:
             raise BadInput(f"batch rows have shape {tuple(x.shape[1:])}, the checkpoint expects {self.input_shape}")
         good = np.ones(len(ids), dtype=bool) if "reason" not in batch else (np.asarray(batch["reason"]) == "")
-        out = {"id": ids, **{k: np.asarray(batch[k]) for k in ("file", "reason") if k in batch}}
+        out = {"id": ids, **{k: np.asarray(batch[k]) for k in ("file", "row", "reason") if k in batch}}
         predicted = np.full(len(ids), -1, dtype=np.int64)
         columns = {name: np.full(len(ids), np.nan) for name in self._names()}
         if good.any():
-            logits, td_logits, mc = self._forward(x[good] if not good.all() else x)
-            scores = score_all(logits, td_logits, ids[good], self.seed, mc)
+            logits, td_logits, mc = self._forward(x[good] if not good.all() else x, ids[good])
+            scores = score(columns, logits, td_logits, ids[good], self.seed, mc)
             predicted[good] = scores["predicted_class"]
             for name in columns:
                 columns[name][good] = scores[name]

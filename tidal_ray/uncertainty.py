@@ -5,11 +5,10 @@ and near-zero probabilities: ``0 * log 0`` is taken as 0, never NaN.
 """
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
 from .errors import BadInput
+from .ids import hash64
 
 STRATEGIES = ("tidal-entropy", "tidal-margin", "entropy", "margin", "least-confidence", "bald", "random")
 
@@ -52,11 +51,47 @@ def bald(mc_probs: np.ndarray) -> np.ndarray:
 
 
 def random_scores(ids, seed: int) -> np.ndarray:
-    """Uniform [0, 1) from a hash of (seed, id): the same for an id on any number of shards."""
-    out = np.empty(len(ids), dtype=np.float64)
-    for i, sample_id in enumerate(ids):
-        digest = hashlib.blake2b(f"{seed}:{sample_id}".encode(), digest_size=8).digest()
-        out[i] = int.from_bytes(digest, "little") / 2.0**64
+    """Uniform [0, 1) from a hash of (seed, id) (``ids.hash64``, top 53 bits): the same
+    for an id on any number of shards."""
+    return (hash64(np.asarray(ids), seed) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def score(
+    names,
+    logits: np.ndarray,
+    td_logits: np.ndarray,
+    ids,
+    seed: int = 0,
+    mc_probs: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """The scores of the strategies ``names`` for a batch (only those are computed),
+    plus the backbone's predicted class. ``bald`` needs ``mc_probs``."""
+    names = tuple(names)
+    predicted = logits.argmax(axis=-1)
+    out = {"predicted_class": predicted.astype(np.int64)}
+    if any(n in names for n in ("entropy", "margin", "least-confidence")):
+        probs = softmax(logits.astype(np.float64))
+    if any(n in names for n in ("tidal-entropy", "tidal-margin")):
+        td_probs = softmax(td_logits.astype(np.float64))
+    for name in names:
+        if name == "tidal-entropy":
+            out[name] = entropy(td_probs)
+        elif name == "tidal-margin":
+            out[name] = margin_at_class(td_probs, predicted)
+        elif name == "entropy":
+            out[name] = entropy(probs)
+        elif name == "margin":
+            out[name] = margin(probs)
+        elif name == "least-confidence":
+            out[name] = least_confidence(probs)
+        elif name == "random":
+            out[name] = random_scores(ids, seed)
+        elif name == "bald":
+            if mc_probs is None:
+                raise ValueError("bald needs MC-dropout probabilities")
+            out[name] = bald(mc_probs.astype(np.float64))
+        else:
+            check_strategy(name)
     return out
 
 
@@ -67,22 +102,10 @@ def score_all(
     seed: int = 0,
     mc_probs: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every strategy's score for a batch, plus the backbone's predicted class."""
-    probs = softmax(logits.astype(np.float64))
-    td_probs = softmax(td_logits.astype(np.float64))
-    predicted = logits.argmax(axis=-1)
-    scores = {
-        "predicted_class": predicted.astype(np.int64),
-        "tidal-entropy": entropy(td_probs),
-        "tidal-margin": margin_at_class(td_probs, predicted),
-        "entropy": entropy(probs),
-        "margin": margin(probs),
-        "least-confidence": least_confidence(probs),
-        "random": random_scores(ids, seed),
-    }
-    if mc_probs is not None:
-        scores["bald"] = bald(mc_probs.astype(np.float64))
-    return scores
+    """Every strategy's score for a batch (bald only with ``mc_probs``), plus the
+    backbone's predicted class."""
+    names = [n for n in STRATEGIES if n != "bald" or mc_probs is not None]
+    return score(names, logits, td_logits, ids, seed, mc_probs)
 
 
 def check_strategy(name: str) -> str:

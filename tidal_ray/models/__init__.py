@@ -47,9 +47,12 @@ class TiDALNet(nn.Module):
         return logits, self.td_module(features)
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, mc_samples: int = 0):
+    def predict(self, x: torch.Tensor, mc_samples: int = 0, row_keys=None):
         """Eval-mode logits and TD logits, plus ``mc_samples`` MC-dropout passes of the
-        classifier head as probabilities ``(T, N, C)`` (None when ``mc_samples`` is 0)."""
+        classifier head as probabilities ``(T, N, C)`` (None when ``mc_samples`` is 0).
+        With ``row_keys`` (a uint64 ``ids.hash64`` per row) a row's dropout masks come
+        from its key (``ids.row_uniforms``), not from torch's RNG, so its passes are the
+        same whatever batch it is scored in."""
         logits, td_logits = self(x)
         if mc_samples <= 0:
             return logits, td_logits, None
@@ -57,12 +60,31 @@ class TiDALNet(nn.Module):
         if head is None or not hasattr(self.backbone, "forward_features"):
             raise BadInput("strategy 'bald' needs a built-in backbone with a dropout head")
         embedding, _ = self.backbone.forward_features(x)
+        if row_keys is not None:
+            from ..ids import row_uniforms
+
+            passes = []
+            for t in range(mc_samples):
+                u = torch.from_numpy(row_uniforms(row_keys, t, embedding.shape[1])).to(embedding.device)
+                passes.append(_head_with_dropout(head, embedding, u).softmax(dim=1))
+            return logits, td_logits, torch.stack(passes)
         head.train()  # dropout on, for the head alone
         try:
             mc = torch.stack([head(embedding).softmax(dim=1) for _ in range(mc_samples)])
         finally:
             head.eval()
         return logits, td_logits, mc
+
+
+def _head_with_dropout(head: nn.Module, z: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The head with its dropout applied by ``uniforms`` (keep where u >= p, scaled by
+    1 / (1 - p), as ``nn.Dropout`` does in training)."""
+    for module in head.children() if isinstance(head, nn.Sequential) else [head]:
+        if isinstance(module, nn.Dropout):
+            z = z * (uniforms >= module.p).to(z.dtype) / (1.0 - module.p) if module.p < 1 else torch.zeros_like(z)
+        else:
+            z = module(z)
+    return z
 
 
 def build_model(backbone: str, num_classes: int, input_shape: tuple[int, ...]) -> TiDALNet:

@@ -1,0 +1,193 @@
+"""The scoring pipeline's own cost per row, with a model cheap enough to stand in for a GPU.
+
+    python benchmarks/score_overhead.py [--rows 1000000] [--batch-size 1024] [--shards 8]
+
+An MLP (64-d features, 10 classes, the TD module) with 2 torch threads; a feature pool
+of dense int64 ids (``make_pool(..., source="synthetic", fmt="features", shape=(64,))``).
+In one run, on the same machine:
+- model only: the forward pass over float32 tensors already in memory, the same batch
+  size (measured before and after the pipelines; their mean is the reference);
+- in-process pipeline: ``score_pool(use_ray=False)`` (read, decode, score, reduce);
+- Ray pipeline: ``score_pool`` on a local Ray of ``--cpus`` CPUs; "steady" rows/s from
+  the first row reaching the driver to the last, with the start-up (plan, actors,
+  checkpoint load, first block) reported beside it; ``ray.init`` is not counted;
+- driver ingest ceiling: rows/s that ``reduce.Reduction.add`` alone absorbs, fed
+  synthetic scorer batches of one block each.
+Prints figures and ratios; writes benchmarks/out/score_overhead.json.
+
+This process and Ray's workers (``RAY_worker_niceness``, 15 by default) run at the same
+niceness (``--nice``, default 0), so that other load on a shared machine hits every side alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from tidal_ray.checkpoint import save_checkpoint  # noqa: E402
+from tidal_ray.make_pool import make_pool  # noqa: E402
+from tidal_ray.models import build_model, prepare_input  # noqa: E402
+from tidal_ray.reduce import Reduction  # noqa: E402
+from tidal_ray.score import score_pool  # noqa: E402
+
+DIM, CLASSES, BACKBONE, STRATEGY = 64, 10, "mlp", "tidal-entropy"
+TARGETS = {"in_process_ratio": 0.60, "ray_steady_ratio": 0.40, "ingest_rows_per_s": 1_000_000}
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "torch": torch.__version__}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def model_only(net, x: torch.Tensor, batch_size: int) -> float:
+    """Rows/s of the forward pass alone, tensors already in memory."""
+    def run(rows):
+        for start in range(0, rows, batch_size):
+            net.predict(prepare_input(x[start:start + batch_size]))
+
+    run(4 * batch_size)  # warm-up
+    started = time.perf_counter()
+    run(len(x))
+    return len(x) / (time.perf_counter() - started)
+
+
+def ingest_ceiling(rows: int, block_rows: int, k: int = 100) -> float:
+    """Rows/s that the driver's reduction absorbs: synthetic scorer output, one block per add."""
+    rng = np.random.default_rng(0)
+    batches = []
+    for start in range(0, min(rows, 64 * block_rows), block_rows):
+        n = min(block_rows, rows - start)
+        batches.append({"id": np.arange(start, start + n, dtype=np.int64), "file": np.zeros(n, np.int32),
+                        "row": np.arange(start, start + n, dtype=np.int64), "reason": np.full(n, "", dtype=str),
+                        "predicted_class": rng.integers(0, CLASSES, n), STRATEGY: rng.random(n)})
+    reduction = Reduction(k, STRATEGY, CLASSES, pa.int64(), np.array([3, 7], np.int64), lambda f, i: "pool")
+    fed = 0
+    started = time.perf_counter()
+    while fed < rows:
+        for batch in batches:
+            reduction.add(batch)
+            fed += len(batch["id"])
+            if fed >= rows:
+                break
+    return fed / (time.perf_counter() - started)
+
+
+def steady(summary: dict) -> tuple[float | None, float | None]:
+    timing = summary.get("timing") or {}
+    return timing.get("steady_rows_per_s"), timing.get("first_row_seconds")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--model-rows", type=int, default=200_000, help="rows per model-only measurement")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (model only, in-process, the actor)")
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
+    parser.add_argument("--actors", default="1,1", help="scorer actors MIN,MAX")
+    parser.add_argument("--nice", type=int, default=0, help="niceness of this process and of Ray's workers")
+    parser.add_argument("--workdir", default=None, help="where the pool and checkpoint go (default: a temp dir)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "score_overhead.json"))
+    args = parser.parse_args()
+    low, high = (int(a) for a in args.actors.split(","))
+    os.nice(args.nice - os.nice(0))
+    os.environ["RAY_worker_niceness"] = str(args.nice)
+    torch.set_num_threads(args.threads)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="score-overhead-")
+    load_start = os.getloadavg()
+
+    started = time.perf_counter()
+    pool = os.path.join(workdir, "pool")
+    if not os.path.exists(pool):
+        make_pool(pool, "synthetic", rows=args.rows, fmt="features", shards=args.shards, shape=(DIM,),
+                  num_classes=CLASSES)
+    torch.manual_seed(0)
+    net = build_model(BACKBONE, CLASSES, (DIM,)).eval()
+    checkpoint = save_checkpoint({"model": net.state_dict(),
+                                  "config": {"backbone": BACKBONE, "num_classes": CLASSES, "input_shape": [DIM]}},
+                                 os.path.join(workdir, "checkpoint"))
+    x = torch.from_numpy(np.random.default_rng(0).random((args.model_rows, DIM), dtype=np.float32))
+    print(f"setup {time.perf_counter() - started:.1f}s: {args.rows:,} rows of {DIM}-d features in {args.shards} "
+          f"files, {BACKBONE}, batch {args.batch_size}, {args.threads} torch threads; load average "
+          f"{load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}", flush=True)
+    common = dict(batch_size=args.batch_size, strategy=STRATEGY, progress=False)
+
+    before = model_only(net, x, args.batch_size)
+    print(f"model only (before): {before:,.0f} rows/s", flush=True)
+
+    local = score_pool(checkpoint, pool, 100, os.path.join(workdir, "out-local"), use_ray=False, **common)
+    in_process = local["rows_per_s"]
+    print(f"in-process pipeline: {in_process:,.0f} rows/s ({local['rows_read']:,} rows in "
+          f"{local['wall_seconds']:.1f}s)", flush=True)
+
+    import ray
+
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    driver_cpu = time.process_time()
+    on_ray = score_pool(checkpoint, pool, 100, os.path.join(workdir, "out-ray"), actors=(low, high), **common)
+    driver_cpu = time.process_time() - driver_cpu
+    ray.shutdown()
+    torch.set_num_threads(args.threads)  # the in-process scorer may have set it
+    ray_steady, ray_startup = steady(on_ray)
+    print(f"Ray pipeline: {on_ray['rows_per_s']:,.0f} rows/s end to end ({on_ray['wall_seconds']:.1f}s); steady "
+          f"{(ray_steady or 0):,.0f} rows/s after a start-up of {(ray_startup or 0):.1f}s; the driver used "
+          f"{driver_cpu:.1f} CPU-s", flush=True)
+
+    after = model_only(net, x, args.batch_size)
+    print(f"model only (after): {after:,.0f} rows/s", flush=True)
+    ingest = ingest_ceiling(args.rows, 8 * args.batch_size)
+    print(f"driver ingest ceiling (Reduction.add alone): {ingest:,.0f} rows/s", flush=True)
+
+    reference = (before + after) / 2
+    same = local["rows_scored"] == on_ray["rows_scored"] and \
+        pq.read_table(os.path.join(workdir, "out-local", "selection.parquet")).equals(
+            pq.read_table(os.path.join(workdir, "out-ray", "selection.parquet")))
+    ratios = {"in_process_ratio": in_process / reference,
+              "ray_steady_ratio": (ray_steady or 0.0) / reference,
+              "ray_end_to_end_ratio": on_ray["rows_per_s"] / reference}
+    load_end = os.getloadavg()
+    print(f"\nin-process / model only = {ratios['in_process_ratio']:.3f} (target >= 0.60)")
+    print(f"Ray steady / model only = {ratios['ray_steady_ratio']:.3f} (target >= 0.40); "
+          f"end to end {ratios['ray_end_to_end_ratio']:.3f}")
+    print(f"ingest ceiling {ingest:,.0f} rows/s (target >= 1,000,000); same selection in-process and on Ray: {same}")
+    print(f"load average {load_start[0]:.2f} -> {load_end[0]:.2f}")
+    if abs(before - after) > 0.15 * reference:
+        print("warning: model-only throughput moved by more than 15% during the run (other load?)")
+
+    result = {
+        "machine": machine(), "backbone": BACKBONE, "dim": DIM, "rows": args.rows, "shards": args.shards,
+        "batch_size": args.batch_size, "torch_threads": args.threads, "ray_cpus": args.cpus, "actors": [low, high],
+        "niceness": os.nice(0),
+        "model_only_rows_per_s": {"before": before, "after": after, "mean": reference},
+        "in_process_rows_per_s": in_process, "in_process_wall_seconds": local["wall_seconds"],
+        "ray_rows_per_s_end_to_end": on_ray["rows_per_s"], "ray_wall_seconds": on_ray["wall_seconds"],
+        "ray_steady_rows_per_s": ray_steady, "ray_startup_seconds": ray_startup, "ray_driver_cpu_seconds": driver_cpu,
+        "ingest_rows_per_s": ingest, **ratios, "targets": TARGETS, "same_selection": same,
+        "load_average": {"start": load_start, "end": load_end},
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

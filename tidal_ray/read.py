@@ -1,0 +1,117 @@
+"""Reading a pool for scoring, by position: every row comes with its ``file`` (index into
+the pool's files) and ``row`` (position within that file), so duplicates are decided by
+position whatever order the pipeline delivers rows in (DESIGN §2).
+
+The read unit is one parquet row group (image-file pools: a run of files). ``read_unit``
+is a plain function of one unit: Ray Data runs it in fractional-CPU tasks and the
+in-process path calls it in a loop, so both read alike. ``repeated_ids`` is the pre-pass
+that finds the ids occurring more than once, reading the ``id`` column alone.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import ids as id_utils
+from . import storage
+from .pool import PoolSpec
+
+FILES_PER_UNIT = 64          # image files read by one unit
+READ_THREADS = 8             # image files (or footers) fetched at once
+
+
+def read_units(spec: PoolSpec, max_bytes: int = 64 << 20) -> list[dict]:
+    """The pool's read units, in pool order: ``{"file", "row_group", "uris"}``, one per
+    parquet row group (``uris``: its file) or per run of image files (``uris``: theirs,
+    at most ``FILES_PER_UNIT`` and ``max_bytes`` unless one file is larger; ``file``:
+    the first one's index; ``row_group`` -1)."""
+    if spec.format == "files":
+        units, start, size = [], 0, 0
+        for i, (_, nbytes) in enumerate(spec.files):
+            if i > start and (i - start >= FILES_PER_UNIT or size + nbytes > max_bytes):
+                units.append({"file": start, "row_group": -1, "uris": [u for u, _ in spec.files[start:i]]})
+                start, size = i, 0
+            size += nbytes
+        if start < len(spec.files):
+            units.append({"file": start, "row_group": -1, "uris": [u for u, _ in spec.files[start:]]})
+        return units
+    counts = spec.row_groups or _row_group_counts(spec)
+    return [{"file": i, "row_group": g, "uris": [uri]}
+            for i, ((uri, _), groups) in enumerate(zip(spec.files, counts)) for g in range(len(groups))]
+
+
+def _row_group_counts(spec: PoolSpec) -> tuple[tuple[int, ...], ...]:
+    def footer(uri):
+        fs, path = storage.resolve(uri)
+        with fs.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
+        return tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
+
+    with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, len(spec.files)))) as pool:
+        return tuple(pool.map(footer, [uri for uri, _ in spec.files]))
+
+
+def read_unit(unit: dict, spec: PoolSpec, block_rows: int = 65536, max_bytes: int = 64 << 20):
+    """Yield one unit's rows as tables of at most ``block_rows`` rows and, going by the
+    row group's average row size, about ``max_bytes`` (large encoded images): ``id`` and
+    the data column (image files: ``bytes`` and ``path``, the id being the key), plus
+    ``file`` and ``row``."""
+    first = int(unit["file"])
+    if spec.format == "files":
+        uris = list(unit["uris"])
+        with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(uris))) as pool:
+            blobs = list(pool.map(storage.read_bytes, uris))
+        yield pa.table({"bytes": pa.array(blobs, pa.binary()),
+                        "path": pa.array([storage.resolve(u)[1] for u in uris], pa.string()),
+                        "file": pa.array(np.arange(first, first + len(uris), dtype=np.int32)),
+                        "row": pa.array(np.zeros(len(uris), dtype=np.int64))})
+        return
+    fs, path = storage.resolve(unit["uris"][0])
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        group = int(unit["row_group"])
+        row = sum(pf.metadata.row_group(g).num_rows for g in range(group))
+        meta = pf.metadata.row_group(group)
+        row_size = meta.total_byte_size / max(1, meta.num_rows)
+        rows = max(1, min(block_rows, int(max_bytes // max(row_size, 1.0))))
+        for batch in pf.iter_batches(batch_size=rows, row_groups=[group], columns=["id", spec.column]):
+            n = batch.num_rows
+            yield pa.Table.from_batches([batch]).append_column("file", pa.array(np.full(n, first, dtype=np.int32))) \
+                .append_column("row", pa.array(np.arange(row, row + n, dtype=np.int64)))
+            row += n
+
+
+def read_batches(batch: pa.Table, spec: PoolSpec, block_rows: int = 65536, max_bytes: int = 64 << 20):
+    """Ray Data's form of ``read_unit``: a batch of units in, their rows' tables out."""
+    for unit in batch.to_pylist():
+        yield from read_unit(unit, spec, block_rows, max_bytes)
+
+
+def repeated_ids(spec: PoolSpec) -> np.ndarray:
+    """The ids that occur more than once in the pool (sorted unique), from its ``id``
+    columns alone, a few files fetched at a time. Image-file ids are keys: never repeated."""
+    if spec.format == "files":
+        return id_utils.empty(spec.id_type)
+
+    def ids_of(uri):
+        fs, path = storage.resolve(uri)
+        with fs.open_input_file(path) as f:
+            return pq.read_table(f, columns=["id"]).column("id").cast(spec.id_type)
+
+    def chunks():
+        uris = [uri for uri, _ in spec.files]
+        with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(uris))) as pool:
+            for start in range(0, len(uris), READ_THREADS):
+                yield from pool.map(ids_of, uris[start:start + READ_THREADS])
+
+    return id_utils.repeated_ids(chunks(), spec.id_type)
+
+
+def arrival_order_for_tests(units: list) -> list:
+    """TEST-ONLY (tests/README.md): ``TIDAL_RAY_TEST_UNIT_ORDER=reverse`` makes the
+    in-process path read the units last first, so tests see rows arrive out of pool order."""
+    return units[::-1] if os.environ.get("TIDAL_RAY_TEST_UNIT_ORDER") == "reverse" else units
