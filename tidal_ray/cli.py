@@ -213,7 +213,7 @@ def add_campaign_parser(sub) -> None:
                    help="simulation: labels come from the pool's label column, no person needed")
     a.add_argument("--test", help="a labeled test set (same format as the pool) for test accuracy")
     a.add_argument("--trainer", default="ray", choices=["ray", "local"],
-                   help="ray: Ray Train workers; local: in the driver process")
+                   help="ray: Ray Train workers; local: in the driver process, which then holds the labeled rows (small campaigns)")
     a.add_argument("--workers", type=int, default=1)
     a.add_argument("--actors", default="1,1", help="scorer actors MIN,MAX")
     a.add_argument("--per-class-quota", action="store_true")

@@ -41,7 +41,7 @@ class LabeledRows:
     input_shape: tuple[int, ...]
     dataset: object            # ray.data.Dataset of {id, index, label, x}
     rejected: int              # labeled ids left out: every row of theirs undecodable
-    first_rejected: str | None  # "id (file): reason" of the first of them
+    first_rejected: str | None  # "id: reason" of the first of them
 
 
 def _decoded(table: pa.Table, rows: np.ndarray, file: int, spec: PoolSpec, input_shape) -> dict:
