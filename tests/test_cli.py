@@ -81,7 +81,7 @@ def test_internal_error_is_exit_1_with_a_debug_hint(tmp_path, capsys):
 def test_test_hooks_stay_off_the_user_facing_flags():
     out = subprocess.run([sys.executable, "-m", "tidal_ray.cli", "train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--epochs" in out.stdout
-    assert "fail" not in out.stdout.lower() and "test-only" not in out.stdout.lower()
+    assert "--fail-at-epoch" not in out.stdout and "test-only" not in out.stdout.lower()
 
 
 def test_every_job_is_a_call_of_the_cli():

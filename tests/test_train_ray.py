@@ -162,3 +162,5 @@ def test_job_entrypoint_trains_features_with_its_own_local_ray(tmp_path):
     assert state["config"]["backbone"] == "mlp" and state["config"]["input_shape"] == (64,)
     assert state["config"]["num_classes"] == 10 and state["td_table"]["count"].tolist() == [3] * 64
     assert "epoch 3: loss" in out.stdout + out.stderr  # rank 0's per-epoch line reached the driver
+    for chatter in ("Starting execution", "Reporting training result", "Execution plan"):
+        assert chatter not in out.stdout + out.stderr  # Ray's own logs stay in its log files

@@ -267,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     runtime.DEBUG = args.debug
     prefix = f"tidal-ray {args.command}"
+
+    def one_line(e: BaseException) -> str:  # pyarrow and Ray put newlines in their messages
+        return " ".join(str(e).split())
+
     try:
         args.run(args)
     except KeyboardInterrupt:
@@ -275,17 +279,17 @@ def main(argv: list[str] | None = None) -> int:
     except (BadInput, FileNotFoundError) as e:
         if args.debug:
             traceback.print_exc()
-        print(f"{prefix}: error: {e}", file=sys.stderr)
+        print(f"{prefix}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except Refused as e:
         if args.debug:
             traceback.print_exc()
-        print(f"{prefix}: error: {e}", file=sys.stderr)
+        print(f"{prefix}: error: {one_line(e)}", file=sys.stderr)
         return 1
     except Exception as e:
         if args.debug:
             traceback.print_exc()
-        print(f"{prefix}: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"{prefix}: {type(e).__name__}: {one_line(e)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0
 

@@ -98,7 +98,7 @@ def is_image_prefix(uri: str) -> bool:
 
 
 def _check_parquet_file(uri: str, schema: pa.Schema) -> dict:
-    """This file's format facts, or a ValueError naming the file and the problem."""
+    """This file's format facts, or a BadInput naming the file and the problem."""
     names = schema.names
     if "id" not in names:
         raise BadInput(f"{uri}: no 'id' column (columns: {', '.join(names)})")

@@ -209,7 +209,7 @@ def train_on_ray(config: TrainConfig, ids, labels, dataset, storage_uri: str, nu
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .runtime import init_ray
+    from .runtime import init_ray, ray_log_level
 
     init_ray()
     name = name or time.strftime("train-%Y%m%d-%H%M%S")
@@ -228,7 +228,7 @@ def train_on_ray(config: TrainConfig, ids, labels, dataset, storage_uri: str, nu
         run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             logging_config=LoggingConfig(log_level="WARNING")),
+                             logging_config=LoggingConfig(log_level=ray_log_level())),
         datasets={"train": dataset},
     )
     result = trainer.fit()
