@@ -93,9 +93,12 @@ def run_child(kind: str, root: str, pool: str, test: str, args) -> dict:
 
 def start_s3() -> str:
     """A loopback S3 server in this process; its settings go to the children's environment."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
