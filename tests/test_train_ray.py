@@ -13,7 +13,7 @@ from tidal_ray.cli import main
 from tidal_ray.datasets import DIGITS_SHAPE, load_digits
 from tidal_ray.models import prepare_input
 from tidal_ray.train import TrainConfig, train_in_process
-from tidal_ray.train_ray import FAIL_AT_EPOCH_ENV, train_on_ray
+from tidal_ray.train_ray import FAIL_AT_EPOCH_ENV, train_arrays_on_ray
 
 N, EPOCHS = 128, 8
 
@@ -40,7 +40,7 @@ def s3_run(ray_local, s3_endpoint):
     # batch_size = N: one full-batch step per epoch, in-process and under DDP alike.
     config = TrainConfig(num_classes=10, input_shape=DIGITS_SHAPE, backbone="small_cnn",
                          epochs=EPOCHS, batch_size=N, lr=3e-3, seed=0, checkpoint_every=1)
-    result = train_on_ray(config, ids, pixels, labels, "s3://train-ray-ddp/runs", num_workers=2, name="ddp")
+    result = train_arrays_on_ray(config, ids, pixels, labels, "s3://train-ray-ddp/runs", num_workers=2, name="ddp")
     return config, (ids, pixels, labels), result
 
 

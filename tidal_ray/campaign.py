@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
+from . import ids as id_utils
 from . import storage
 from .errors import BadInput
 from .labeling import read_labels, validate_labels, write_exports
@@ -130,63 +131,56 @@ def _maybe_kill_for_test(cycle: int, step: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _evaluate(checkpoint_uri: str, test_uri: str | None) -> float | None:
-    if not test_uri:
-        return None
-    import torch
-
-    from .checkpoint import load_checkpoint, model_from_checkpoint
-    from .loader import load_rows
-    from .models import prepare_input
-
-    net = model_from_checkpoint(load_checkpoint(checkpoint_uri))
-    _, x, labels, _ = load_rows(test_uri)
-    if labels is None:
-        raise BadInput(f"test set {test_uri} has no label column")
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(x), 512):
-            logits, _ = net(prepare_input(torch.as_tensor(x[start:start + 512])))
-            correct += int((logits.argmax(1).numpy() == labels[start:start + 512]).sum())
-    return correct / len(x)
-
-
 def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
     metrics_uri = cycle_uri(root, cycle, "metrics.json")
     if storage.exists(metrics_uri):
         return
-    from .loader import load_rows
+    from .evaluate import accuracy
+    from .loader import natural_shape
+    from .pool import describe_pool
     from .train import TrainConfig, train_in_process
     from .train_ray import train_on_ray
 
     labels = labeled_table(root)
-    label_of = dict(zip(labels.column("id").to_pylist(), labels.column("label").to_pylist()))
-    ids, x, _, input_shape = load_rows(config.pool, ids=list(label_of))
-    y = np.array([label_of[i] for i in ids.tolist()], dtype=np.int64)
-    train_config = TrainConfig(num_classes=config.num_classes, input_shape=tuple(input_shape),
+    ids, y = labels.column("id").to_numpy(zero_copy_only=False), labels.column("label").to_numpy()
+    spec = describe_pool(config.pool)
+    train_config = TrainConfig(num_classes=config.num_classes, input_shape=tuple(natural_shape(spec)),
                                backbone=config.backbone, epochs=config.epochs, batch_size=config.batch_size,
                                lr=config.lr, lam=config.lam, seed=config.seed + cycle)
     log(f"cycle {cycle}: training {config.backbone} on {len(ids)} labels ({config.trainer})")
     started = time.perf_counter()
     checkpoint_dir = cycle_uri(root, cycle, "checkpoint")
+    rejected = 0
     if config.trainer == "ray":
-        result = train_on_ray(train_config, ids, x, y, storage_uri=checkpoint_dir, num_workers=config.workers,
-                              use_gpu=config.use_gpu, max_failures=config.max_failures, name="train")
+        from .labeled import labeled_rows
+
+        # The labeled rows go from the pool to the workers on Ray Data, never through here.
+        rows = labeled_rows(config.pool, ids, y, train_config.input_shape, spec)
+        ids, y, rejected = rows.ids, rows.labels, rows.rejected
+        result = train_on_ray(train_config, ids, y, rows.dataset, storage_uri=checkpoint_dir,
+                              num_workers=config.workers, use_gpu=config.use_gpu,
+                              max_failures=config.max_failures, name="train")
         checkpoint, history = result.checkpoint_uri, result.metrics
     else:
         from .checkpoint import save_checkpoint
+        from .loader import load_rows
 
+        # --trainer local holds the labeled rows in this process: for small campaigns.
+        label_of = dict(zip(ids.tolist(), y.tolist()))
+        ids, x, _, _ = load_rows(config.pool, ids=list(label_of))
+        y = np.array([label_of[i] for i in ids.tolist()], dtype=np.int64)
         _, _, session = train_in_process(train_config, ids, x, y)
         checkpoint = save_checkpoint(session.last_state, checkpoint_dir).rsplit("/", 1)[0]
         history = session.history
     train_seconds = time.perf_counter() - started
-    accuracy = _evaluate(checkpoint, config.test)
+    accuracy = accuracy(checkpoint, config.test)
     log(f"cycle {cycle}: trained in {train_seconds:.1f}s; test accuracy "
         + ("n/a (no test set)" if accuracy is None else f"{accuracy:.4f}"))
     storage.write_json(metrics_uri, {
-        "cycle": cycle, "labeled": len(ids), "checkpoint": checkpoint, "test_accuracy": accuracy,
-        "td_kl": history[-1]["kl"] if history else None, "train_seconds": train_seconds,
-        "train_history": history, "label_counts": np.bincount(y, minlength=config.num_classes).tolist(),
+        "cycle": cycle, "labeled": len(ids), "labeled_rejected": rejected, "checkpoint": checkpoint,
+        "test_accuracy": accuracy, "td_kl": history[-1]["kl"] if history else None,
+        "train_seconds": train_seconds, "train_history": history,
+        "label_counts": np.bincount(y, minlength=config.num_classes).tolist(),
     })
 
 
@@ -231,12 +225,12 @@ def step_wait_for_labels(root: str, config: CampaignConfig, cycle: int, log) -> 
         log(f"cycle {cycle}: waiting for labels. Label {cycle_uri(root, cycle, 'export')}/ and run "
             f"'tidal-ray campaign import-labels {root} FILE', then 'tidal-ray campaign run {root}'")
         return False
-    from .loader import load_rows
+    from .lookup import labels_of
+    from .pool import describe_pool
 
     selection = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet"))
-    ids, _, labels, _ = load_rows(config.pool, ids=selection.column("id").to_pylist())
-    if labels is None:
-        raise BadInput(f"the oracle needs a 'label' column in the pool {config.pool}")
+    # Only the id and label columns of the selected rows are read, never the data.
+    ids, labels = labels_of(describe_pool(config.pool), selection.column("id").to_pylist())
     storage.write_parquet(target, pa.table({"id": pa.array(ids), "label": pa.array(labels, pa.int64())}))
     log(f"cycle {cycle}: oracle labeled {len(ids)} samples")
     return True
@@ -327,23 +321,23 @@ def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = Non
     config.check()
     if storage.exists(state_uri(root)):
         raise BadInput(f"a campaign already exists at {root}")
-    from .loader import load_rows
+    from .loader import pool_has_ids
+    from .lookup import sample_labels
+    from .pool import describe_pool
 
-    pool_ids, _, pool_labels, _ = load_rows(config.pool)
+    # Footers, ids and the drawn rows' labels only: the pool's data is never read here.
+    spec = describe_pool(config.pool)
     if config.test is not None and not storage.exists(config.test):
         raise BadInput(f"test set {config.test} does not exist")
     if initial_labels_uri:
         rows = read_labels(initial_labels_uri, config.pool)
-        table, problems = validate_labels(rows, pool_ids.tolist(), config.num_classes, lambda _: False,
-                                          pa.array(pool_ids).type)
+        in_pool = pool_has_ids(config.pool, [r["id"] for r in rows if r["id"] is not None])
+        table, problems = validate_labels(rows, id_utils.parse_keys(sorted(in_pool), spec.id_type).to_pylist(),
+                                          config.num_classes, lambda _: False, spec.id_type)
         for p in problems:
             log(f"initial labels: line {p['line']}: id {p['id']!r}: {p['reason']}")
     elif config.oracle and config.initial_labels > 0:
-        if pool_labels is None:
-            raise BadInput(f"the oracle needs a 'label' column in the pool {config.pool}")
-        rng = np.random.default_rng(config.seed)
-        rows = np.sort(rng.choice(len(pool_ids), size=config.initial_labels, replace=False))
-        table = pa.table({"id": pa.array(pool_ids[rows]), "label": pa.array(pool_labels[rows], pa.int64())})
+        table = sample_labels(spec, config.initial_labels, config.seed)
     else:
         raise BadInput("give initial labels: --initial-labels-file FILE, or --oracle with --initial-labels N")
     if table.num_rows == 0:
@@ -353,7 +347,7 @@ def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = Non
              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     save_state(root, state)
     log(f"campaign initialized at {root}: {table.num_rows} initial labels, pool {config.pool} "
-        f"({len(pool_ids)} rows), {config.cycles} cycles of {config.k}")
+        f"({spec.rows} rows), {config.cycles} cycles of {config.k}")
     return state
 
 

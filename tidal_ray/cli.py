@@ -55,20 +55,25 @@ def cmd_make_pool(args):
 
 
 def cmd_train(args):
-    from .loader import load_labeled
-    from .train import TrainConfig
+    from .labeled import labeled_rows, read_labeled_set
+    from .loader import natural_shape
+    from .train import TrainConfig, validate_labels
     from .train_ray import train_on_ray
 
-    ids, x, y, input_shape, declared_classes = load_labeled(args.labeled)
+    # Ids and labels only on this process; the rows' data goes to the workers on Ray Data.
+    ids, y, spec = read_labeled_set(args.labeled)
     # A labeled set that lacks the top class would otherwise shrink C.
-    num_classes = args.num_classes or declared_classes or max(int(y.max()) + 1, 2)
-    config = TrainConfig(num_classes=num_classes, input_shape=tuple(input_shape), backbone=args.backbone,
+    num_classes = args.num_classes or spec.num_classes or max(int(y.max()) + 1, 2)
+    config = TrainConfig(num_classes=num_classes, input_shape=tuple(natural_shape(spec)), backbone=args.backbone,
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lam=args.lam,
                          seed=args.seed, checkpoint_every=args.checkpoint_every)
-    result = train_on_ray(config, ids, x, y, args.out, num_workers=args.workers, use_gpu=args.use_gpu,
-                          max_failures=args.max_failures, name=args.name, cpus_per_worker=args.cpus_per_worker)
+    validate_labels(config, ids, y, args.workers)
+    rows = labeled_rows(args.labeled, ids, y, config.input_shape, spec)
+    result = train_on_ray(config, rows.ids, rows.labels, rows.dataset, args.out, num_workers=args.workers,
+                          use_gpu=args.use_gpu, max_failures=args.max_failures, name=args.name,
+                          cpus_per_worker=args.cpus_per_worker)
     last = result.metrics[-1]
-    print(f"trained {last['epoch']} epochs on {len(ids)} labeled samples with {args.workers} workers: "
+    print(f"trained {last['epoch']} epochs on {len(rows.ids)} labeled samples with {args.workers} workers: "
           f"loss {last['loss']:.4f}, train acc {last['train_accuracy']:.3f}")
     print(f"checkpoint: {result.checkpoint_uri}")
     print(f"metrics: {result.history_uri}")
@@ -215,7 +220,7 @@ def add_campaign_parser(sub) -> None:
                    help="simulation: labels come from the pool's label column, no person needed")
     a.add_argument("--test", help="a labeled test set (same format as the pool) for test accuracy")
     a.add_argument("--trainer", default="ray", choices=["ray", "local"],
-                   help="ray: Ray Train workers; local: in the driver process")
+                   help="ray: Ray Train workers; local: in the driver process, which then holds the labeled rows (small campaigns)")
     a.add_argument("--workers", type=int, default=1)
     a.add_argument("--actors", default="1,1", help="scorer actors MIN,MAX")
     a.add_argument("--per-class-quota", action="store_true")

@@ -39,7 +39,7 @@ def iter_tables(spec: PoolSpec, columns: list[str] | None = None, batch_rows: in
                 yield table.append_column("path", pa.array([path] * table.num_rows, pa.string()))
 
 
-def _natural_shape(spec: PoolSpec) -> tuple[int, ...]:
+def natural_shape(spec: PoolSpec) -> tuple[int, ...]:
     if spec.shape is not None:
         return spec.shape
     if spec.format == "features":
@@ -73,7 +73,7 @@ def load_rows(uri: str, ids=None):
         root = spec.root.rstrip("/") + "/"
         keys = set(wanted.to_pylist())
         spec = replace(spec, files=tuple(f for f in spec.files if storage.resolve(f[0])[1][len(root):] in keys))
-    input_shape = _natural_shape(spec) if spec.files else (0,)
+    input_shape = natural_shape(spec) if spec.files else (0,)
     columns = None if spec.format == "files" else ["id", spec.column] + (["label"] if spec.has_label else [])
     file_index = spec.file_index()
     parts_ids, parts_x, parts_labels, skipped = [], [], [], []

@@ -59,8 +59,12 @@ def quiet_ray_logs() -> None:
     config = dict(data_logging.DEFAULT_CONFIG)
     config["handlers"] = {**config["handlers"], "console": {**config["handlers"]["console"], "level": "ERROR"}}
     path = os.path.join(tempfile.gettempdir(), "tidal-ray-data-logging.yaml")
-    with open(path, "w") as f:
+    # Every Ray worker writes this file as it starts: write-then-rename, so none ever
+    # reads it half written (seen: Ray Data's logging config loaded as None, tasks failed).
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tidal-ray-data-logging.")
+    with os.fdopen(fd, "w") as f:
         f.write(yaml.safe_dump(config))
+    os.replace(tmp, path)
     os.environ["RAY_DATA_LOGGING_CONFIG"] = path
     # Ray 2.60 names this logger after its file's path, not its module.
     logging.getLogger(os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution",

@@ -166,8 +166,8 @@ def train_in_process(config: TrainConfig, ids, x, y, device: str = "cpu", on_epo
 
 
 def validate_labeled(config: TrainConfig, ids, x, y, num_workers: int = 1):
-    """Check a labeled set against the config before anything starts; returns
-    ``(ids, x, y)`` as arrays. Raises BadInput with a one-line message."""
+    """Check a labeled set held as arrays against the config before anything starts;
+    returns ``(ids, x, y)`` as arrays. Raises BadInput with a one-line message."""
     if ids is None or x is None or y is None or len(ids) == 0:
         raise BadInput("the labeled set is missing or empty")
     ids, x, y = np.asarray(ids), np.asarray(x), np.asarray(y)
@@ -179,6 +179,18 @@ def validate_labeled(config: TrainConfig, ids, x, y, num_workers: int = 1):
         raise BadInput(f"inputs have shape {tuple(x.shape[1:])} per sample, expected {tuple(config.input_shape)}")
     if x.dtype == np.float32 and not np.isfinite(x).all():
         raise BadInput("the labeled features contain NaN or inf")
+    ids, y = validate_labels(config, ids, y, num_workers)
+    return ids, x, y
+
+
+def validate_labels(config: TrainConfig, ids, y, num_workers: int = 1):
+    """Check the labeled ids and labels (the inputs stay in the pool) against the config
+    before anything starts; returns ``(ids, y)`` as arrays. Raises BadInput with a one-line message."""
+    if ids is None or y is None or len(ids) == 0:
+        raise BadInput("the labeled set is missing or empty")
+    ids, y = np.asarray(ids), np.asarray(y)
+    if len(ids) != len(y):
+        raise BadInput(f"the labeled set has {len(ids)} ids and {len(y)} labels; they must match")
     build_backbone(config.backbone, config.num_classes, config.input_shape)  # unknown name, shape it can't take
     if y.ndim != 1 or y.dtype.kind not in "iu":
         raise BadInput(f"labels must be a 1-D integer array, got {y.dtype} with shape {y.shape}")
@@ -194,4 +206,4 @@ def validate_labeled(config: TrainConfig, ids, x, y, num_workers: int = 1):
         raise BadInput(f"{len(ids)} labeled samples are too few for {num_workers} workers (need 2 per worker)")
     if config.epochs < 1 or config.batch_size < 1:
         raise BadInput(f"epochs and batch size must be positive, got {config.epochs} and {config.batch_size}")
-    return ids, x, y.astype(np.int64)
+    return ids, y.astype(np.int64)

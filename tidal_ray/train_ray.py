@@ -1,6 +1,7 @@
 """Training on Ray Train: ``RayTrainSession`` (the session ``train.run_training`` talks
 to on each DDP worker) and ``train_on_ray``, which launches a ``TorchTrainer`` with the
-labeled set as a sharded Ray Dataset.
+labeled set as a sharded Ray Dataset: read out of the pool on Ray tasks
+(``labeled.labeled_rows``), or, for small in-memory sets, ``arrays_dataset``.
 
 Test-only fault injection: with ``TIDAL_RAY_TEST_FAIL_AT_EPOCH=E`` in the driver's
 environment, one worker raises once at the start of epoch E (see tests/README.md).
@@ -20,7 +21,7 @@ import torch.distributed as dist
 from . import storage
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import BadInput
-from .train import TrainConfig, join_single_row_tail, run_training, validate_labeled
+from .train import TrainConfig, join_single_row_tail, run_training, validate_labeled, validate_labels
 
 FAIL_AT_EPOCH_ENV = "TIDAL_RAY_TEST_FAIL_AT_EPOCH"
 
@@ -162,7 +163,10 @@ class TrainResult:
     run_uri: str  # Ray Train's directory for the run
 
 
-def _labeled_dataset(ids: np.ndarray, x: np.ndarray, y: np.ndarray):
+def arrays_dataset(ids: np.ndarray, x: np.ndarray, y: np.ndarray):
+    """A small labeled set held in this process as a Ray Dataset of ``{id, index, label, x}``
+    (``index``: the row's position in ``ids``). Whole-pool campaigns use
+    ``labeled.labeled_rows`` instead, which never brings the rows to the driver."""
     import pyarrow as pa
     import ray.data
     from ray.data.extensions import ArrowTensorArray
@@ -172,20 +176,32 @@ def _labeled_dataset(ids: np.ndarray, x: np.ndarray, y: np.ndarray):
     return ray.data.from_arrow(table)
 
 
-def train_on_ray(config: TrainConfig, ids, x, y, storage_uri: str, num_workers: int = 2,
+def train_arrays_on_ray(config: TrainConfig, ids, x, y, storage_uri: str, num_workers: int = 2, **kwargs) -> TrainResult:
+    """``train_on_ray`` for a small labeled set held as arrays (``x`` uint8 pixels
+    (N, C, H, W) or float32 features (N, D)); tests and benchmarks."""
+    ids, x, y = validate_labeled(config, ids, x, y, num_workers)
+    from .runtime import init_ray
+
+    init_ray()
+    return train_on_ray(config, ids, y, arrays_dataset(ids, x, y), storage_uri, num_workers=num_workers, **kwargs)
+
+
+def train_on_ray(config: TrainConfig, ids, labels, dataset, storage_uri: str, num_workers: int = 2,
                  use_gpu: bool = False, max_failures: int = 0, name: str | None = None,
                  cpus_per_worker: float = 0.5) -> TrainResult:
     """Train on ``num_workers`` Ray Train workers (DDP: gloo on CPU, nccl with ``use_gpu``).
 
-    ``ids``/``x``/``y``: the labeled set as arrays (``x`` uint8 pixels (N, C, H, W) or
-    float32 features (N, D)). The run lives at ``storage_uri/name`` (local dir or
-    ``s3://``); a checkpoint every ``config.checkpoint_every`` epochs and after the last
-    (the last two kept), ``metrics.json`` beside them.
+    ``dataset``: a Ray Dataset of ``{id, index, label, x}`` rows, where ``index`` is the
+    row's position in ``ids`` (its TD-table row) and ``labels`` are aligned with ``ids``
+    (checked here before anything starts). Each worker streams its shard of it. The run
+    lives at ``storage_uri/name`` (local dir or ``s3://``); a checkpoint every
+    ``config.checkpoint_every`` epochs and after the last (the last two kept),
+    ``metrics.json`` beside them.
     Reusing ``name`` at the same place resumes that run (Ray Train restores from it).
     Workers take ``cpus_per_worker`` CPUs each (fractional, so data tasks keep a CPU on
     small machines). A worker that dies is restarted up to ``max_failures`` times and
     resumes from the last checkpoint, TD table included."""
-    ids, x, y = validate_labeled(config, ids, x, y, num_workers)
+    ids, labels = validate_labels(config, ids, labels, num_workers)
     if cpus_per_worker <= 0:
         raise BadInput(f"cpus per worker must be positive, got {cpus_per_worker}")
     import ray
@@ -201,7 +217,7 @@ def train_on_ray(config: TrainConfig, ids, x, y, storage_uri: str, num_workers: 
     fs, path = storage.resolve(storage_uri)
     # A new shuffle every epoch (reseeded per execution), reproducible from the seed; it also
     # moves the <num_workers rows that the equal split leaves out to other samples each epoch.
-    dataset = _labeled_dataset(ids, x, y).random_shuffle(
+    dataset = dataset.random_shuffle(
         seed=RandomSeedConfig(seed=config.seed, reseed_after_execution=True))
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(

@@ -1,0 +1,180 @@
+"""Driver memory and wall time of one oracle campaign cycle, for a pool of N and of 10N rows.
+
+    python benchmarks/campaign_scale.py [--rows 200000] [--storage local|s3|both] [--repeat 2]
+
+The pool is synthetic 64-d float32 features (``make_pool --source synthetic --format
+features --shape 64``), 100,000 rows per parquet file, on local disk and/or on a
+loopback S3 server (moto's ThreadedMotoServer, started here on 127.0.0.1, reached
+through the AWS environment like a real endpoint). Each run is two fresh driver
+processes, so the peak RSS is that run's own:
+- ``init``: ``campaign.init`` with the oracle drawing the initial labels;
+- ``cycle``: a local Ray started, then the campaign's steps as ``campaign.run`` calls
+  them: train (Ray Train, 1 worker), select (score the whole pool on Ray Data), export,
+  oracle labels, merge, and the final train; a 10,000-row test set is evaluated after
+  each training.
+Driver peak RSS is the process's own high-water mark (``ru_maxrss`` of RUSAGE_SELF),
+read after each step, so a step's figure is the peak so far; Ray's daemons and object
+store are other processes and are not counted. Prints per-step wall time and peak RSS
+and the 10N / N ratios for ``init`` and the whole cycle; writes
+benchmarks/out/campaign_scale.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+ROWS_PER_FILE = 100_000
+TEST_ROWS = 10_000
+SHAPE = "64"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def child_init(root: str, pool: str, test: str, args) -> dict:
+    from tidal_ray import campaign
+
+    config = campaign.CampaignConfig(pool=pool, test=test, num_classes=10, k=args.k, cycles=1,
+                                     backbone="mlp", epochs=args.epochs, batch_size=256, seed=0,
+                                     initial_labels=args.initial, oracle=True, trainer="ray", workers=1)
+    started = time.perf_counter()
+    campaign.init(root, config, log=lambda line: print(line, file=sys.stderr))
+    return {"steps": [{"step": "init", "seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}]}
+
+
+def child_cycle(root: str) -> dict:
+    from tidal_ray import campaign
+    from tidal_ray.runtime import init_ray
+
+    def log(line):
+        print(line, file=sys.stderr)
+
+    state = campaign.load_state(root)
+    config = campaign.config_of(state)
+    steps = [
+        ("ray start", init_ray),
+        ("train", lambda: campaign.step_train(root, config, 0, log)),
+        ("select", lambda: campaign.step_select(root, config, 0, log)),
+        ("export", lambda: campaign.step_export(root, config, 0, log)),
+        ("oracle", lambda: campaign.step_wait_for_labels(root, config, 0, log)),
+        ("merge", lambda: campaign.labeled_table(root).num_rows),
+        ("final train", lambda: campaign.step_train(root, config, 1, log)),
+    ]
+    out = []
+    for name, run in steps:
+        started = time.perf_counter()
+        run()
+        out.append({"step": name, "seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()})
+    metrics = [campaign.storage.read_json(campaign.cycle_uri(root, c, "metrics.json")) for c in (0, 1)]
+    selection = campaign.storage.read_json(campaign.cycle_uri(root, 0, "selection.json"))
+    return {"steps": out, "labeled": [m["labeled"] for m in metrics],
+            "test_accuracy": [m["test_accuracy"] for m in metrics], "rows_scored": selection["rows_scored"]}
+
+
+def run_child(kind: str, root: str, pool: str, test: str, args) -> dict:
+    argv = [sys.executable, __file__, "--child", kind, "--root", root, "--pool", pool, "--test", test,
+            "--k", str(args.k), "--initial", str(args.initial), "--epochs", str(args.epochs)]
+    out = subprocess.run(argv, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def start_s3() -> str:
+    """A loopback S3 server in this process; its settings go to the children's environment."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1",
+                       "AWS_EC2_METADATA_DISABLED": "true"})
+    boto3.client("s3").create_bucket(Bucket="campaign-scale")
+    return "s3://campaign-scale"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=200_000, help="N (the other pool has 10N)")
+    parser.add_argument("--storage", default="both", choices=["local", "s3", "both"])
+    parser.add_argument("--repeat", type=int, default=2, help="runs per pool (fresh campaign each)")
+    parser.add_argument("--k", type=int, default=1000)
+    parser.add_argument("--initial", type=int, default=1000, help="initial labels drawn by the oracle")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--child", choices=["init", "cycle"], help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
+    parser.add_argument("--pool", help=argparse.SUPPRESS)
+    parser.add_argument("--test", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "campaign_scale.json"))
+    args = parser.parse_args()
+    if args.child:
+        result = child_init(args.root, args.pool, args.test, args) if args.child == "init" else child_cycle(args.root)
+        print(json.dumps(result))
+        return
+
+    from tidal_ray.make_pool import make_pool
+
+    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                           "load_average_at_start": os.getloadavg()},
+               "settings": {"n": args.rows, "shape": SHAPE, "rows_per_file": ROWS_PER_FILE, "k": args.k,
+                            "initial_labels": args.initial, "epochs": args.epochs, "backbone": "mlp",
+                            "test_rows": TEST_ROWS},
+               "runs": [], "ratios": []}
+    stores = ["local", "s3"] if args.storage == "both" else [args.storage]
+    with tempfile.TemporaryDirectory(prefix="campaign-scale-") as local:
+        for store in stores:
+            base = start_s3() if store == "s3" else local
+            test = f"{base}/test"
+            make_pool(test, source="synthetic", rows=TEST_ROWS, fmt="features", shape=SHAPE)
+            by_size = {}
+            for rows in (args.rows, 10 * args.rows):
+                pool = f"{base}/pool-{rows}"
+                started = time.perf_counter()
+                make_pool(pool, source="synthetic", rows=rows, fmt="features", shape=SHAPE,
+                          shards=max(1, rows // ROWS_PER_FILE))
+                print(f"{store}: wrote a {rows:,}-row pool in {time.perf_counter() - started:.0f}s", flush=True)
+                for repeat in range(args.repeat):
+                    root = f"{base}/campaign-{rows}-{repeat}"
+                    run = {"storage": store, "rows": rows, "repeat": repeat, "load_average": os.getloadavg()}
+                    run["init"] = run_child("init", root, pool, test, args)
+                    run["cycle"] = run_child("cycle", root, pool, test, args)
+                    results["runs"].append(run)
+                    by_size.setdefault(rows, []).append(run)
+                    line = ", ".join(f"{s['step']} {s['seconds']:.1f}s/{s['peak_rss_mb']:.0f}MB"
+                                     for s in run["init"]["steps"] + run["cycle"]["steps"])
+                    print(f"{store} {rows:>10,} rows #{repeat}: {line}; labeled {run['cycle']['labeled']}, "
+                          f"load {run['load_average'][0]:.1f}", flush=True)
+            for repeat in range(args.repeat):
+                small, large = by_size[args.rows][repeat], by_size[10 * args.rows][repeat]
+                ratio = {"storage": store, "repeat": repeat,
+                         "init": large["init"]["steps"][-1]["peak_rss_mb"] / small["init"]["steps"][-1]["peak_rss_mb"],
+                         "cycle": large["cycle"]["steps"][-1]["peak_rss_mb"] / small["cycle"]["steps"][-1]["peak_rss_mb"]}
+                results["ratios"].append(ratio)
+                print(f"{store} #{repeat}: driver peak RSS 10N / N: init {ratio['init']:.3f}, "
+                      f"whole cycle {ratio['cycle']:.3f} (target <= 1.10)", flush=True)
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The labeled rows of a pool as a Ray Dataset for training, read and decoded on Ray
+tasks, never through the driver (DESIGN §1).
+
+    labeled ids -> read tasks (one per parquet file: id filter on each row group, only
+    the row groups that can hold a labeled id; image files: exactly the labeled keys)
+    -> decode_batch (CPU tasks) -> materialize (object store) -> id, index, label, x
+
+The driver holds the labeled ids and labels (O(labels)) and, after the read, each
+labeled row's id, file and row position (no data), from which it decides which row
+stands for each id (the earliest good one, by file then row, as in scoring) and each
+id's ``index``: its position in the labeled-id list, i.e. its row in the TD table.
+
+A labeled id that is not in the pool at all is bad input (the pool changed under the
+labels). A labeled id whose rows are all undecodable (bad bytes, NaN features, wrong
+length) is left out of training, counted in ``LabeledRows.rejected`` with the first
+one named, and warned about on stderr, as scoring rejects bad rows.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from . import ids as id_utils
+from . import storage
+from .decode import decode_batch
+from .errors import BadInput
+from .lookup import rows_with_ids
+from .pool import PoolSpec, describe_pool
+
+READ_CPUS = 0.25      # read + decode tasks, fractional so training workers keep room
+ROW_BITS = 40         # a row's key is file << ROW_BITS | row within the file
+
+
+@dataclass
+class LabeledRows:
+    ids: np.ndarray            # the training order: ids[i] is row i of the TD table
+    labels: np.ndarray         # int64, aligned with ids
+    input_shape: tuple[int, ...]
+    dataset: object            # ray.data.Dataset of {id, index, label, x}
+    rejected: int              # labeled ids left out: every row of theirs undecodable
+    first_rejected: str | None  # "id: reason" of the first of them
+
+
+def _decoded(table: pa.Table, rows: np.ndarray, file: int, spec: PoolSpec, input_shape) -> dict:
+    """Good rows and rejects of one read table: ``id, x, key, reason`` ("" when good)."""
+    good, rejects = decode_batch(table, spec, input_shape, {})
+    bad = len(rejects["id"])
+    string = id_utils.is_string(spec.id_type)
+    bad_ids = np.array([("" if string else 0) if i is None else i for i in rejects["id"]],
+                       dtype=str if string else np.int64)
+    x = np.concatenate([good["x"], np.zeros((bad, *input_shape), good["x"].dtype)]) if bad else good["x"]
+    good_keys = (np.int64(file) << ROW_BITS) | rows[good["row"]].astype(np.int64)
+    return {"id": np.concatenate([good["id"], bad_ids]), "x": x,
+            "key": np.concatenate([good_keys, np.full(bad, -1, np.int64)]),
+            "reason": np.concatenate([np.full(len(good["id"]), "", dtype=object),
+                                      rejects["reason"].astype(object)]).astype(str)}
+
+
+def _read_parquet_files(batch: dict, uris: list[str], wanted: pa.Array, spec: PoolSpec, input_shape):
+    """One read task: the labeled rows of the files in ``batch["file"]``, decoded."""
+    for file in batch["file"].tolist():
+        for table, rows in rows_with_ids(uris[file], wanted, ["id", spec.column]):
+            yield _decoded(table, rows, file, spec, input_shape)
+
+
+def _decode_files(table: pa.Table, numbers: dict[str, int], spec: PoolSpec, input_shape) -> dict:
+    """Image files, decoded; a file's number (by path, in ``numbers``) stands for its row."""
+    files = np.array([numbers[p] for p in table.column("path").to_pylist()], np.int64)
+    return _decoded(table, files, 0, spec, input_shape)
+
+
+def _read_dataset(spec: PoolSpec, wanted: pa.Array, input_shape):
+    import ray.data
+
+    if spec.format == "files":
+        keys = set(wanted.to_pylist())
+        paths = [path for path in spec.fs_paths() if path[len(spec.root.rstrip("/")) + 1:] in keys]
+        if not paths:
+            return None
+        filesystem = storage.s3_filesystem() if storage.is_s3(spec.uri) else None
+        ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=filesystem, num_cpus=READ_CPUS)
+        return ds.map_batches(_decode_files, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS,
+                              fn_kwargs={"numbers": {p: i for i, p in enumerate(paths)}, "spec": spec.slim(),
+                                         "input_shape": input_shape})
+    uris = [uri for uri, _ in spec.files]
+    files = ray.data.from_items([{"file": i} for i in range(len(uris))], override_num_blocks=min(len(uris), 256))
+    return files.map_batches(_read_parquet_files, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS,
+                             fn_kwargs={"uris": uris, "wanted": wanted, "spec": spec.slim(),
+                                        "input_shape": input_shape})
+
+
+def _attach_index_and_label(batch: dict, keys: np.ndarray, index: np.ndarray, labels: np.ndarray) -> dict:
+    """Keep the rows that stand for their id (``keys``, sorted) and give them their TD
+    index and label."""
+    at = np.searchsorted(keys, batch["key"]).clip(max=max(len(keys) - 1, 0))
+    keep = (batch["reason"] == "") & (keys[at] == batch["key"]) if len(keys) else np.zeros(len(at), bool)
+    at = at[keep]
+    return {"id": batch["id"][keep], "index": index[at], "label": labels[at], "x": batch["x"][keep]}
+
+
+def labeled_rows(pool_uri: str, ids, labels, input_shape=None, spec: PoolSpec | None = None) -> LabeledRows:
+    """The rows of ``ids`` in the pool as a training dataset (``labels`` aligned with
+    ``ids``; ``input_shape`` defaults to the pool's own)."""
+    from .loader import natural_shape
+    from .runtime import init_ray
+
+    spec = spec or describe_pool(pool_uri)
+    wanted = id_utils.from_user(ids, spec.id_type, pool_uri)
+    ids = id_utils.to_numpy(wanted, spec.id_type)
+    labels = np.asarray(labels, dtype=np.int64)
+    id_utils.check_unique(ids, "the labeled set")
+    input_shape = tuple(int(d) for d in (input_shape or natural_shape(spec)))
+
+    init_ray()
+    read = _read_dataset(spec, wanted, input_shape)
+    read = read.materialize() if read is not None else None
+    # What the driver sees of the read: ids, positions and reasons, no data.
+    tables = [] if read is None or read.count() == 0 else \
+        list(read.select_columns(["id", "key", "reason"]).iter_batches(batch_size=None, batch_format="pyarrow"))
+    tables = [t for t in tables if t.num_rows]
+    found = pa.concat_tables(tables) if tables else pa.table({"id": pa.array([], spec.id_type),
+                                                              "key": pa.array([], pa.int64()),
+                                                              "reason": pa.array([], pa.string())})
+    found_ids = id_utils.to_numpy(found.column("id"), spec.id_type)
+    key = found.column("key").to_numpy()
+    reason = found.column("reason").to_numpy(zero_copy_only=False).astype(str)
+    missing = ~np.isin(ids, found_ids)
+    if missing.any():
+        raise BadInput(f"{int(missing.sum())} labeled id(s) not found in {pool_uri} (e.g. {ids[missing].tolist()[0]!r})")
+
+    good = reason == ""
+    order = np.argsort(key[good], kind="stable")               # file order, then row order
+    good_ids, good_keys = found_ids[good][order], key[good][order]
+    unique_ids, first = np.unique(good_ids, return_index=True)  # the earliest good row of each id
+    kept = np.isin(ids, unique_ids)
+    rejected = ids[~kept]
+    first_rejected = None
+    if len(rejected):
+        i = int(np.flatnonzero(found_ids == rejected[0])[0])
+        first_rejected = f"{rejected.tolist()[0]!r}: {reason[i]}"
+        print(f"training: left out {len(rejected)} labeled id(s) whose rows in {pool_uri} cannot be decoded "
+              f"(first: {first_rejected})", file=sys.stderr)
+    ids, labels = ids[kept], labels[kept]
+    if len(ids) == 0:
+        raise BadInput(f"none of the labeled rows in {pool_uri} can be decoded (e.g. {first_rejected})")
+    winner = good_keys[first[np.searchsorted(unique_ids, ids)]]
+    by_key = np.argsort(winner)
+    dataset = read.map_batches(_attach_index_and_label, batch_format="numpy", num_cpus=READ_CPUS,
+                               fn_kwargs={"keys": winner[by_key], "index": by_key.astype(np.int64),
+                                          "labels": labels[by_key]})
+    return LabeledRows(ids, labels, input_shape, dataset, len(rejected), first_rejected)
+
+
+def read_labeled_set(uri: str) -> tuple[np.ndarray, np.ndarray, PoolSpec]:
+    """A labeled set's ``id`` and ``label`` columns only (for ``train --labeled``):
+    ``(ids, labels, spec)``, the first row of a repeated id winning, a null label as -1
+    (refused later as out of range); rows with a null id are left out."""
+    from .loader import iter_tables
+
+    if not storage.exists(uri):
+        raise BadInput(f"labeled set not found: {uri}")
+    spec = describe_pool(uri)
+    if spec.format == "files" or not spec.has_label:
+        raise BadInput(f"labeled set {uri} has no label column")
+    parts_ids, parts_labels = [], []
+    for table in iter_tables(spec, ["id", "label"]):
+        table = table.filter(table.column("id").is_valid())
+        parts_ids.append(id_utils.to_numpy(table.column("id").cast(spec.id_type), spec.id_type))
+        parts_labels.append(table.column("label").cast(pa.int64()).fill_null(-1).to_numpy())
+    ids = np.concatenate(parts_ids) if parts_ids else id_utils.empty(spec.id_type)
+    labels = np.concatenate(parts_labels) if parts_labels else np.empty(0, np.int64)
+    first = id_utils.SeenIds().first_seen(ids)
+    if not first.any():
+        raise BadInput(f"labeled set {uri} has no rows")
+    return ids[first], labels[first], spec
