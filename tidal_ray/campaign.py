@@ -107,7 +107,8 @@ def labeled_table(root: str) -> pa.Table:
     """Every label that has arrived, in arrival order."""
     prefix = storage.join(root, "labeled")
     files = [uri for uri, _ in storage.list_files(prefix)] if storage.exists(prefix) else []
-    tables = [storage.read_parquet(uri).select(["id", "label"]) for uri in files if uri.endswith(".parquet")]
+    tables = [storage.read_parquet(uri).select(["id", "label"]) for uri in files
+              if uri.endswith(".parquet") and not storage.is_hidden(uri)]
     if not tables:
         return pa.table({"id": pa.array([], pa.int64()), "label": pa.array([], pa.int64())})
     return pa.concat_tables(tables, promote_options="permissive")

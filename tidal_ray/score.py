@@ -30,6 +30,7 @@ from .uncertainty import STRATEGIES, check_strategy
 ACTOR_CPU_STEPS = (0.5, 0.2, 0.1, 0.05)
 DECODE_CPUS = 0.25
 BLOCK_BATCHES = 8            # rows per block = this many scorer batches
+SKIPPED_NAMES_SHOWN = 10     # skipped files named in selection.json (all are counted)
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,8 @@ def score_pool(checkpoint_uri, pool_uri, k, out_uri, strategy="tidal-entropy", e
         "pool": {"uri": pool_uri, "format": plan.spec.format, "input_shape": format_shape(plan.input_shape),
                  "files": [{"uri": f, "size": s} for f, s in plan.spec.files]},
         **accounting,
+        # Marker/hidden files and non-images under an image prefix: skipped, not rows.
+        "files_skipped": len(plan.spec.skipped), "files_skipped_names": list(plan.spec.skipped[:SKIPPED_NAMES_SHOWN]),
         "wall_seconds": round(wall, 3), "rows_per_s": round(reduction.rows_read / max(wall, 1e-9), 1),
         "batch_size": plan.batch_size, "actors": list(plan.actors), "ray": bool(use_ray),
         "outputs": {"selection": storage.join(out_uri, "selection.parquet"),
