@@ -37,7 +37,7 @@ class CampaignConfig:
     k: int
     cycles: int
     strategy: str = "tidal-entropy"
-    backbone: str = "small_cnn"
+    backbone: str | None = None   # the model spec (built-in name or MODULE:FACTORY); init settles the default
     epochs: int = 60
     batch_size: int = 64
     lr: float = 1e-3
@@ -53,14 +53,24 @@ class CampaignConfig:
     per_class_quota: bool = False
     # Worker-group restarts per training run; each resumes from the run's last checkpoint.
     max_failures: int = 2
+    feature_layers: tuple[str, ...] | None = None
+    weights: str | None = None
+    image_size: int | None = None
+    channels: int | None = None
+    normalize: str = "none"
+    augment: bool = False
+    class_names: list[str] | None = None
+    presign: int | None = None    # seconds: Label Studio tasks get presigned HTTPS URLs
 
     def check(self) -> None:
-        from .models import BACKBONES
         from .uncertainty import check_strategy
 
         check_strategy(self.strategy)
-        if self.backbone not in BACKBONES:
-            raise BadInput(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise BadInput(f"--class-names: {len(self.class_names)} names for {self.num_classes} classes "
+                           f"({', '.join(self.class_names[:12])})")
+        if self.presign is not None and self.presign <= 0:
+            raise BadInput(f"--presign {self.presign}: must be a positive number of seconds")
         if self.k <= 0 or self.cycles <= 0:
             raise BadInput("--k and --cycles must be positive")
         if self.trainer not in ("ray", "local"):
@@ -98,7 +108,16 @@ def config_of(state: dict) -> CampaignConfig:
     config = dict(state["config"])
     config.pop("extra", None)  # written by 0.1, always empty
     config["actors"] = tuple(config["actors"])
+    if config.get("feature_layers"):
+        config["feature_layers"] = tuple(config["feature_layers"])
     return CampaignConfig(**config)
+
+
+def input_shape_of(config: CampaignConfig) -> tuple[int, ...]:
+    """The campaign's input, settled from its pool and recipe the same way every cycle."""
+    from .pool import describe_pool, input_shape_for
+
+    return input_shape_for(describe_pool(config.pool), config.image_size, config.channels)
 
 
 # ---- labels ---------------------------------------------------------------------------------
@@ -112,6 +131,18 @@ def labeled_table(root: str) -> pa.Table:
     if not tables:
         return pa.table({"id": pa.array([], pa.int64()), "label": pa.array([], pa.int64())})
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def cycle_label_progress(root: str, cycle: int) -> tuple[int, int]:
+    """``(selected, labeled)``: how many of the cycle's selected ids have a label."""
+    selection = set(storage.read_parquet(cycle_uri(root, cycle, "selection.parquet")).column("id").to_pylist())
+    labeled = set(labeled_table(root).column("id").to_pylist())
+    return len(selection), len(selection & labeled)
+
+
+def delivery_uri(root: str, cycle: int, delivery: int) -> str:
+    """A person's labels for a cycle, one file per delivery, never rewritten."""
+    return storage.join(root, "labeled", f"cycle-{cycle:03d}-delivery-{delivery:03d}.parquet")
 
 
 def selected_ids(root: str, up_to_cycle: int) -> list:
@@ -132,6 +163,7 @@ def _maybe_kill_for_test(cycle: int, step: str) -> None:
 
 
 def _evaluate(checkpoint_uri: str, test_uri: str | None) -> float | None:
+    """Test accuracy, the test set decoded to the checkpoint's input as the pool is."""
     if not test_uri:
         return None
     import torch
@@ -140,8 +172,9 @@ def _evaluate(checkpoint_uri: str, test_uri: str | None) -> float | None:
     from .loader import load_rows
     from .models import prepare_input
 
-    net = model_from_checkpoint(load_checkpoint(checkpoint_uri))
-    _, x, labels, _ = load_rows(test_uri)
+    state = load_checkpoint(checkpoint_uri)
+    net = model_from_checkpoint(state)
+    _, x, labels, _ = load_rows(test_uri, input_shape=tuple(state["config"]["input_shape"]))
     if labels is None:
         raise BadInput(f"test set {test_uri} has no label column")
     correct = 0
@@ -162,10 +195,12 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
 
     labels = labeled_table(root)
     label_of = dict(zip(labels.column("id").to_pylist(), labels.column("label").to_pylist()))
-    ids, x, _, input_shape = load_rows(config.pool, ids=list(label_of))
+    ids, x, _, input_shape = load_rows(config.pool, ids=list(label_of), input_shape=input_shape_of(config))
     y = np.array([label_of[i] for i in ids.tolist()], dtype=np.int64)
     train_config = TrainConfig(num_classes=config.num_classes, input_shape=tuple(input_shape),
-                               backbone=config.backbone, epochs=config.epochs, batch_size=config.batch_size,
+                               backbone=config.backbone, feature_layers=config.feature_layers,
+                               weights=config.weights, normalize=config.normalize, augment=config.augment,
+                               epochs=config.epochs, batch_size=config.batch_size,
                                lr=config.lr, lam=config.lam, seed=config.seed + cycle)
     log(f"cycle {cycle}: training {config.backbone} on {len(ids)} labels ({config.trainer})")
     started = time.perf_counter()
@@ -208,14 +243,14 @@ def step_select(root: str, config: CampaignConfig, cycle: int, log) -> None:
 def export(root: str, cycle: int | None = None, out_uri: str | None = None) -> list[str]:
     """Write the labeling-tool manifests of a cycle's selection (default: the current
     cycle, into its ``export/``); returns the files written."""
-    from .pool import is_image_prefix
+    from .pool import describe_pool
 
     state = load_state(root)
     config = config_of(state)
     cycle = state["cycle"] if cycle is None else cycle
     selection = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet"))
-    return write_exports(selection, config.pool, is_image_prefix(config.pool),
-                         out_uri or cycle_uri(root, cycle, "export"))
+    return write_exports(selection, describe_pool(config.pool), out_uri or cycle_uri(root, cycle, "export"),
+                         config.class_names, config.presign)
 
 
 def step_export(root: str, config: CampaignConfig, cycle: int, log) -> None:
@@ -229,8 +264,12 @@ def step_wait_for_labels(root: str, config: CampaignConfig, cycle: int, log) -> 
     if storage.exists(target):
         return True
     if not config.oracle:
-        log(f"cycle {cycle}: waiting for labels. Label {cycle_uri(root, cycle, 'export')}/ and run "
-            f"'tidal-ray campaign import-labels {root} FILE', then 'tidal-ray campaign run {root}'")
+        selected, labeled = cycle_label_progress(root, cycle)
+        if labeled == selected:
+            return True
+        log(f"cycle {cycle}: waiting for labels ({labeled} of {selected} selected samples labeled). Label "
+            f"{cycle_uri(root, cycle, 'export')}/ and run 'tidal-ray campaign import-labels {root} FILE' "
+            f"(partial deliveries add up), then 'tidal-ray campaign run {root}'")
         return False
     from .loader import load_rows
 
@@ -269,7 +308,7 @@ def run(root: str, log=print) -> dict:
                     save_state(root, state)
                     return state
             elif step == "merge":
-                merged = storage.read_parquet(labels_uri(root, cycle + 1)).num_rows
+                merged = cycle_label_progress(root, cycle)[1]
                 log(f"cycle {cycle}: merged {merged} new labels; {labeled_table(root).num_rows} labeled in all")
                 state.update(cycle=cycle + 1, step="train")
                 save_state(root, state)
@@ -325,21 +364,31 @@ def write_report(root: str) -> str:
 # ---- init, status, import -------------------------------------------------------------------
 
 def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = None, log=print) -> dict:
+    """Create the campaign: every check (recipe and model spec first, before any row is
+    read), then the initial labels (by id, labels as indices or class names)."""
     config.check()
     if storage.exists(state_uri(root)):
         raise BadInput(f"a campaign already exists at {root}")
-    from .loader import load_rows
+    from . import ids as id_utils
+    from .loader import load_rows, pool_has_ids
+    from .pool import describe_pool
+    from .train import resolve_recipe
 
-    pool_ids, _, pool_labels, _ = load_rows(config.pool)
+    spec = describe_pool(config.pool)
+    config.backbone, input_shape = resolve_recipe(
+        spec, config.num_classes, config.backbone, config.feature_layers, config.weights, config.image_size,
+        config.channels, config.normalize, log)
     if config.test is not None and not storage.exists(config.test):
         raise BadInput(f"test set {config.test} does not exist")
     if initial_labels_uri:
-        rows = read_labels(initial_labels_uri, config.pool)
-        table, problems = validate_labels(rows, pool_ids.tolist(), config.num_classes, lambda _: False,
-                                          pa.array(pool_ids).type)
+        rows = read_labels(initial_labels_uri, config.pool, config.class_names)
+        in_pool = pool_has_ids(config.pool, [str(r["id"]) for r in rows if r["id"] is not None])
+        pool_ids = id_utils.parse_keys(sorted(in_pool), spec.id_type).to_pylist()
+        table, problems = validate_labels(rows, pool_ids, config.num_classes, lambda _: False, spec.id_type)
         for p in problems:
             log(f"initial labels: line {p['line']}: id {p['id']!r}: {p['reason']}")
     elif config.oracle and config.initial_labels > 0:
+        pool_ids, _, pool_labels, _ = load_rows(config.pool, input_shape=input_shape)
         if pool_labels is None:
             raise BadInput(f"the oracle needs a 'label' column in the pool {config.pool}")
         rng = np.random.default_rng(config.seed)
@@ -353,8 +402,10 @@ def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = Non
     state = {"config": asdict(config), "cycle": 0, "step": "train", "status": "initialized",
              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     save_state(root, state)
+    skipped = f", {len(spec.skipped)} files skipped" if spec.skipped else ""
     log(f"campaign initialized at {root}: {table.num_rows} initial labels, pool {config.pool} "
-        f"({len(pool_ids)} rows), {config.cycles} cycles of {config.k}")
+        f"({spec.rows} rows{skipped}), model {config.backbone}, input {'x'.join(map(str, input_shape))}, "
+        f"{config.cycles} cycles of {config.k}")
     return state
 
 
@@ -372,7 +423,10 @@ def status(root: str) -> dict:
 
 
 def import_labels(root: str, labels_file: str, log=print) -> dict:
-    """Merge a person's labels for the current cycle's selection; bad rows are listed, not merged."""
+    """Merge a person's labels for the current cycle's selection, as one more delivery
+    (``labeled/cycle-NNN-delivery-MMM.parquet``, never rewritten): partial deliveries
+    add up, and the cycle moves on once every selected id has a label. Rows that do not
+    fit are listed, not merged; unknown class names fail the file (nothing written)."""
     from .loader import pool_has_ids
 
     state = load_state(root)
@@ -380,18 +434,25 @@ def import_labels(root: str, labels_file: str, log=print) -> dict:
     cycle = state["cycle"]
     if state["step"] not in ("wait-for-labels",) or state["status"] != "waiting-for-labels":
         raise BadInput(f"cycle {cycle} is at step {state['step']!r}, not waiting for labels")
-    target = labels_uri(root, cycle + 1)
-    if storage.exists(target):
-        raise BadInput(f"labels for cycle {cycle} were already imported ({target})")
+    if storage.exists(labels_uri(root, cycle + 1)):
+        raise BadInput(f"labels for cycle {cycle} were already imported ({labels_uri(root, cycle + 1)})")
     selection = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet"))
-    rows = read_labels(labels_file, config.pool)
+    rows = read_labels(labels_file, config.pool, config.class_names)
     candidates = [str(r["id"]) for r in rows if r["id"] is not None]
     in_pool = pool_has_ids(config.pool, candidates)
+    already = {str(i) for i in labeled_table(root).column("id").to_pylist()}
     table, problems = validate_labels(rows, selection.column("id").to_pylist(), config.num_classes,
-                                      lambda key: key in in_pool, selection.schema.field("id").type)
+                                      lambda key: key in in_pool, selection.schema.field("id").type, already)
     for p in problems:
         log(f"not merged: line {p['line']}: id {p['id']!r} label {p['label']!r}: {p['reason']}")
-    storage.write_parquet(target, table)
-    log(f"merged {table.num_rows} labels for cycle {cycle}; {len(problems)} rows not merged; "
-        f"run 'tidal-ray campaign run {root}' to continue")
-    return {"merged": table.num_rows, "problems": problems}
+    if table.num_rows:
+        delivery = 0
+        while not storage.put_if_absent(delivery_uri(root, cycle + 1, delivery), storage.parquet_bytes(table)):
+            delivery += 1
+    selected, labeled = cycle_label_progress(root, cycle)
+    left = (f"run 'tidal-ray campaign run {root}' to continue" if labeled == selected
+            else f"{selected - labeled} still to label")
+    log(f"merged {table.num_rows} labels for cycle {cycle} ({labeled} of {selected} selected samples labeled); "
+        f"{len(problems)} rows not merged; {left}")
+    return {"merged": table.num_rows, "problems": problems, "labeled": labeled, "selected": selected}
+

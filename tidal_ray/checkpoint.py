@@ -39,7 +39,11 @@ def load_checkpoint(uri: str) -> dict:
 
 
 def model_from_checkpoint(state: dict) -> TiDALNet:
+    """The network the checkpoint's config describes (model spec, feature layers, input
+    recipe), with its weights. A ``MODULE:FACTORY`` model needs MODULE importable here."""
     config = state["config"]
-    net = build_model(config["backbone"], config["num_classes"], tuple(config["input_shape"]))
+    layers = config.get("feature_layers")
+    net = build_model(config["backbone"], config["num_classes"], tuple(config["input_shape"]),
+                      tuple(layers) if layers else None, config.get("normalize", "none"))
     net.load_state_dict(state["model"])
     return net.eval()

@@ -106,12 +106,29 @@ def pool_has_ids(uri: str, candidates) -> set[str]:
     return {c for c in candidates if id_utils.key(c, spec.id_type) in found}
 
 
-def load_labeled(uri: str, image_size: int | None = None, channels: int | None = None):
-    """A labeled set in memory, decoded by the recipe (``pool.input_shape_for``):
-    ``(ids, x, labels, input_shape, num_classes declared in its metadata or None)``."""
+def read_selected(spec: PoolSpec, ids, columns: list[str]) -> pa.Table:
+    """Only the rows of ``ids`` from a parquet pool, only ``columns`` (plus ``id``; those
+    a file lacks are left out): the id filter goes into each file's read (row groups
+    whose statistics rule it out are never read), so the pool is never read whole. The
+    first of duplicate ids wins, as in scoring."""
+    wanted = id_utils.from_user(list(ids), spec.id_type, spec.uri)
+    parts = []
+    for uri, _ in spec.files:
+        fs, path = storage.resolve(uri)
+        present = ["id", *[c for c in columns if c != "id" and c in pq.read_schema(path, filesystem=fs).names]]
+        part = pq.read_table(path, filesystem=fs, columns=present, filters=pc.field("id").isin(wanted))
+        parts.append(part.set_column(0, "id", part.column("id").cast(spec.id_type)))
+    table = pa.concat_tables(parts, promote_options="permissive")
+    first = id_utils.SeenIds().first_seen(id_utils.to_numpy(column_array(table, "id"), spec.id_type))
+    return table.filter(pa.array(first))
+
+
+def load_labeled(uri: str, input_shape=None):
+    """A labeled set in memory, decoded to ``input_shape`` (default: the pool's default
+    recipe): ``(ids, x, labels, input_shape, num_classes declared in its metadata or None)``."""
     if not storage.exists(uri):
         raise BadInput(f"labeled set not found: {uri}")
-    ids, x, labels, input_shape = load_rows(uri, input_shape=input_shape_for(describe_pool(uri), image_size, channels))
+    ids, x, labels, input_shape = load_rows(uri, input_shape=input_shape)
     if labels is None:
         raise BadInput(f"labeled set {uri} has no label column")
     if len(ids) == 0:

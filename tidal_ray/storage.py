@@ -85,10 +85,14 @@ def write_json(uri: str, obj) -> None:
     write_bytes(uri, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
-def write_parquet(uri: str, table: pa.Table) -> None:
+def parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    write_bytes(uri, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_parquet(uri: str, table: pa.Table) -> None:
+    write_bytes(uri, parquet_bytes(table))
 
 
 def read_parquet(uri: str) -> pa.Table:
