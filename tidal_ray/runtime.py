@@ -6,7 +6,18 @@ files under the session directory unless ``--debug`` sets ``DEBUG``.
 """
 from __future__ import annotations
 
+import os
+
 DEBUG = False  # set by ``cli.main`` from --debug
+
+
+def local_runtime_env() -> dict:
+    """A local Ray started by a command run in the user's directory: its workers (Ray
+    Train, scorer actors) import the user's ``MODULE:FACTORY`` from there, as the driver
+    does. PYTHONPATH rather than a ``working_dir``: nothing is copied (the directory may
+    hold the photos). A cluster gets the module from the job's ``--working-dir``."""
+    paths = [os.getcwd(), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}}
 
 
 def init_ray() -> None:
@@ -15,5 +26,5 @@ def init_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init()
+        ray.init(runtime_env=None if os.environ.get("RAY_ADDRESS") else local_runtime_env())
     ray.data.DataContext.get_current().enable_progress_bars = DEBUG

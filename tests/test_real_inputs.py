@@ -1,0 +1,247 @@
+"""Real inputs: photos of any size and mode, the user's own model, bad input named in one line.
+In-process and through ``cli.main`` (no Ray needed: every check here runs before any work)."""
+import io
+import json
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from tidal_ray import storage
+from tidal_ray.cli import main
+from tidal_ray.decode import augment_batch, decode_image, transform_pixels
+from tidal_ray.errors import BadInput
+from tidal_ray.make_pool import make_pool
+from tidal_ray.models import build_model, default_model
+from tidal_ray.models.spec import check_model
+from tidal_ray.pool import describe_pool, input_shape_for
+
+# A user's own module, as a user would write it: FACTORY(num_classes) -> logits, with two
+# named layers for the TD module. Tests write it into their directory and run from there.
+USER_MODULE = '''
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self, num_classes, in_channels=3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+
+def factory(num_classes):
+    return Tiny(num_classes)
+
+
+def not_a_module(num_classes):
+    return "a string"
+
+
+def wrong_logits(num_classes):
+    return Tiny(num_classes + 1)
+'''
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def picture(height: int = 12, width: int = 20) -> np.ndarray:
+    """A picture whose every pixel differs, so a rotation or crop shows."""
+    rng = np.random.default_rng(height * 1000 + width)
+    return rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def user_module(directory, monkeypatch) -> str:
+    """Write the user's module into ``directory`` under a fresh name and run from there."""
+    name = f"user_model_{uuid.uuid4().hex[:8]}"
+    (directory / f"{name}.py").write_text(USER_MODULE)
+    monkeypatch.chdir(directory)
+    return name
+
+
+# ---- decoding ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("orientation,undo", [(3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_90),
+                                              (8, Image.Transpose.ROTATE_270)])
+def test_exif_rotated_image_decodes_to_the_upright_array(orientation, undo):
+    upright = Image.fromarray(picture())
+    # Stored rotated, with the EXIF tag that tells a viewer how to turn it back upright.
+    stored = upright.transpose(undo)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    blob = encode(stored, "PNG", exif=exif)
+    np.testing.assert_array_equal(decode_image(blob, 3), decode_image(encode(upright), 3))
+    assert decode_image(blob, 3).shape == (3, 12, 20)
+    np.testing.assert_array_equal(decode_image(blob, 3, (8, 8)), decode_image(encode(upright), 3, (8, 8)))
+
+
+def test_any_mode_becomes_the_checkpoints_channels():
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[0, 0, 3] = 0      # transparent: white
+    rgba[1:, :, 3] = 255   # opaque red
+    out = decode_image(encode(Image.fromarray(rgba, "RGBA")), 3)
+    assert out[:, 0, 0].tolist() == [255, 255, 255] and out[:, 2, 2].tolist() == [200, 0, 0]
+
+    palette = Image.fromarray(picture(6, 6)).convert("P")
+    np.testing.assert_array_equal(decode_image(encode(palette), 3), np.asarray(palette.convert("RGB")).transpose(2, 0, 1))
+    gray = np.arange(36, dtype=np.uint8).reshape(6, 6) * 7
+    assert (decode_image(encode(Image.fromarray(gray)), 3) == gray).all()   # replicated into 3 channels
+    deep = Image.fromarray(gray.astype(np.uint16) * 257)                 # 16-bit grayscale
+    np.testing.assert_array_equal(decode_image(encode(deep), 1)[0], gray)
+    cmyk = Image.fromarray(picture(8, 8)).convert("CMYK")
+    assert decode_image(encode(cmyk, "JPEG", quality=95), 3).shape == (3, 8, 8)
+    webp = decode_image(encode(Image.fromarray(picture(8, 8)), "WEBP", lossless=True), 1)
+    np.testing.assert_array_equal(webp[0], np.asarray(Image.fromarray(picture(8, 8)).convert("L")))
+
+
+def test_resize_covers_the_size_then_crops_the_center():
+    wide = np.zeros((10, 30), np.uint8)
+    wide[:, 10:20] = 255  # only the middle third is white
+    out = decode_image(encode(Image.fromarray(wide)), 1, (10, 10))
+    assert out.shape == (1, 10, 10) and out.min() == 255
+    big = decode_image(encode(Image.fromarray(picture(90, 60)), "JPEG"), 3, (16, 16))
+    assert big.shape == (3, 16, 16)
+    # Stored pixels of another shape go through the same transform as image bytes.
+    rows = np.stack([np.asarray(Image.fromarray(wide)).reshape(1, 10, 30)] * 2)
+    np.testing.assert_array_equal(transform_pixels(rows, (3, 10, 10))[0], np.repeat(out, 3, axis=0))
+
+
+def test_augmentation_crops_and_flips_in_place_of_the_image():
+    x = np.arange(2 * 3 * 8 * 8, dtype=np.uint8).reshape(2, 3, 8, 8)
+    outs = [augment_batch(x, np.random.default_rng(seed)) for seed in range(8)]
+    assert all(o.shape == x.shape and o.dtype == np.uint8 for o in outs)
+    assert any(not np.array_equal(o, x) for o in outs)
+    np.testing.assert_array_equal(augment_batch(x, np.random.default_rng(3)), outs[3])
+    features = np.ones((4, 5), np.float32)
+    assert augment_batch(features, np.random.default_rng(0)) is features
+
+
+# ---- pools: skipped files, the input size --------------------------------------------------------
+
+
+def test_marker_hidden_and_non_image_files_are_skipped_and_counted(tmp_path):
+    pool = tmp_path / "photos"
+    for i, (h, w) in enumerate([(20, 30), (40, 24), (16, 16)]):
+        (pool / "sub").mkdir(parents=True, exist_ok=True)
+        (pool / ("sub" if i else "") / f"p{i}.{'JPG' if i == 1 else 'webp' if i == 2 else 'png'}").write_bytes(
+            encode(Image.fromarray(picture(h, w)), "JPEG" if i == 1 else "WEBP" if i == 2 else "PNG"))
+    for name in ["README.txt", "_SUCCESS", ".DS_Store", "sub/.hidden.png", "manifest.json"]:
+        (pool / name).write_text("not a photo")
+    spec = describe_pool(str(pool))
+    assert spec.format == "files" and spec.rows == 3
+    assert sorted(s.rsplit("/", 1)[-1] for s in spec.skipped) == [".DS_Store", ".hidden.png", "README.txt",
+                                                                  "_SUCCESS", "manifest.json"]
+    with pytest.raises(BadInput, match="vary in size .*give --image-size N"):
+        input_shape_for(spec)
+    assert input_shape_for(spec, image_size=16) == (3, 16, 16)
+    assert input_shape_for(spec, image_size=16, channels=1) == (1, 16, 16)
+    with pytest.raises(BadInput, match="--image-size 4: must be at least 8"):
+        input_shape_for(spec, image_size=4)
+
+    parquet = tmp_path / "parquet"
+    make_pool(str(parquet), "digits", rows=30, fmt="pixels")
+    (parquet / "_SUCCESS").write_text("")
+    (parquet / ".part-1.parquet.crc").write_text("")
+    spec = describe_pool(str(parquet))
+    assert spec.rows == 30 and len(spec.skipped) == 2
+    assert input_shape_for(spec) == (1, 8, 8) and input_shape_for(spec, 16, 3) == (3, 16, 16)
+
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "nothing" / "README.txt").write_text("")
+    (tmp_path / "nothing" / "_SUCCESS").write_text("")
+    with pytest.raises(BadInput, match="no parquet or image files .* 2 skipped"):
+        describe_pool(str(tmp_path / "nothing"))
+
+
+def test_default_model_follows_the_pool():
+    assert default_model((64,)) == "mlp"
+    assert default_model((3, 32, 32)) == "small_cnn" and default_model((3, 64, 64)) == "small_cnn"
+    assert default_model((3, 96, 96)) == "resnet18"
+
+
+# ---- the user's own model -----------------------------------------------------------------------
+
+
+def test_user_factory_builds_feeds_named_layers_and_starts_from_weights(tmp_path, monkeypatch, capsys):
+    module = user_module(tmp_path, monkeypatch)
+    net = build_model(f"{module}:factory", 4, (3, 16, 16), ("stem", "block"), "imagenet").eval()
+    assert net.backbone.feature_dims == [8, 16]
+    logits, td_logits = net(torch.rand(5, 3, 16, 16))
+    assert logits.shape == td_logits.shape == (5, 4)
+
+    # Pretrained for 10 classes: everything but the head is kept; the head, named, is re-initialised.
+    pretrained = build_model(f"{module}:factory", 10, (3, 16, 16), ("stem", "block")).backbone.module
+    torch.save(pretrained.state_dict(), tmp_path / "pretrained.pt")
+    check_model(f"{module}:factory", 4, (3, 16, 16), ("stem", "block"), str(tmp_path / "pretrained.pt"))
+    assert capsys.readouterr().out.strip() == (f"warning: --weights {tmp_path / 'pretrained.pt'}: classifier head "
+                                               "fc.weight, fc.bias does not fit 4 classes; re-initialised")
+
+    state = pretrained.state_dict()
+    state["stem.0.weight"] = torch.zeros(8, 1, 3, 3)
+    state["extra.bias"] = torch.zeros(3)
+    torch.save(state, tmp_path / "other.pt")
+    with pytest.raises(BadInput, match=r"keys do not fit the model \(unexpected: extra.bias; mis-shaped: "
+                                       r"stem.0.weight \(8, 1, 3, 3\) vs \(8, 3, 3, 3\)\)"):
+        check_model(f"{module}:factory", 4, (3, 16, 16), ("stem", "block"), str(tmp_path / "other.pt"))
+
+
+def _init_argv(tmp_path, pool, *extra):
+    labels = tmp_path / "seed.csv"
+    labels.write_text("id,label\n00000000.png,zero\n00000001.png,one\n00000002.png,two\n")
+    return ["campaign", "init", str(tmp_path / "campaign"), "--pool", str(pool), "--num-classes", "3",
+            "--k", "2", "--cycles", "1", "--initial-labels-file", str(labels), "--epochs", "1", *extra]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--model", "no_such_module_here:factory"], "cannot import module 'no_such_module_here'"),
+    (["--model", "{m}:not_a_module"], "the factory returned a str, not a torch.nn.Module"),
+    (["--model", "{m}:wrong_logits", "--feature-layers", "stem"], r"logits have shape \(2, 4\) .* expected \(2, 3\)"),
+    (["--model", "{m}:factory", "--feature-layers", "stem,head9"], "--feature-layers: head9 not found"),
+    (["--model", "{m}:factory", "--feature-layers", "stem", "--weights", "{tmp}/missing.pt"],
+     "--weights .*missing.pt: no such file"),
+    (["--image-size", "4"], "--image-size 4: must be at least 8"),
+    (["--class-names", "zero,one"], "--class-names: 2 names for 3 classes"),
+    (["--class-names", "zero,one,three"], r"seed.csv: unknown class name\(s\) 'two'"),
+    (["--normalize", "0.5"], "--normalize '0.5': expected"),
+])
+def test_bad_recipe_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypatch, capsys, extra, message):
+    module = user_module(tmp_path, monkeypatch)
+    pool = tmp_path / "pool"
+    make_pool(str(pool), "digits", rows=12, fmt="files")
+    argv = _init_argv(tmp_path, pool, *[e.format(m=module, tmp=tmp_path) for e in extra])
+    if "--class-names" not in extra:
+        argv += ["--class-names", "zero,one,two"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert __import__("re").search(message, err), err
+    assert not (tmp_path / "campaign").exists()
+
+
+def test_campaign_init_takes_the_recipe_and_seed_labels_by_name(tmp_path, monkeypatch, capsys):
+    module = user_module(tmp_path, monkeypatch)
+    pool = tmp_path / "pool"
+    make_pool(str(pool), "digits", rows=12, fmt="files")
+    (pool / "README.txt").write_text("digits")
+    argv = _init_argv(tmp_path, pool, "--model", f"{module}:factory", "--feature-layers", "stem,block",
+                      "--image-size", "16", "--normalize", "imagenet", "--class-names", "zero,one,two")
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "3 initial labels" in out and "1 files skipped" in out and "input 3x16x16" in out
+    state = json.loads((tmp_path / "campaign" / "campaign.json").read_text())
+    assert state["config"]["backbone"] == f"{module}:factory" and state["config"]["class_names"] == ["zero", "one", "two"]
+    labels = storage.read_parquet(str(tmp_path / "campaign" / "labeled" / "cycle-000.parquet"))
+    assert labels.to_pylist() == [{"id": f"0000000{i}.png", "label": i} for i in range(3)]
