@@ -234,12 +234,12 @@ class RayStartCluster:
         return subprocess.run([RAY, *args], env=env or self.env, cwd=REPO, capture_output=True, text=True,
                               timeout=timeout)
 
-    def submit(self, submission_id: str, entrypoint: list[str], timeout: float = 240.0):
-        """``ray job submit`` with the repo as working_dir; waits for the job (the CLI tails
-        its logs until it ends). Returns (CLI result, job info from the REST API)."""
+    def submit(self, submission_id: str, entrypoint: list[str], timeout: float = 240.0, working_dir: Path = REPO):
+        """``ray job submit`` with the repo (or ``working_dir``) as working_dir; waits for the
+        job (the CLI tails its logs until it ends). Returns (CLI result, job info from the REST API)."""
         try:
             result = self.cli("job", "submit", "--address", self.address, "--submission-id", submission_id,
-                              "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
+                              "--working-dir", str(working_dir), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
                               "--", *entrypoint, timeout=timeout)
         except subprocess.TimeoutExpired as e:
             self.cli("job", "stop", "--address", self.address, "--no-wait", submission_id, timeout=60)
@@ -337,6 +337,60 @@ def test_ray_job_submit_scores_a_pool_on_a_token_auth_cluster(ray_start_cluster,
     assert local.column("id").to_pylist() == ids
     np.testing.assert_array_equal(local.column("score").to_numpy(), np.array(scores))
     print(f"\njob submit: score job {job_seconds:.1f}s, test body {time.monotonic() - started:.1f}s")
+
+
+USER_MODULE = """
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean((2, 3)))
+
+
+def factory(num_classes):
+    return Net(num_classes)
+"""
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_campaign_step_with_a_user_module(ray_start_cluster, tmp_path, monkeypatch):
+    """The user's directory (their module beside the code) goes up as the job's working_dir:
+    the job's driver, its Ray Train worker and its scorer actors all import the module."""
+    from tidal_ray import campaign
+    from tidal_ray.datasets import load_digits
+    from tidal_ray.make_pool import make_pool
+
+    cluster = ray_start_cluster
+    job_dir = tmp_path / "job"
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(REPO / "tidal_ray", job_dir / "tidal_ray", ignore=ignore)
+    shutil.copytree(REPO / "jobs", job_dir / "jobs", ignore=ignore)
+    (job_dir / "user_net.py").write_text(USER_MODULE)
+    pool, root = tmp_path / "pool", tmp_path / "campaign"
+    make_pool(str(pool), "digits", rows=300, fmt="pixels")
+    ids, _, labels = load_digits()
+    (tmp_path / "seed.csv").write_text("id,label\n" + "".join(f"{i},{y}\n" for i, y in zip(ids[:30], labels[:30])))
+    monkeypatch.chdir(job_dir)  # init imports the module from the user's directory, as the CLI would
+    config = campaign.CampaignConfig(pool=str(pool), num_classes=10, k=10, cycles=1, backbone="user_net:factory",
+                                     feature_layers=("body", "body.0"), epochs=1, batch_size=16, workers=1)
+    campaign.init(str(root), config, str(tmp_path / "seed.csv"))
+
+    result, _ = cluster.submit("campaign", ["python", "jobs/campaign.py", "run", str(root)], working_dir=job_dir)
+    logs = cluster.job_logs("campaign")
+    assert "waiting for labels" in logs and "campaign waiting-for-labels: cycle 0" in logs, logs
+    summary = json.loads((root / "cycles" / "000" / "selection.json").read_text())
+    assert summary["selected"] == 10 and summary["rows_excluded"] == 30 and summary["rows_scored"] == 270
+    metrics = json.loads((root / "cycles" / "000" / "metrics.json").read_text())
+    import torch
+
+    state = torch.load(Path(metrics["checkpoint"]) / "model.pt", weights_only=True)
+    assert state["config"]["backbone"] == "user_net:factory"
 
 
 # ---- 2. a worker node dies while the pool is scored -----------------------------------------------

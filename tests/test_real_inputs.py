@@ -245,3 +245,143 @@ def test_campaign_init_takes_the_recipe_and_seed_labels_by_name(tmp_path, monkey
     assert state["config"]["backbone"] == f"{module}:factory" and state["config"]["class_names"] == ["zero", "one", "two"]
     labels = storage.read_parquet(str(tmp_path / "campaign" / "labeled" / "cycle-000.parquet"))
     assert labels.to_pylist() == [{"id": f"0000000{i}.png", "label": i} for i in range(3)]
+
+
+# ---- end to end: photos on S3, the user's model from S3 weights, labelers --------------------------
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+CLASSES = ["red", "green", "blue"]
+
+
+def _photo(i: int, rng) -> tuple[str, bytes, int]:
+    """Photo ``i``: a noisy picture whose dominant colour is its class, in one of seven
+    modes/encodings, of a size between 16 and 40 pixels a side."""
+    label = i % 3
+    height, width = (int(v) for v in rng.integers(16, 41, size=2))
+    rgb = rng.integers(0, 90, size=(height, width, 3), dtype=np.uint8)
+    rgb[..., label] += 150
+    img = Image.fromarray(rgb)
+    kind = (i // 3) % 7
+    if kind == 0:
+        return f"img-{i:03d}.jpg", encode(img, "JPEG"), label
+    if kind == 1:
+        return f"gray/img-{i:03d}.JPG", encode(img.convert("L"), "JPEG"), label
+    if kind == 2:
+        rgba = img.convert("RGBA")
+        rgba.putalpha(200)
+        return f"img-{i:03d}.png", encode(rgba), label
+    if kind == 3:
+        return f"img-{i:03d}.png", encode(img.convert("P")), label
+    if kind == 4:
+        return f"img-{i:03d}.jpeg", encode(img.convert("CMYK"), "JPEG"), label
+    if kind == 5:
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        return f"rotated/img-{i:03d}.jpg", encode(img.transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif), label
+    return f"img-{i:03d}.webp", encode(img, "WEBP"), label
+
+
+def _cli(args, cwd, timeout=600):
+    """The console script, run from the user's directory (its sys.path lacks the cwd)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([str(__import__("pathlib").Path(sys.executable).parent / "tidal-ray"), *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _label_studio_export(tasks: list, truth: dict) -> list:
+    """What a labeler hands back: Label Studio's JSON export, the class chosen by name."""
+    return [{**task, "annotations": [{"result": [{"from_name": "label", "to_name": "image", "type": "choices",
+                                                  "value": {"choices": [CLASSES[truth[task["data"]["tidal-ray-id"]]]]}}]}]}
+            for task in tasks]
+
+
+@pytest.mark.slow
+def test_photos_user_model_and_labelers_end_to_end_on_s3(s3_bucket, tmp_path):
+    import time
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.monotonic()
+    rng = np.random.default_rng(0)
+    photos = [_photo(i, rng) for i in range(204)]
+    truth = {key: label for key, _, label in photos}
+    pool = f"{s3_bucket}/photos"
+    extra = [("broken.jpg", encode(Image.fromarray(picture()), "JPEG")[:200]), ("README.txt", b"our photos"),
+             ("_SUCCESS", b"")]
+    with ThreadPoolExecutor(max_workers=16) as threads:
+        list(threads.map(lambda item: storage.write_bytes(f"{pool}/{item[0]}", item[1]),
+                         [(k, b) for k, b, _ in photos] + extra))
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "user_model.py").write_text(USER_MODULE)
+    (work / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    # Pretrained elsewhere for 5 classes: the head does not fit 3 and is re-initialised.
+    namespace = {}
+    exec(USER_MODULE, namespace)
+    buf = io.BytesIO()
+    torch.save(namespace["factory"](5).state_dict(), buf)
+    storage.write_bytes(f"{s3_bucket}/weights/pretrained.pt", buf.getvalue())
+    seed = [key for key, _, _ in photos[:12]]
+    (work / "seed.csv").write_text("id,label\n" + "".join(f"{k},{CLASSES[truth[k]]}\n" for k in seed))
+
+    root = f"{s3_bucket}/campaign"
+    init = _cli(["campaign", "init", root, "--pool", pool, "--num-classes", "3", "--k", "8", "--cycles", "2",
+                 "--initial-labels-file", "seed.csv", "--class-names", "classes.txt", "--model", "user_model:factory",
+                 "--feature-layers", "stem,block", "--weights", f"{s3_bucket}/weights/pretrained.pt",
+                 "--image-size", "16", "--epochs", "1", "--batch-size", "16", "--presign", "600"], work)
+    assert init.returncode == 0, init.stdout + init.stderr
+    assert "classifier head fc.weight, fc.bias does not fit 3 classes; re-initialised" in init.stdout
+    assert "12 initial labels" in init.stdout and "2 files skipped" in init.stdout
+
+    run = _cli(["campaign", "run", root], work)
+    assert run.returncode == 0 and "waiting for labels" in run.stdout, run.stdout + run.stderr
+    summary = storage.read_json(f"{root}/cycles/000/selection.json")
+    assert (summary["rows_read"], summary["rows_rejected"], summary["rows_excluded"]) == (205, 1, 12)
+    assert summary["rows_scored"] + summary["rows_excluded"] == 204       # every good photo
+    assert summary["files_skipped"] == 2
+    assert sorted(n.rsplit("/", 1)[-1] for n in summary["files_skipped_names"]) == ["README.txt", "_SUCCESS"]
+    rejects = storage.read_parquet(f"{root}/cycles/000/rejects.parquet").to_pylist()
+    assert [(r["id"], r["reason"]) for r in rejects] == [("broken.jpg", "undecodable image")]
+    state = torch.load(io.BytesIO(storage.read_bytes(
+        storage.read_json(f"{root}/cycles/000/metrics.json")["checkpoint"] + "/model.pt")), weights_only=True)
+    assert (state["config"]["backbone"], tuple(state["config"]["feature_layers"]),
+            tuple(state["config"]["input_shape"])) == ("user_model:factory", ("stem", "block"), (3, 16, 16))
+
+    export = f"{root}/cycles/000/export"
+    manifest = [json.loads(line) for line in storage.read_bytes(f"{export}/ground-truth-input.manifest").splitlines()]
+    tasks = json.loads(storage.read_bytes(f"{export}/label-studio-tasks.json"))
+    assert len(manifest) == len(tasks) == 8
+    assert all(storage.exists(m["source-ref"]) and m["source-ref"] == f"{pool}/{m['tidal-ray-id']}" for m in manifest)
+    for task in tasks[:2]:  # presigned HTTPS URLs that the S3 server serves
+        with urllib.request.urlopen(task["data"]["image"]) as response:
+            assert response.read() == storage.read_bytes(f"{pool}/{task['data']['tidal-ray-id']}")
+    assert all(t["predictions"][0]["result"][0]["value"]["choices"][0] in CLASSES for t in tasks)
+    assert storage.exists(f"{export}/label-studio-config.xml")
+    assert storage.exists(f"{export}/ground-truth-label-categories.json")
+
+    # A delivery with a class name the campaign does not have: one line, exit 2, nothing written.
+    wrong = _label_studio_export(tasks[:1], truth)
+    wrong[0]["annotations"][0]["result"][0]["value"]["choices"] = ["purple"]
+    (work / "wrong.json").write_text(json.dumps(wrong))
+    before = storage.list_files(f"{root}/labeled")
+    bad = _cli(["campaign", "import-labels", root, "wrong.json"], work, timeout=120)
+    assert bad.returncode == 2 and "unknown class name(s) 'purple'" in bad.stderr and bad.stderr.count("\n") == 1
+    assert storage.list_files(f"{root}/labeled") == before
+
+    # Two partial deliveries of Label Studio's export; the cycle moves on once all are in.
+    for part, left in [(tasks[:5], "3 still to label"), (tasks[5:], "to continue")]:
+        (work / "delivery.json").write_text(json.dumps(_label_studio_export(part, truth)))
+        imported = _cli(["campaign", "import-labels", root, "delivery.json"], work, timeout=120)
+        assert imported.returncode == 0 and left in imported.stdout, imported.stdout + imported.stderr
+    run = _cli(["campaign", "run", root], work)
+    assert run.returncode == 0 and "waiting for labels" in run.stdout, run.stdout + run.stderr
+    status = storage.read_json(f"{root}/campaign.json")
+    assert (status["cycle"], status["step"], status["status"]) == (1, "wait-for-labels", "waiting-for-labels")
+    assert storage.read_json(f"{root}/cycles/001/metrics.json")["labeled"] == 20
+    assert storage.read_json(f"{root}/cycles/001/selection.json")["rows_excluded"] == 20
+    print(f"\nend to end: {time.monotonic() - started:.0f}s")
