@@ -2,7 +2,15 @@
 In-process and through ``cli.main`` (no Ray needed: every check here runs before any work)."""
 import io
 import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -166,10 +174,18 @@ def test_marker_hidden_and_non_image_files_are_skipped_and_counted(tmp_path):
         describe_pool(str(tmp_path / "nothing"))
 
 
-def test_default_model_follows_the_pool():
+def test_default_model_follows_the_pool(tmp_path):
+    from tidal_ray.train import resolve_recipe
+
     assert default_model((64,)) == "mlp"
     assert default_model((3, 32, 32)) == "small_cnn" and default_model((3, 64, 64)) == "small_cnn"
     assert default_model((3, 96, 96)) == "resnet18"
+    make_pool(str(tmp_path / "features"), "digits", rows=20, fmt="features")
+    assert resolve_recipe(describe_pool(str(tmp_path / "features")), 10) == ("mlp", (64,))
+    make_pool(str(tmp_path / "images"), "digits", rows=20, fmt="image")
+    spec = describe_pool(str(tmp_path / "images"))
+    assert resolve_recipe(spec, 10) == ("small_cnn", (3, 8, 8))
+    assert resolve_recipe(spec, 10, image_size=96, channels=1) == ("resnet18", (1, 96, 96))
 
 
 # ---- the user's own model -----------------------------------------------------------------------
@@ -227,7 +243,7 @@ def test_bad_recipe_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypatch
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0, err
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
     assert not (tmp_path / "campaign").exists()
 
 
@@ -249,7 +265,7 @@ def test_campaign_init_takes_the_recipe_and_seed_labels_by_name(tmp_path, monkey
 
 # ---- end to end: photos on S3, the user's model from S3 weights, labelers --------------------------
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["red", "green", "blue"]
 
 
@@ -283,12 +299,8 @@ def _photo(i: int, rng) -> tuple[str, bytes, int]:
 
 def _cli(args, cwd, timeout=600):
     """The console script, run from the user's directory (its sys.path lacks the cwd)."""
-    import os
-    import subprocess
-    import sys
-
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([str(__import__("pathlib").Path(sys.executable).parent / "tidal-ray"), *args], cwd=cwd,
+    return subprocess.run([str(Path(sys.executable).parent / "tidal-ray"), *args], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -301,10 +313,6 @@ def _label_studio_export(tasks: list, truth: dict) -> list:
 
 @pytest.mark.slow
 def test_photos_user_model_and_labelers_end_to_end_on_s3(s3_bucket, tmp_path):
-    import time
-    import urllib.request
-    from concurrent.futures import ThreadPoolExecutor
-
     started = time.monotonic()
     rng = np.random.default_rng(0)
     photos = [_photo(i, rng) for i in range(204)]
@@ -385,3 +393,25 @@ def test_photos_user_model_and_labelers_end_to_end_on_s3(s3_bucket, tmp_path):
     assert storage.read_json(f"{root}/cycles/001/metrics.json")["labeled"] == 20
     assert storage.read_json(f"{root}/cycles/001/selection.json")["rows_excluded"] == 20
     print(f"\nend to end: {time.monotonic() - started:.0f}s")
+
+
+def test_a_checkpoint_whose_module_cannot_be_imported_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    from tidal_ray.checkpoint import save_checkpoint
+    from tidal_ray.train import TrainConfig, train_in_process
+
+    module = user_module(tmp_path, monkeypatch)
+    x = np.random.default_rng(0).integers(0, 256, size=(8, 3, 16, 16), dtype=np.uint8)
+    config = TrainConfig(num_classes=3, input_shape=(3, 16, 16), backbone=f"{module}:factory",
+                         feature_layers=("stem", "block"), epochs=1, batch_size=4)
+    _, _, session = train_in_process(config, np.arange(8), x, np.arange(8) % 3)
+    checkpoint = save_checkpoint(session.last_state, str(tmp_path / "ck"))
+    pool = tmp_path / "pool"
+    make_pool(str(pool), "synthetic", rows=20, fmt="pixels", shape="3x16x16", num_classes=3)
+    (tmp_path / f"{module}.py").unlink()   # scored where the user's module is not
+    sys.modules.pop(module, None)
+    argv = ["score", "--checkpoint", checkpoint, "--pool", str(pool), "--k", "3", "--out", str(tmp_path / "out"),
+            "--in-process"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"cannot import module '{module}'" in err, err
+    assert not (tmp_path / "out").exists()

@@ -15,7 +15,10 @@ from .errors import BadInput, Refused
 
 TRAIN_DESCRIPTION = """Train the backbone and the TD module (CE + lambda * KL) on Ray Train workers
 (DDP: gloo on CPU, nccl with --use-gpu). The labeled set is parquet with `id`, `label`
-(0..C-1) and the sample's data (`pixels` or `features`). The run goes to OUT/NAME:
+(0..C-1) and the sample's data (`pixels`, `image` bytes of any size, or `features`).
+The model (--model, --feature-layers, --weights) and the input recipe (--image-size,
+--channels, --normalize) are checked before any row is read and recorded in the
+checkpoint, so scoring decodes as training did. The run goes to OUT/NAME:
 a checkpoint directory every --checkpoint-every epochs and after the last (model.pt,
 metrics.json; the last two kept) and metrics.json. Rerunning with the same OUT and
 --name resumes that run."""
@@ -290,7 +293,9 @@ def add_campaign_parser(sub) -> None:
     a.add_argument("campaign", metavar="CAMPAIGN_URI")
     a.add_argument("--cycle", type=int)
     a.add_argument("--out", help="where to write (default: the cycle's export/ dir)")
-    a = actions.add_parser("import-labels", help="merge labels (CSV/JSONL/parquet id,label or a Ground Truth output manifest)")
+    a = actions.add_parser("import-labels", help="merge a delivery of labels (CSV/JSONL/parquet id,label, a Ground "
+                                                 "Truth output manifest or Label Studio's JSON export; labels as "
+                                                 "indices or class names)")
     a.add_argument("campaign", metavar="CAMPAIGN_URI")
     a.add_argument("labels", metavar="LABELS_FILE")
     p.set_defaults(run=cmd_campaign)

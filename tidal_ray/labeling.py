@@ -318,10 +318,10 @@ def validate_labels(rows: list[dict], selected_ids, num_classes: int, pool_has_i
                 reason = "missing id"
             elif key in seen:
                 reason = "duplicate id in this import"
-            elif key in already:
-                reason = "already labeled"
             elif key not in selected:
                 reason = "not selected in this cycle" if pool_has_id(key) else "unknown id"
+            elif key in already:
+                reason = "already labeled"
             elif label is None:
                 reason = f"label {row['label']!r} is not an integer"
             elif not 0 <= label < num_classes:

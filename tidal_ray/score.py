@@ -68,7 +68,7 @@ def _check_actors(actors) -> tuple[int, int]:
 def plan_scoring(checkpoint_uri, pool_uri, k, strategy="tidal-entropy", exclude_uris=(), exclude_ids=None,
                  per_class_quota=False, save_scores=False, batch_size=256, actors=(1, 1), seed=0) -> Plan:
     """Every check that can fail on bad input, before any work starts."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import check_model_importable, load_checkpoint
 
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
         raise BadInput(f"k must be a positive integer, got {k!r}")
@@ -80,6 +80,7 @@ def plan_scoring(checkpoint_uri, pool_uri, k, strategy="tidal-entropy", exclude_
         state = load_checkpoint(checkpoint_uri)
     except FileNotFoundError:
         raise BadInput(f"no checkpoint at {checkpoint_uri}") from None
+    check_model_importable(state)
     input_shape = tuple(int(d) for d in state["config"]["input_shape"])
     num_classes = int(state["config"]["num_classes"])
     spec = describe_pool(pool_uri)

@@ -18,9 +18,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import ids as id_utils
+from .decode import augment_batch
 from .dynamics import TDTable
 from .errors import BadInput
-from .decode import augment_batch
 from .models import TiDALNet, build_backbone, build_model, prepare_input
 from .models.spec import apply_weights, read_weights
 

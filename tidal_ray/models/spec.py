@@ -43,24 +43,26 @@ def _names(names, shown: int = NAMES_SHOWN) -> str:
     return ", ".join(names[:shown]) + more
 
 
-def import_factory(spec: str):
+def import_factory(spec: str, where: str | None = None):
     """``MODULE:FACTORY`` -> the factory. The user's current directory counts as a place
-    to import from (a console script's ``sys.path`` lacks it)."""
+    to import from (a console script's ``sys.path`` lacks it). ``where`` names the spec
+    in errors (default ``--model SPEC``)."""
+    where = where or f"--model {spec}"
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise BadInput(f"--model {spec!r}: expected a built-in name ({', '.join(BUILTINS)}) or MODULE:FACTORY")
+        raise BadInput(f"{where}: expected a built-in name ({', '.join(BUILTINS)}) or MODULE:FACTORY")
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise BadInput(f"--model {spec}: cannot import module {module_name!r} ({e}); run from the directory "
+        raise BadInput(f"{where}: cannot import module {module_name!r} ({e}); run from the directory "
                        f"that holds it, put it on PYTHONPATH, or ship it with the job's --working-dir") from None
     except Exception as e:  # the user's module raised while importing
-        raise BadInput(f"--model {spec}: importing {module_name!r} failed: {type(e).__name__}: {e}") from None
+        raise BadInput(f"{where}: importing {module_name!r} failed: {type(e).__name__}: {e}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise BadInput(f"--model {spec}: module {module_name!r} has no callable {attr!r}")
+        raise BadInput(f"{where}: module {module_name!r} has no callable {attr!r}")
     return factory
 
 
