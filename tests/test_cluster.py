@@ -66,6 +66,9 @@ def _cluster_env(temp_root: str, token: str, marker: str) -> dict:
         "RAY_USAGE_STATS_ENABLED": "0",
         "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         "PYTHONUNBUFFERED": "1",
+        # Seen on this (loaded, 2-core) machine: the worker's `ray start` gave up after the
+        # default 30 s with "GCS cannot find the node ... Try increase RAY_raylet_start_wait_time_s".
+        "RAY_raylet_start_wait_time_s": "120",
         MARKER: marker,
     })
     return env
