@@ -182,12 +182,15 @@ class RayStartCluster:
         return [f"--dashboard-agent-listen-port={listen}", f"--dashboard-agent-grpc-port={grpc}",
                 f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}"]
 
-    def start(self, timeout: float = 120.0) -> None:
+    def start(self, timeout: float = 120.0, worker: bool = True) -> None:
         self._start("head", ["--head", f"--port={self.gcs}", f"--temp-dir={self.root / 'ray'}",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={self.dashboard}", f"--ray-client-server-port={self.client_port}",
                              *self._agent_ports(self.head_ports)])
         self._wait(lambda: self.api("/api/version"), "the head's dashboard", timeout)
+        if not worker:
+            self._wait(lambda: len(self.alive_nodes()) == 1 or None, "the head node", timeout)
+            return
         # The worker node gets a temp dir of its own, as it would on its own machine: sharing the
         # head's, its runtime-env agent unpacks the job's working_dir into the very directory the
         # head's job driver runs in, replacing it under the driver (whose getcwd() then fails;
@@ -290,6 +293,22 @@ def ray_start_cluster():
         pytest.fail(f"test cluster processes survived teardown: {left}")
 
 
+@pytest.fixture
+def ray_start_head():
+    """A token-auth ``ray start --head`` alone (2 CPUs): a job's driver, Ray Train
+    worker and scorer actors all on it."""
+    root = Path(tempfile.mkdtemp(prefix="trh-", dir="/tmp"))
+    cluster = RayStartCluster(root, num_cpus=2)
+    try:
+        cluster.start(worker=False)
+        yield cluster
+    finally:
+        left = cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    if left:
+        pytest.fail(f"test cluster processes survived teardown: {left}")
+
+
 @pytest.mark.slow
 def test_ray_job_submit_scores_a_pool_on_a_token_auth_cluster(ray_start_cluster, tmp_path):
     from tidal_ray.make_pool import make_pool
@@ -362,14 +381,14 @@ def factory(num_classes):
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_a_campaign_step_with_a_user_module(ray_start_cluster, tmp_path, monkeypatch):
+def test_ray_job_submit_runs_a_campaign_step_with_a_user_module(ray_start_head, tmp_path, monkeypatch):
     """The user's directory (their module beside the code) goes up as the job's working_dir:
     the job's driver, its Ray Train worker and its scorer actors all import the module."""
     from tidal_ray import campaign
     from tidal_ray.datasets import load_digits
     from tidal_ray.make_pool import make_pool
 
-    cluster = ray_start_cluster
+    cluster = ray_start_head
     job_dir = tmp_path / "job"
     ignore = shutil.ignore_patterns("__pycache__")
     shutil.copytree(REPO / "tidal_ray", job_dir / "tidal_ray", ignore=ignore)
