@@ -114,7 +114,15 @@ def test_imports_merge_good_rows_and_list_bad_ones(ray_local, tmp_path, capsys):
     capsys.readouterr()
     assert main(["campaign", "import-labels", root, str(output)]) == 0
     out = capsys.readouterr().out
-    assert "merged 9 labels for cycle 0; 1 rows not merged" in out
+    assert "merged 9 labels for cycle 0 (9 of 10 selected samples labeled); 1 rows not merged; 1 still to label" in out
+    assert main(["campaign", "run", root]) == 0                          # a partial delivery: still waiting
+    assert "waiting for labels (9 of 10 selected samples labeled)" in capsys.readouterr().out
+    assert campaign.load_state(root)["cycle"] == 0
+    last = tmp_path / "last.csv"
+    last.write_text(f"id,label\n{selected[0]},{truth[selected[0]]}\n{selected[9]},{truth[selected[9]]}\n")
+    assert main(["campaign", "import-labels", root, str(last)]) == 0
+    out = capsys.readouterr().out
+    assert "already labeled" in out and "merged 1 labels" in out and "(10 of 10 selected samples labeled)" in out
     assert main(["campaign", "run", root]) == 0
     assert campaign.load_state(root)["cycle"] == 1
 
@@ -134,9 +142,12 @@ def test_imports_merge_good_rows_and_list_bad_ones(ray_local, tmp_path, capsys):
     assert "999999" in out and "unknown id" in out
     assert "label out of range 0..9" in out.replace("label 10 out", "label out")
     assert "not selected in this cycle" in out
-    merged = storage.read_parquet(campaign.labels_uri(root, 2)).to_pylist()
+    merged = storage.read_parquet(campaign.delivery_uri(root, 2, 0)).to_pylist()
     assert merged == [{"id": i, "label": truth[i]} for i in selected1[:8]]
-    assert main(["campaign", "import-labels", root, str(labels_csv)]) == 2  # labels are never rewritten
+    assert main(["campaign", "import-labels", root, str(labels_csv)]) == 0  # the same delivery again
+    assert "merged 0 labels" in capsys.readouterr().out
+    assert not storage.exists(campaign.delivery_uri(root, 2, 1))          # nothing new, nothing rewritten
+    assert storage.read_parquet(campaign.delivery_uri(root, 2, 0)).to_pylist() == merged
 
 
 def _pool_labels(pool, n=None):

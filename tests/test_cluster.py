@@ -66,6 +66,9 @@ def _cluster_env(temp_root: str, token: str, marker: str) -> dict:
         "RAY_USAGE_STATS_ENABLED": "0",
         "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         "PYTHONUNBUFFERED": "1",
+        # Seen on this (loaded, 2-core) machine: the worker's `ray start` gave up after the
+        # default 30 s with "GCS cannot find the node ... Try increase RAY_raylet_start_wait_time_s".
+        "RAY_raylet_start_wait_time_s": "120",
         MARKER: marker,
     })
     return env
@@ -179,12 +182,15 @@ class RayStartCluster:
         return [f"--dashboard-agent-listen-port={listen}", f"--dashboard-agent-grpc-port={grpc}",
                 f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}"]
 
-    def start(self, timeout: float = 120.0) -> None:
+    def start(self, timeout: float = 120.0, worker: bool = True) -> None:
         self._start("head", ["--head", f"--port={self.gcs}", f"--temp-dir={self.root / 'ray'}",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={self.dashboard}", f"--ray-client-server-port={self.client_port}",
                              *self._agent_ports(self.head_ports)])
         self._wait(lambda: self.api("/api/version"), "the head's dashboard", timeout)
+        if not worker:
+            self._wait(lambda: len(self.alive_nodes()) == 1 or None, "the head node", timeout)
+            return
         # The worker node gets a temp dir of its own, as it would on its own machine: sharing the
         # head's, its runtime-env agent unpacks the job's working_dir into the very directory the
         # head's job driver runs in, replacing it under the driver (whose getcwd() then fails;
@@ -234,12 +240,12 @@ class RayStartCluster:
         return subprocess.run([RAY, *args], env=env or self.env, cwd=REPO, capture_output=True, text=True,
                               timeout=timeout)
 
-    def submit(self, submission_id: str, entrypoint: list[str], timeout: float = 240.0):
-        """``ray job submit`` with the repo as working_dir; waits for the job (the CLI tails
-        its logs until it ends). Returns (CLI result, job info from the REST API)."""
+    def submit(self, submission_id: str, entrypoint: list[str], timeout: float = 240.0, working_dir: Path = REPO):
+        """``ray job submit`` with the repo (or ``working_dir``) as working_dir; waits for the
+        job (the CLI tails its logs until it ends). Returns (CLI result, job info from the REST API)."""
         try:
             result = self.cli("job", "submit", "--address", self.address, "--submission-id", submission_id,
-                              "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
+                              "--working-dir", str(working_dir), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
                               "--", *entrypoint, timeout=timeout)
         except subprocess.TimeoutExpired as e:
             self.cli("job", "stop", "--address", self.address, "--no-wait", submission_id, timeout=60)
@@ -279,6 +285,22 @@ def ray_start_cluster():
     cluster = RayStartCluster(root)
     try:
         cluster.start()
+        yield cluster
+    finally:
+        left = cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    if left:
+        pytest.fail(f"test cluster processes survived teardown: {left}")
+
+
+@pytest.fixture
+def ray_start_head():
+    """A token-auth ``ray start --head`` alone (2 CPUs): a job's driver, Ray Train
+    worker and scorer actors all on it."""
+    root = Path(tempfile.mkdtemp(prefix="trh-", dir="/tmp"))
+    cluster = RayStartCluster(root, num_cpus=2)
+    try:
+        cluster.start(worker=False)
         yield cluster
     finally:
         left = cluster.stop()
@@ -337,6 +359,60 @@ def test_ray_job_submit_scores_a_pool_on_a_token_auth_cluster(ray_start_cluster,
     assert local.column("id").to_pylist() == ids
     np.testing.assert_array_equal(local.column("score").to_numpy(), np.array(scores))
     print(f"\njob submit: score job {job_seconds:.1f}s, test body {time.monotonic() - started:.1f}s")
+
+
+USER_MODULE = """
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean((2, 3)))
+
+
+def factory(num_classes):
+    return Net(num_classes)
+"""
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_campaign_step_with_a_user_module(ray_start_head, tmp_path, monkeypatch):
+    """The user's directory (their module beside the code) goes up as the job's working_dir:
+    the job's driver, its Ray Train worker and its scorer actors all import the module."""
+    from tidal_ray import campaign
+    from tidal_ray.datasets import load_digits
+    from tidal_ray.make_pool import make_pool
+
+    cluster = ray_start_head
+    job_dir = tmp_path / "job"
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(REPO / "tidal_ray", job_dir / "tidal_ray", ignore=ignore)
+    shutil.copytree(REPO / "jobs", job_dir / "jobs", ignore=ignore)
+    (job_dir / "user_net.py").write_text(USER_MODULE)
+    pool, root = tmp_path / "pool", tmp_path / "campaign"
+    make_pool(str(pool), "digits", rows=300, fmt="pixels")
+    ids, _, labels = load_digits()
+    (tmp_path / "seed.csv").write_text("id,label\n" + "".join(f"{i},{y}\n" for i, y in zip(ids[:30], labels[:30])))
+    monkeypatch.chdir(job_dir)  # init imports the module from the user's directory, as the CLI would
+    config = campaign.CampaignConfig(pool=str(pool), num_classes=10, k=10, cycles=1, backbone="user_net:factory",
+                                     feature_layers=("body", "body.0"), epochs=1, batch_size=16, workers=1)
+    campaign.init(str(root), config, str(tmp_path / "seed.csv"))
+
+    result, _ = cluster.submit("campaign", ["python", "jobs/campaign.py", "run", str(root)], working_dir=job_dir)
+    logs = cluster.job_logs("campaign")
+    assert "waiting for labels" in logs and "campaign waiting-for-labels: cycle 0" in logs, logs
+    summary = json.loads((root / "cycles" / "000" / "selection.json").read_text())
+    assert summary["selected"] == 10 and summary["rows_excluded"] == 30 and summary["rows_scored"] == 270
+    metrics = json.loads((root / "cycles" / "000" / "metrics.json").read_text())
+    import torch
+
+    state = torch.load(Path(metrics["checkpoint"]) / "model.pt", weights_only=True)
+    assert state["config"]["backbone"] == "user_net:factory"
 
 
 # ---- 2. a worker node dies while the pool is scored -----------------------------------------------

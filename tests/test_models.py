@@ -35,7 +35,7 @@ def test_td_module_structure():
 
 
 @pytest.mark.parametrize("args,message", [
-    (("vgg", 10, (3, 32, 32)), "unknown backbone 'vgg'"),
+    (("vgg", 10, (3, 32, 32)), "unknown model 'vgg'"),
     (("mlp", 10, (3, 32, 32)), "takes feature vectors"),
     (("resnet18", 10, (64,)), "takes images"),
     (("small_cnn", 1, (1, 8, 8)), "at least 2"),

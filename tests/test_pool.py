@@ -10,7 +10,7 @@ from PIL import Image
 
 from tidal_ray.datasets import load_digits
 from tidal_ray.make_pool import make_pool
-from tidal_ray.decode import (NOT_FINITE, NULL_ID, UNDECODABLE, WRONG_LENGTH, WRONG_SIZE, decode_batch,
+from tidal_ray.decode import (NOT_FINITE, NULL_ID, UNDECODABLE, WRONG_LENGTH, decode_batch,
                               stream_batch)
 from tidal_ray.loader import load_rows, pool_has_ids
 from tidal_ray.pool import SHAPE_KEY, check_compatible, describe_pool, is_image_prefix
@@ -36,9 +36,12 @@ def test_digits_pool_round_trips_through_load_rows(tmp_path, fmt):
     if fmt == "features":
         assert shape == (64,) and x.dtype == np.float32
         np.testing.assert_allclose(x, pixels[:300].reshape(300, 64) / 255.0, rtol=1e-6)
-    else:
+    elif fmt == "pixels":  # stored pixels keep their shape
         assert shape == (1, 8, 8) and x.dtype == np.uint8
         np.testing.assert_array_equal(x, pixels[:300])
+    else:  # images become 3 channels by default (grayscale replicated)
+        assert shape == (3, 8, 8) and x.dtype == np.uint8
+        np.testing.assert_array_equal(x, np.repeat(pixels[:300], 3, axis=1))
     if fmt == "files":  # ids are keys under the prefix; image files carry no labels
         assert got_ids[3] == "part-00000/00000003.png" and got_labels is None
         assert is_image_prefix(str(tmp_path / "pool"))
@@ -133,8 +136,9 @@ def test_checkpoint_compatibility_is_checked_from_metadata(tmp_path):
     make_pool(str(tmp_path / "p"), "digits", rows=50, fmt="pixels")
     spec = describe_pool(str(tmp_path / "p"))
     check_compatible(spec, (1, 8, 8), 10)
-    with pytest.raises(ValueError, match="1x8x8 pixels but ck expects 3x8x8"):
-        check_compatible(spec, (3, 8, 8), 10, "ck")
+    check_compatible(spec, (3, 16, 16), 10)  # 1- or 3-channel pixels are converted and resized
+    with pytest.raises(ValueError, match="1x8x8 pixels but ck expects 4x8x8"):
+        check_compatible(spec, (4, 8, 8), 10, "ck")
     with pytest.raises(ValueError, match="declares 10 classes, ck has 5"):
         check_compatible(spec, (1, 8, 8), 5, "ck")
     # No declared class count: the label statistics in the footers still catch it.
@@ -142,8 +146,9 @@ def test_checkpoint_compatibility_is_checked_from_metadata(tmp_path):
     with pytest.raises(ValueError, match="has label 7"):
         check_compatible(describe_pool(str(tmp_path / "q")), (1, 8, 8), 5, "ck")
     make_pool(str(tmp_path / "img"), "digits", rows=20, fmt="image")
-    with pytest.raises(ValueError, match="images are 1x8x8 but ck expects 1x16x16"):
-        check_compatible(describe_pool(str(tmp_path / "img")), (1, 16, 16), 10, "ck")
+    check_compatible(describe_pool(str(tmp_path / "img")), (3, 16, 16), 10, "ck")  # resized on decode
+    with pytest.raises(ValueError, match="pool rows are images but ck expects 64"):
+        check_compatible(describe_pool(str(tmp_path / "img")), (64,), 10, "ck")
     make_pool(str(tmp_path / "f"), "digits", rows=20, fmt="features")
     with pytest.raises(ValueError, match="64 features but ck expects 32"):
         check_compatible(describe_pool(str(tmp_path / "f")), (32,), 10, "ck")
@@ -170,18 +175,18 @@ def test_decode_rejects_every_kind_of_bad_row(tmp_path):
     assert rejects["id"].tolist() == ["b", "c", "d"]
     assert rejects["reason"].tolist() == [NOT_FINITE, NOT_FINITE, f"{WRONG_LENGTH}: 3 features, expected 4"]
 
-    # PNG bytes: corrupt, the wrong size, missing
-    blobs = [png(np.full((8, 8), 7, np.uint8)), b"\x89PNG not really", png(np.zeros((16, 16), np.uint8)), None]
+    # PNG bytes: corrupt, another size (resized and cropped to the input), missing
+    blobs = [png(np.full((8, 8), 7, np.uint8)), b"\x89PNG not really", png(np.full((16, 24), 9, np.uint8)), None]
     table = pa.table({"id": pa.array([1, 2, 3, 4], pa.int64()), "image": pa.array(blobs, pa.binary())})
     write(tmp_path / "im" / "a.parquet", table)
     good, rejects = decode_batch(table, describe_pool(str(tmp_path / "im")), (1, 8, 8))
-    assert good["id"].tolist() == [1] and int(good["x"][0, 0, 0, 0]) == 7
-    assert rejects["reason"].tolist() == [UNDECODABLE, f"{WRONG_SIZE}: 16x16, expected 8x8", UNDECODABLE]
+    assert good["id"].tolist() == [1, 3] and int(good["x"][0, 0, 0, 0]) == 7 and (good["x"][1] == 9).all()
+    assert rejects["reason"].tolist() == [UNDECODABLE, UNDECODABLE]
 
     # One stream batch for Ray Data: rejects keep a filled id and zero inputs.
     batch = stream_batch(good, rejects, (1, 8, 8), np.uint8)
-    assert batch["id"].tolist() == [1, 2, 3, 4] and batch["reason"].tolist()[0] == ""
-    assert batch["x"].shape == (4, 1, 8, 8) and batch["x"][1:].max() == 0
+    assert batch["id"].tolist() == [1, 3, 2, 4] and batch["reason"].tolist()[:2] == ["", ""]
+    assert batch["x"].shape == (4, 1, 8, 8) and batch["x"][2:].max() == 0
 
 
 def test_load_rows_skips_bad_rows_and_keeps_the_first_duplicate(tmp_path, capsys):

@@ -14,7 +14,7 @@ from tidal_ray import storage
 from tidal_ray.checkpoint import save_checkpoint
 from tidal_ray.cli import main
 from tidal_ray.make_pool import make_pool, synthetic_rows
-from tidal_ray.decode import NOT_FINITE, NULL_ID, UNDECODABLE, WRONG_LENGTH, WRONG_SIZE
+from tidal_ray.decode import NOT_FINITE, NULL_ID, UNDECODABLE, WRONG_LENGTH
 from tidal_ray.ids import SeenIds
 from tidal_ray.pool import SHAPE_KEY
 from tidal_ray.score import score_pool
@@ -168,7 +168,7 @@ def test_bad_rows_are_rejected_with_reasons_and_accounted_exactly(ray_local, s3_
     assert sorted(reasons) == sorted([NOT_FINITE, NOT_FINITE, f"{WRONG_LENGTH}: 60 features, expected 64", NULL_ID])
     assert (summary["rows_read"], summary["rows_scored"], summary["rows_rejected"]) == (40, 36, 4)
 
-    # PNG bytes in parquet: corrupt bytes, the wrong size
+    # PNG bytes in parquet: corrupt bytes, another size (resized to the input)
     images = []
     for i in range(30):
         buf = io.BytesIO()
@@ -179,9 +179,8 @@ def test_bad_rows_are_rejected_with_reasons_and_accounted_exactly(ray_local, s3_
                           pa.table({"id": pa.array([f"img-{i}" for i in range(30)]), "image": pa.array(images)}))
     summary = score_pool(checkpoint, str(tmp_path / "img"), 5, str(tmp_path / "img-out"), progress=False)
     rejects = read(str(tmp_path / "img-out" / "rejects.parquet")).to_pylist()
-    assert [(r["id"], r["reason"]) for r in rejects] == [("img-1", UNDECODABLE),
-                                                          ("img-2", f"{WRONG_SIZE}: 16x16, expected 8x8")]
-    assert (summary["rows_read"], summary["rows_scored"], summary["rows_rejected"]) == (30, 28, 2)
+    assert [(r["id"], r["reason"]) for r in rejects] == [("img-1", UNDECODABLE)]
+    assert (summary["rows_read"], summary["rows_scored"], summary["rows_rejected"]) == (30, 29, 1)
 
 
 def test_image_prefix_on_s3_ids_are_keys(ray_local, s3_bucket, checkpoint):

@@ -8,20 +8,24 @@ and after the last selection cycle one more ``train`` measures the final model. 
 state lives under one URI (a local dir or ``s3://``), laid out as DESIGN.md §2 says.
 Every step first looks for its own finished output and moves on if it is there, so a
 driver killed anywhere can simply ``run`` again. Labels are never rewritten: each
-cycle's arrive in their own ``labeled/cycle-NNN.parquet``.
+cycle's arrive in their own files under ``labeled/`` (``campaign_state.py``: the
+config, the layout, the labels that arrived).
 """
 from __future__ import annotations
 
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
 
 from . import ids as id_utils
 from . import storage
+from .campaign_state import (CampaignConfig, config_of, cycle_label_progress, cycle_uri, delivery_uri,
+                             input_shape_of, labeled_table, labels_uri, load_state, save_state, selected_ids,
+                             state_uri)
 from .errors import BadInput
 from .labeling import read_labels, validate_labels, write_exports
 from .lock import CampaignLock
@@ -29,99 +33,6 @@ from .lock import CampaignLock
 STEPS = ("train", "select", "export", "wait-for-labels", "merge")
 # Test-only: "CYCLE:STEP" makes the driver SIGKILL itself as that step starts (crash tests).
 KILL_AT_ENV = "TIDAL_RAY_TEST_KILL_AT"
-
-
-@dataclass
-class CampaignConfig:
-    pool: str
-    num_classes: int
-    k: int
-    cycles: int
-    strategy: str = "tidal-entropy"
-    backbone: str = "small_cnn"
-    epochs: int = 60
-    batch_size: int = 64
-    lr: float = 1e-3
-    lam: float = 1.0
-    seed: int = 0
-    initial_labels: int = 0
-    oracle: bool = False
-    test: str | None = None
-    trainer: str = "ray"          # "ray" (Ray Train, DDP) or "local" (in the driver process)
-    workers: int = 1
-    use_gpu: bool = False
-    actors: tuple[int, int] = (1, 1)
-    per_class_quota: bool = False
-    # Worker-group restarts per training run; each resumes from the run's last checkpoint.
-    max_failures: int = 2
-
-    def check(self) -> None:
-        from .models import BACKBONES
-        from .uncertainty import check_strategy
-
-        check_strategy(self.strategy)
-        if self.backbone not in BACKBONES:
-            raise BadInput(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
-        if self.k <= 0 or self.cycles <= 0:
-            raise BadInput("--k and --cycles must be positive")
-        if self.trainer not in ("ray", "local"):
-            raise BadInput(f"unknown trainer {self.trainer!r}; choose ray or local")
-        if self.num_classes < 2:
-            raise BadInput("--num-classes must be at least 2")
-
-
-# ---- where things live ---------------------------------------------------------------------
-
-def state_uri(root: str) -> str:
-    return storage.join(root, "campaign.json")
-
-
-def cycle_uri(root: str, cycle: int, *parts: str) -> str:
-    return storage.join(root, "cycles", f"{cycle:03d}", *parts)
-
-
-def labels_uri(root: str, cycle: int) -> str:
-    return storage.join(root, "labeled", f"cycle-{cycle:03d}.parquet")
-
-
-def load_state(root: str) -> dict:
-    if not storage.exists(state_uri(root)):
-        raise BadInput(f"no campaign at {root} (run 'tidal-ray campaign init' first)")
-    return storage.read_json(state_uri(root))
-
-
-def save_state(root: str, state: dict) -> None:
-    state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    storage.write_json(state_uri(root), state)
-
-
-def config_of(state: dict) -> CampaignConfig:
-    config = dict(state["config"])
-    config.pop("extra", None)  # written by 0.1, always empty
-    config["actors"] = tuple(config["actors"])
-    return CampaignConfig(**config)
-
-
-# ---- labels ---------------------------------------------------------------------------------
-
-def labeled_table(root: str) -> pa.Table:
-    """Every label that has arrived, in arrival order."""
-    prefix = storage.join(root, "labeled")
-    files = [uri for uri, _ in storage.list_files(prefix)] if storage.exists(prefix) else []
-    tables = [storage.read_parquet(uri).select(["id", "label"]) for uri in files if uri.endswith(".parquet")]
-    if not tables:
-        return pa.table({"id": pa.array([], pa.int64()), "label": pa.array([], pa.int64())})
-    return pa.concat_tables(tables, promote_options="permissive")
-
-
-def selected_ids(root: str, up_to_cycle: int) -> list:
-    """Ids sent out for labeling in cycles before ``up_to_cycle`` (pending or labeled)."""
-    ids = []
-    for c in range(up_to_cycle):
-        uri = cycle_uri(root, c, "selection.parquet")
-        if storage.exists(uri):
-            ids.extend(storage.read_parquet(uri).column("id").to_pylist())
-    return ids
 
 
 # ---- steps ----------------------------------------------------------------------------------
@@ -136,7 +47,6 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
     if storage.exists(metrics_uri):
         return
     from .evaluate import accuracy
-    from .loader import natural_shape
     from .pool import describe_pool
     from .train import TrainConfig, train_in_process
     from .train_ray import train_on_ray
@@ -144,8 +54,10 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
     labels = labeled_table(root)
     ids, y = labels.column("id").to_numpy(zero_copy_only=False), labels.column("label").to_numpy()
     spec = describe_pool(config.pool)
-    train_config = TrainConfig(num_classes=config.num_classes, input_shape=tuple(natural_shape(spec)),
-                               backbone=config.backbone, epochs=config.epochs, batch_size=config.batch_size,
+    train_config = TrainConfig(num_classes=config.num_classes, input_shape=tuple(input_shape_of(config)),
+                               backbone=config.backbone, feature_layers=config.feature_layers,
+                               weights=config.weights, normalize=config.normalize, augment=config.augment,
+                               epochs=config.epochs, batch_size=config.batch_size,
                                lr=config.lr, lam=config.lam, seed=config.seed + cycle)
     log(f"cycle {cycle}: training {config.backbone} on {len(ids)} labels ({config.trainer})")
     started = time.perf_counter()
@@ -167,7 +79,7 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
 
         # --trainer local holds the labeled rows in this process: for small campaigns.
         label_of = dict(zip(ids.tolist(), y.tolist()))
-        ids, x, _, _ = load_rows(config.pool, ids=list(label_of))
+        ids, x, _, _ = load_rows(config.pool, ids=list(label_of), input_shape=train_config.input_shape)
         y = np.array([label_of[i] for i in ids.tolist()], dtype=np.int64)
         _, _, session = train_in_process(train_config, ids, x, y)
         checkpoint = save_checkpoint(session.last_state, checkpoint_dir).rsplit("/", 1)[0]
@@ -201,14 +113,14 @@ def step_select(root: str, config: CampaignConfig, cycle: int, log) -> None:
 def export(root: str, cycle: int | None = None, out_uri: str | None = None) -> list[str]:
     """Write the labeling-tool manifests of a cycle's selection (default: the current
     cycle, into its ``export/``); returns the files written."""
-    from .pool import is_image_prefix
+    from .pool import describe_pool
 
     state = load_state(root)
     config = config_of(state)
     cycle = state["cycle"] if cycle is None else cycle
     selection = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet"))
-    return write_exports(selection, config.pool, is_image_prefix(config.pool),
-                         out_uri or cycle_uri(root, cycle, "export"))
+    return write_exports(selection, describe_pool(config.pool), out_uri or cycle_uri(root, cycle, "export"),
+                         config.class_names, config.presign)
 
 
 def step_export(root: str, config: CampaignConfig, cycle: int, log) -> None:
@@ -222,8 +134,12 @@ def step_wait_for_labels(root: str, config: CampaignConfig, cycle: int, log) -> 
     if storage.exists(target):
         return True
     if not config.oracle:
-        log(f"cycle {cycle}: waiting for labels. Label {cycle_uri(root, cycle, 'export')}/ and run "
-            f"'tidal-ray campaign import-labels {root} FILE', then 'tidal-ray campaign run {root}'")
+        selected, labeled = cycle_label_progress(root, cycle)
+        if labeled == selected:
+            return True
+        log(f"cycle {cycle}: waiting for labels ({labeled} of {selected} selected samples labeled). Label "
+            f"{cycle_uri(root, cycle, 'export')}/ and run 'tidal-ray campaign import-labels {root} FILE' "
+            f"(partial deliveries add up), then 'tidal-ray campaign run {root}'")
         return False
     from .lookup import labels_of
     from .pool import describe_pool
@@ -262,7 +178,7 @@ def run(root: str, log=print) -> dict:
                     save_state(root, state)
                     return state
             elif step == "merge":
-                merged = storage.read_parquet(labels_uri(root, cycle + 1)).num_rows
+                merged = cycle_label_progress(root, cycle)[1]
                 log(f"cycle {cycle}: merged {merged} new labels; {labeled_table(root).num_rows} labeled in all")
                 state.update(cycle=cycle + 1, step="train")
                 save_state(root, state)
@@ -318,20 +234,26 @@ def write_report(root: str) -> str:
 # ---- init, status, import -------------------------------------------------------------------
 
 def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = None, log=print) -> dict:
+    """Create the campaign: every check (recipe and model spec first, before any row is
+    read), then the initial labels (by id, labels as indices or class names)."""
     config.check()
     if storage.exists(state_uri(root)):
         raise BadInput(f"a campaign already exists at {root}")
     from .loader import pool_has_ids
     from .lookup import sample_labels
     from .pool import describe_pool
+    from .train import resolve_recipe
 
     # Footers, ids and the drawn rows' labels only: the pool's data is never read here.
     spec = describe_pool(config.pool)
+    config.backbone, input_shape = resolve_recipe(
+        spec, config.num_classes, config.backbone, config.feature_layers, config.weights, config.image_size,
+        config.channels, config.normalize, log)
     if config.test is not None and not storage.exists(config.test):
         raise BadInput(f"test set {config.test} does not exist")
     if initial_labels_uri:
-        rows = read_labels(initial_labels_uri, config.pool)
-        in_pool = pool_has_ids(config.pool, [r["id"] for r in rows if r["id"] is not None])
+        rows = read_labels(initial_labels_uri, config.pool, config.class_names)
+        in_pool = pool_has_ids(config.pool, [str(r["id"]) for r in rows if r["id"] is not None])
         table, problems = validate_labels(rows, id_utils.parse_keys(sorted(in_pool), spec.id_type).to_pylist(),
                                           config.num_classes, lambda _: False, spec.id_type)
         for p in problems:
@@ -346,8 +268,10 @@ def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = Non
     state = {"config": asdict(config), "cycle": 0, "step": "train", "status": "initialized",
              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     save_state(root, state)
+    skipped = f", {len(spec.skipped)} files skipped" if spec.skipped else ""
     log(f"campaign initialized at {root}: {table.num_rows} initial labels, pool {config.pool} "
-        f"({spec.rows} rows), {config.cycles} cycles of {config.k}")
+        f"({spec.rows} rows{skipped}), model {config.backbone}, input {'x'.join(map(str, input_shape))}, "
+        f"{config.cycles} cycles of {config.k}")
     return state
 
 
@@ -365,7 +289,10 @@ def status(root: str) -> dict:
 
 
 def import_labels(root: str, labels_file: str, log=print) -> dict:
-    """Merge a person's labels for the current cycle's selection; bad rows are listed, not merged."""
+    """Merge a person's labels for the current cycle's selection, as one more delivery
+    (``labeled/cycle-NNN-delivery-MMM.parquet``, never rewritten): partial deliveries
+    add up, and the cycle moves on once every selected id has a label. Rows that do not
+    fit are listed, not merged; unknown class names fail the file (nothing written)."""
     from .loader import pool_has_ids
 
     state = load_state(root)
@@ -373,18 +300,25 @@ def import_labels(root: str, labels_file: str, log=print) -> dict:
     cycle = state["cycle"]
     if state["step"] not in ("wait-for-labels",) or state["status"] != "waiting-for-labels":
         raise BadInput(f"cycle {cycle} is at step {state['step']!r}, not waiting for labels")
-    target = labels_uri(root, cycle + 1)
-    if storage.exists(target):
-        raise BadInput(f"labels for cycle {cycle} were already imported ({target})")
+    if storage.exists(labels_uri(root, cycle + 1)):
+        raise BadInput(f"labels for cycle {cycle} were already imported ({labels_uri(root, cycle + 1)})")
     selection = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet"))
-    rows = read_labels(labels_file, config.pool)
+    rows = read_labels(labels_file, config.pool, config.class_names)
     candidates = [str(r["id"]) for r in rows if r["id"] is not None]
     in_pool = pool_has_ids(config.pool, candidates)
+    already = {str(i) for i in labeled_table(root).column("id").to_pylist()}
     table, problems = validate_labels(rows, selection.column("id").to_pylist(), config.num_classes,
-                                      lambda key: key in in_pool, selection.schema.field("id").type)
+                                      lambda key: key in in_pool, selection.schema.field("id").type, already)
     for p in problems:
         log(f"not merged: line {p['line']}: id {p['id']!r} label {p['label']!r}: {p['reason']}")
-    storage.write_parquet(target, table)
-    log(f"merged {table.num_rows} labels for cycle {cycle}; {len(problems)} rows not merged; "
-        f"run 'tidal-ray campaign run {root}' to continue")
-    return {"merged": table.num_rows, "problems": problems}
+    if table.num_rows:
+        delivery = 0
+        while not storage.put_if_absent(delivery_uri(root, cycle + 1, delivery), storage.parquet_bytes(table)):
+            delivery += 1
+    selected, labeled = cycle_label_progress(root, cycle)
+    left = (f"run 'tidal-ray campaign run {root}' to continue" if labeled == selected
+            else f"{selected - labeled} still to label")
+    log(f"merged {table.num_rows} labels for cycle {cycle} ({labeled} of {selected} selected samples labeled); "
+        f"{len(problems)} rows not merged; {left}")
+    return {"merged": table.num_rows, "problems": problems, "labeled": labeled, "selected": selected}
+

@@ -38,8 +38,21 @@ def load_checkpoint(uri: str) -> dict:
     return state
 
 
+def check_model_importable(state: dict) -> None:
+    """A ``MODULE:FACTORY`` checkpoint needs MODULE importable in this process (and in
+    the workers that rebuild it); a one-line BadInput naming it otherwise."""
+    from .models.spec import import_factory
+
+    if ":" in str(state["config"]["backbone"]):
+        import_factory(state["config"]["backbone"], f"the checkpoint's model {state['config']['backbone']}")
+
+
 def model_from_checkpoint(state: dict) -> TiDALNet:
+    """The network the checkpoint's config describes (model spec, feature layers, input
+    recipe), with its weights. A ``MODULE:FACTORY`` model needs MODULE importable here."""
     config = state["config"]
-    net = build_model(config["backbone"], config["num_classes"], tuple(config["input_shape"]))
+    layers = config.get("feature_layers")
+    net = build_model(config["backbone"], config["num_classes"], tuple(config["input_shape"]),
+                      tuple(layers) if layers else None, config.get("normalize", "none"))
     net.load_state_dict(state["model"])
     return net.eval()

@@ -15,7 +15,10 @@ from .errors import BadInput, Refused
 
 TRAIN_DESCRIPTION = """Train the backbone and the TD module (CE + lambda * KL) on Ray Train workers
 (DDP: gloo on CPU, nccl with --use-gpu). The labeled set is parquet with `id`, `label`
-(0..C-1) and the sample's data (`pixels` or `features`). The run goes to OUT/NAME:
+(0..C-1) and the sample's data (`pixels`, `image` bytes of any size, or `features`).
+The model (--model, --feature-layers, --weights) and the input recipe (--image-size,
+--channels, --normalize) are checked before any row is read and recorded in the
+checkpoint, so scoring decodes as training did. The run goes to OUT/NAME:
 a checkpoint directory every --checkpoint-every epochs and after the last (model.pt,
 metrics.json; the last two kept) and metrics.json. Rerunning with the same OUT and
 --name resumes that run."""
@@ -54,17 +57,32 @@ def cmd_make_pool(args):
     print(f"wrote {len(files)} file(s) under {args.out}")
 
 
+def parse_model(args) -> str | None:
+    """``--model`` (a built-in name or MODULE:FACTORY), or its alias ``--backbone``."""
+    if args.model and args.backbone and args.model != args.backbone:
+        raise BadInput(f"--model {args.model} and --backbone {args.backbone} disagree; give one")
+    return args.model or args.backbone
+
+
+def parse_layers(text: str | None) -> tuple[str, ...] | None:
+    layers = tuple(n.strip() for n in (text or "").split(",") if n.strip())
+    return layers or None
+
+
 def cmd_train(args):
     from .labeled import labeled_rows, read_labeled_set
-    from .loader import natural_shape
-    from .train import TrainConfig, validate_labels
+    from .train import TrainConfig, resolve_recipe, validate_labels
     from .train_ray import train_on_ray
 
     # Ids and labels only on this process; the rows' data goes to the workers on Ray Data.
     ids, y, spec = read_labeled_set(args.labeled)
     # A labeled set that lacks the top class would otherwise shrink C.
     num_classes = args.num_classes or spec.num_classes or max(int(y.max()) + 1, 2)
-    config = TrainConfig(num_classes=num_classes, input_shape=tuple(natural_shape(spec)), backbone=args.backbone,
+    layers = parse_layers(args.feature_layers)
+    model, input_shape = resolve_recipe(spec, num_classes, parse_model(args), layers, args.weights,
+                                        args.image_size, args.channels, args.normalize)
+    config = TrainConfig(num_classes=num_classes, input_shape=tuple(input_shape), backbone=model,
+                         feature_layers=layers, weights=args.weights, normalize=args.normalize, augment=args.augment,
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lam=args.lam,
                          seed=args.seed, checkpoint_every=args.checkpoint_every)
     validate_labels(config, ids, y, args.workers)
@@ -99,7 +117,9 @@ def cmd_campaign(args):
     if args.action == "init":
         config = campaign.CampaignConfig(
             pool=args.pool, num_classes=args.num_classes, k=args.k, cycles=args.cycles, strategy=args.strategy,
-            backbone=args.backbone, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lam=args.lam,
+            backbone=parse_model(args), feature_layers=parse_layers(args.feature_layers), weights=args.weights,
+            image_size=args.image_size, channels=args.channels, normalize=args.normalize, augment=args.augment,
+            class_names=parse_class_names(args.class_names), presign=args.presign, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lam=args.lam,
             seed=args.seed, initial_labels=args.initial_labels, oracle=args.oracle, test=args.test,
             trainer=args.trainer, workers=args.workers, use_gpu=args.use_gpu, actors=parse_actors(args.actors),
             per_class_quota=args.per_class_quota)
@@ -118,6 +138,24 @@ def cmd_campaign(args):
         campaign.import_labels(args.campaign, args.labels)
 
 
+def parse_class_names(text: str | None) -> list[str] | None:
+    """``--class-names``: comma-separated, or a file (local or s3://) with one name per line."""
+    if not text:
+        return None
+    import os
+
+    from . import storage
+
+    if text.startswith("s3://") or os.path.isfile(text):
+        names = [line.strip() for line in storage.read_bytes(text).decode().splitlines()]
+    else:
+        names = [n.strip() for n in text.split(",")]
+    names = [n for n in names if n]
+    if len(set(names)) != len(names):
+        raise BadInput(f"--class-names: names repeat ({text})")
+    return names
+
+
 def cmd_report(args):
     from .campaign import write_report
 
@@ -129,7 +167,23 @@ def cmd_report(args):
 
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     """The training recipe, shared by ``train`` and ``campaign init``."""
-    p.add_argument("--backbone", default="small_cnn", help="resnet18, small_cnn or mlp (default: small_cnn)")
+    p.add_argument("--model", metavar="NAME|MODULE:FACTORY", default=None,
+                   help="resnet18, small_cnn, mlp, or MODULE:FACTORY where FACTORY(num_classes=C) returns an "
+                        "nn.Module mapping a float batch to logits (default: mlp for feature pools, small_cnn "
+                        "for images up to 64 px, resnet18 for larger)")
+    p.add_argument("--backbone", default=None, choices=["resnet18", "small_cnn", "mlp"],
+                   help="the same as --model, for the built-in names")
+    p.add_argument("--feature-layers", metavar="A,B", default=None,
+                   help="MODULE:FACTORY only: layers whose outputs feed the TD module (default: layer1..layer4)")
+    p.add_argument("--weights", metavar="URI", default=None,
+                   help="start from this state_dict (local or s3://); a classifier head that does not fit C is re-initialised")
+    p.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="image pools: resize the shorter side to N and center-crop NxN (N >= 8)")
+    p.add_argument("--channels", type=int, default=None, choices=[1, 3],
+                   help="1 (grayscale) or 3 (RGB; the default for image pools; stored pixels keep theirs)")
+    p.add_argument("--normalize", default="none", metavar="none|imagenet|MEAN,STD",
+                   help="input normalisation after scaling to [0, 1] (default: none)")
+    p.add_argument("--augment", action="store_true", help="training only: random crop (padded) + horizontal flip")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=64, help="samples per step over all workers (default: 64)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -224,6 +278,10 @@ def add_campaign_parser(sub) -> None:
     a.add_argument("--workers", type=int, default=1)
     a.add_argument("--actors", default="1,1", help="scorer actors MIN,MAX")
     a.add_argument("--per-class-quota", action="store_true")
+    a.add_argument("--class-names", metavar="A,B,...|FILE", default=None,
+                   help="class names, comma-separated or one per line in a file; labels may then come as names")
+    a.add_argument("--presign", type=int, default=None, metavar="SECONDS",
+                   help="Label Studio tasks get presigned HTTPS URLs valid this long (s3:// samples)")
 
     a = actions.add_parser("run", help="advance: train, select, export, wait for labels, merge, ...")
     a.add_argument("campaign", metavar="CAMPAIGN_URI")
@@ -233,7 +291,9 @@ def add_campaign_parser(sub) -> None:
     a.add_argument("campaign", metavar="CAMPAIGN_URI")
     a.add_argument("--cycle", type=int)
     a.add_argument("--out", help="where to write (default: the cycle's export/ dir)")
-    a = actions.add_parser("import-labels", help="merge labels (CSV/JSONL/parquet id,label or a Ground Truth output manifest)")
+    a = actions.add_parser("import-labels", help="merge a delivery of labels (CSV/JSONL/parquet id,label, a Ground "
+                                                 "Truth output manifest or Label Studio's JSON export; labels as "
+                                                 "indices or class names)")
     a.add_argument("campaign", metavar="CAMPAIGN_URI")
     a.add_argument("labels", metavar="LABELS_FILE")
     p.set_defaults(run=cmd_campaign)

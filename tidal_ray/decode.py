@@ -23,7 +23,6 @@ DUPLICATE_ID = "duplicate id"
 UNDECODABLE = "undecodable image"
 WRONG_LENGTH = "wrong tensor length"
 NOT_FINITE = "NaN/inf features"
-WRONG_SIZE = "wrong image size"
 
 
 def reason_kind(reason: str) -> str:
@@ -44,23 +43,108 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _image_mode(channels: int) -> str:
-    return "L" if channels == 1 else "RGB"
+def _on_white(img):
+    """Any mode with transparency, composited on white (a labeler sees the same)."""
+    from PIL import Image
+
+    rgba = img.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
 
 
-def decode_image(blob, channels: int) -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 ``(C, H, W)``; ValueError when undecodable."""
+def _to_channels(img, channels: int):
+    """Any PIL mode -> ``L`` (1 channel) or ``RGB`` (3): alpha on white, palette and
+    CMYK through RGB, 16/32-bit and float grayscale scaled to 0..255."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8), "L")
+    elif img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        img = _on_white(img)
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def _cover_and_crop(img, size: tuple[int, int]):
+    """Resize so the image covers ``size`` (H, W) (the shorter side fits, for a square),
+    then center-crop to it. Identity when the image already has that size."""
+    from PIL import Image
+
+    height, width = size
+    if (img.height, img.width) == (height, width):
+        return img
+    scale = max(height / img.height, width / img.width)
+    new_w, new_h = max(width, round(img.width * scale)), max(height, round(img.height * scale))
+    img = img.resize((new_w, new_h), Image.BILINEAR)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    return img.crop((left, top, left + width, top + height))
+
+
+def to_array(img, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A PIL image -> uint8 ``(C, H, W)``: EXIF orientation applied, converted to
+    ``channels``, resized and center-cropped to ``size`` when given."""
+    from PIL import ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    img = _to_channels(img, channels)
+    if size is not None:
+        img = _cover_and_crop(img, size)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def decode_image(blob, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
+    """PNG/JPEG/WebP bytes -> uint8 ``(C, H, W)`` (see ``to_array``); ValueError
+    naming the reason when undecodable."""
     from PIL import Image
 
     if blob is None:
         raise ValueError(UNDECODABLE)
     try:
         with Image.open(io.BytesIO(blob)) as img:
-            img = img.convert(_image_mode(channels))
-            arr = np.asarray(img, dtype=np.uint8)
+            if size is not None and img.format == "JPEG":
+                side = max(size)  # before EXIF rotation, so either side may become the height
+                img.draft(None, (side, side))  # JPEG's DCT scaling: big photos decode at 1/2..1/8
+            return to_array(img, channels, size)
     except Exception:  # Pillow raises many types for corrupt data
         raise ValueError(UNDECODABLE) from None
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def transform_pixels(x: np.ndarray, input_shape) -> np.ndarray:
+    """Stored ``pixels`` rows ``(N, C, H, W)`` -> ``input_shape``: channels converted,
+    resized and center-cropped, as image bytes would be. Identity when shapes agree."""
+    from PIL import Image
+
+    input_shape = tuple(int(d) for d in input_shape)
+    if tuple(x.shape[1:]) == input_shape:
+        return x
+    if x.shape[1] not in (1, 3):
+        raise BadInput(f"pixels of shape {format_shape(x.shape[1:])} cannot become {format_shape(input_shape)} "
+                       f"(only 1- or 3-channel rows are converted)")
+    out = np.empty((len(x), *input_shape), dtype=np.uint8)
+    for i, row in enumerate(x):
+        img = Image.fromarray(row[0] if row.shape[0] == 1 else row.transpose(1, 2, 0))
+        out[i] = to_array(img, input_shape[0], input_shape[1:])
+    return out
+
+
+def augment_batch(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Training-only augmentation of uint8 images ``(N, C, H, W)``: a random crop of the
+    image padded by an eighth of its size (zeros), and a horizontal flip with p = 1/2,
+    as the reference code does on CIFAR. Feature vectors pass through unchanged."""
+    if x.ndim != 4:
+        return x
+    n, _, height, width = x.shape
+    pad = max(1, min(height, width) // 8)
+    padded = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    tops, lefts = rng.integers(0, 2 * pad + 1, size=n), rng.integers(0, 2 * pad + 1, size=n)
+    flips = rng.random(n) < 0.5
+    out = np.empty_like(x)
+    for i in range(n):
+        crop = padded[i, :, tops[i]:tops[i] + height, lefts[i]:lefts[i] + width]
+        out[i] = crop[:, :, ::-1] if flips[i] else crop
+    return out
 
 
 def _table(batch) -> pa.Table:
@@ -120,7 +204,8 @@ def decode_batch(batch, spec, input_shape, file_index: dict[str, int] | None = N
 
     ``batch``: a pyarrow table (or dict of columns) with ``id`` and the data column
     (image files: ``bytes``), and ``path`` when known. ``input_shape`` is what the model
-    takes. Returns ``(good, rejects)``: good ``{"id", "x", "file", "row"}`` and rejects
+    takes: images of any size and mode are brought to it (``decode_image``), stored
+    pixels too when their shape differs (``transform_pixels``). Returns ``(good, rejects)``: good ``{"id", "x", "file", "row"}`` and rejects
     ``{"id", "file", "reason"}``, where ``file`` indexes ``spec.files`` (-1 if unknown),
     ``row`` is the row's position in ``batch`` and a null id is ``None``. Pure: no I/O."""
     table = _table(batch)
@@ -134,13 +219,15 @@ def decode_batch(batch, spec, input_shape, file_index: dict[str, int] | None = N
     data = column_array(table, spec.column)
 
     if spec.format == "pixels":
-        row_bytes = int(np.prod(input_shape))
+        row_bytes = int(np.prod(spec.shape if spec.shape else input_shape))
         lengths = pc.binary_length(data).fill_null(-1).to_numpy(zero_copy_only=False)
         wrong = ok & (lengths != row_bytes)
         if wrong.any():
             reasons[wrong] = [f"{WRONG_LENGTH}: {n_} bytes, expected {row_bytes}" for n_ in lengths[wrong]]
             ok &= ~wrong
-        x = _contiguous_bytes(data if ok.all() else data.filter(pa.array(ok)), row_bytes).reshape(-1, *input_shape)
+        stored = tuple(spec.shape) if spec.shape else input_shape
+        x = _contiguous_bytes(data if ok.all() else data.filter(pa.array(ok)), row_bytes).reshape(-1, *stored)
+        x = transform_pixels(x, input_shape)
     elif spec.format == "features":
         dim = input_shape[0]
         lengths = pc.list_value_length(data).fill_null(-1).to_numpy(zero_copy_only=False)
@@ -161,15 +248,9 @@ def decode_batch(batch, spec, input_shape, file_index: dict[str, int] | None = N
         decoded = []
         for i in np.flatnonzero(ok):
             try:
-                img = decode_image(blobs[i], input_shape[0])
+                decoded.append(decode_image(blobs[i], input_shape[0], input_shape[1:]))
             except ValueError as e:
                 reasons[i], ok[i] = str(e), False
-                continue
-            if img.shape != input_shape:
-                reasons[i] = f"{WRONG_SIZE}: {format_shape(img.shape[1:])}, expected {format_shape(input_shape[1:])}"
-                ok[i] = False
-                continue
-            decoded.append(img)
         x = np.stack(decoded) if decoded else np.empty((0, *input_shape), dtype=np.uint8)
 
     good, bad = ok, ~ok

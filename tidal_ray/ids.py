@@ -119,6 +119,8 @@ def read_id_files(uris, id_type: pa.DataType, option: str = "--exclude") -> list
             raise BadInput(f"{option} {uri}: nothing there")
         for f, _ in files:
             fs, path = storage.resolve(f)
+            if storage.is_hidden(f):
+                continue
             if f.endswith(".parquet"):
                 with fs.open_input_file(path) as handle:
                     schema = pq.read_schema(handle)

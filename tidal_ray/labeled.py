@@ -104,7 +104,7 @@ def _attach_index_and_label(batch: dict, keys: np.ndarray, index: np.ndarray, la
 def labeled_rows(pool_uri: str, ids, labels, input_shape=None, spec: PoolSpec | None = None) -> LabeledRows:
     """The rows of ``ids`` in the pool as a training dataset (``labels`` aligned with
     ``ids``; ``input_shape`` defaults to the pool's own)."""
-    from .loader import natural_shape
+    from .pool import input_shape_for
     from .runtime import init_ray
 
     spec = spec or describe_pool(pool_uri)
@@ -112,7 +112,7 @@ def labeled_rows(pool_uri: str, ids, labels, input_shape=None, spec: PoolSpec | 
     ids = id_utils.to_numpy(wanted, spec.id_type)
     labels = np.asarray(labels, dtype=np.int64)
     id_utils.check_unique(ids, "the labeled set")
-    input_shape = tuple(int(d) for d in (input_shape or natural_shape(spec)))
+    input_shape = tuple(int(d) for d in (input_shape or input_shape_for(spec)))
 
     init_ray()
     read = _read_dataset(spec, wanted, input_shape)

@@ -1,46 +1,156 @@
-"""Labeling-tool formats: what goes out (a selection) and what comes back (labels).
+"""Labeling-tool formats: what goes out (a selection a person can see) and what comes
+back (labels), and the rendering of samples for labelers.
 
-Out: SageMaker Ground Truth input manifest (JSON Lines), Label Studio tasks (JSON), CSV.
-In: CSV / JSON Lines / parquet of ``id,label``, or a Ground Truth output manifest.
+Out: SageMaker Ground Truth input manifest (JSON Lines), Label Studio tasks (JSON, the
+model's prediction as a pre-annotation), CSV; with class names, the Ground Truth
+label-categories file and a Label Studio labeling config. Image-file pools point at the
+original objects; parquet ``pixels``/``image`` pools get one PNG per selected sample
+under ``samples/``; feature pools carry the id and any ``uri``/``source`` column.
+In: CSV / JSON Lines / parquet of ``id,label``, a Ground Truth output manifest, or
+Label Studio's JSON export; labels may be class names.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import re
+from xml.sax.saxutils import quoteattr
 
+import numpy as np
 import pyarrow as pa
 
 from . import storage
 from .errors import BadInput
 
 ID_FIELD = "tidal-ray-id"
+REFERENCE_COLUMNS = ("uri", "source")   # a feature pool's pointer to the original sample
+SAMPLES_DIR = "samples"
+FROM_NAME, IMAGE_NAME, TEXT_NAME = "label", "image", "text"  # Label Studio control and object tags
 
 
-def source_uri(pool_uri: str, pool_is_image_prefix: bool, sample_id) -> str | None:
-    """The sample's own object when the pool is an image prefix (id = key under the prefix)."""
-    return storage.join(pool_uri, str(sample_id)) if pool_is_image_prefix else None
+def _sample_name(rank: int, sample_id) -> str:
+    return f"{int(rank):05d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', str(sample_id))[:80]}.png"
 
 
-def ground_truth_manifest(selection: pa.Table, pool_uri: str, pool_is_image_prefix: bool) -> str:
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _as_picture(value, spec) -> np.ndarray:
+    """A pool row's data as the ``(C, H, W)`` uint8 picture a person sees: stored pixels
+    as they are, image bytes upright (EXIF) in RGB, or grayscale when they are."""
+    from PIL import Image
+
+    from .decode import decode_image
+
+    if spec.format == "pixels":
+        return np.frombuffer(value, dtype=np.uint8).reshape(spec.shape)
+    with Image.open(io.BytesIO(value)) as img:
+        channels = 1 if img.mode in ("1", "L", "I", "I;16", "F") else 3
+    return decode_image(value, channels)
+
+
+def render_samples(selection: pa.Table, spec, out_uri: str) -> dict:
+    """One PNG per selected row of a parquet ``pixels``/``image`` pool, under
+    ``out_uri/samples/``; returns ``{id: uri}``. Only the selected rows are read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .loader import read_selected
+
+    rows = read_selected(spec, selection.column("id").to_pylist(), [spec.column]).to_pylist()
+    data = {row["id"]: row[spec.column] for row in rows}
+    rank = dict(zip(selection.column("id").to_pylist(), selection.column("rank").to_pylist()))
+    targets = {}
+    for sample_id, value in data.items():
+        if value is None:
+            continue
+        try:
+            picture = _as_picture(value, spec)
+        except ValueError:
+            continue  # an undecodable image is never selected; nothing to show
+        if picture.shape[0] not in (1, 3):
+            picture = picture[:1]
+        targets[sample_id] = (storage.join(out_uri, SAMPLES_DIR, _sample_name(rank[sample_id], sample_id)), picture)
+    with ThreadPoolExecutor(max_workers=8) as pool:  # many small PUTs on S3
+        list(pool.map(lambda item: storage.write_bytes(item[0], _png(item[1])), targets.values()))
+    return {sample_id: uri for sample_id, (uri, _) in targets.items()}
+
+
+def sample_refs(selection: pa.Table, spec, out_uri: str) -> list[dict]:
+    """Per selected row, what the labeler is shown: ``{"image": uri}`` (the original
+    object, or a rendered PNG), else ``{"text": id}`` plus any ``uri``/``source``."""
+    ids = selection.column("id").to_pylist()
+    if spec.format == "files":
+        return [{IMAGE_NAME: spec.key_uri(str(i))} for i in ids]
+    if spec.format in ("pixels", "image"):
+        rendered = render_samples(selection, spec, out_uri)
+        return [{IMAGE_NAME: rendered[i]} if i in rendered else {TEXT_NAME: str(i)} for i in ids]
+    from .loader import read_selected
+
+    table = read_selected(spec, ids, list(REFERENCE_COLUMNS))
+    refs = {name: dict(zip(table.column("id").to_pylist(), table.column(name).to_pylist()))
+            for name in REFERENCE_COLUMNS if name in table.column_names}
+    return [{TEXT_NAME: str(i), **{name: refs[name].get(i) for name in refs}} for i in ids]
+
+
+def presign(uri: str, seconds: int) -> str:
+    """An HTTPS URL for an ``s3://`` object, valid ``seconds`` (boto3, the AWS chain)."""
+    import boto3
+
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return boto3.client("s3").generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                                     ExpiresIn=int(seconds))
+
+
+def class_name(index, class_names) -> str:
+    return class_names[index] if class_names and 0 <= index < len(class_names) else str(index)
+
+
+def ground_truth_manifest(selection: pa.Table, refs: list[dict]) -> str:
     lines = []
-    for row in selection.to_pylist():
-        src = source_uri(pool_uri, pool_is_image_prefix, row["id"])
-        entry = {"source-ref": src} if src else {"source": str(row["id"]), "data-ref": pool_uri}
+    for row, ref in zip(selection.to_pylist(), refs):
+        pointer = ref.get(IMAGE_NAME) or next((ref[c] for c in REFERENCE_COLUMNS if ref.get(c)), None)
+        if pointer and str(pointer).startswith(("s3://", "/", "http")):
+            entry = {"source-ref": pointer}
+        else:
+            entry = {"source": str(pointer or row["id"])}
         entry.update({ID_FIELD: row["id"], "tidal-ray-rank": row["rank"], "tidal-ray-score": row["score"]})
         lines.append(json.dumps(entry))
     return "\n".join(lines) + "\n"
 
 
-def label_studio_tasks(selection: pa.Table, pool_uri: str, pool_is_image_prefix: bool) -> str:
+def label_studio_tasks(selection: pa.Table, refs: list[dict], class_names=None, presign_seconds=None) -> str:
     tasks = []
-    for row in selection.to_pylist():
-        src = source_uri(pool_uri, pool_is_image_prefix, row["id"])
-        data = {"image": src} if src else {"text": str(row["id"]), "pool": pool_uri}
+    for row, ref in zip(selection.to_pylist(), refs):
+        data = dict(ref)
+        if presign_seconds and str(data.get(IMAGE_NAME, "")).startswith("s3://"):
+            data[IMAGE_NAME] = presign(data[IMAGE_NAME], presign_seconds)
         data[ID_FIELD] = row["id"]
-        tasks.append({"data": data, "meta": {"rank": row["rank"], "score": row["score"],
-                                             "predicted_class": row["predicted_class"]}})
+        task = {"data": data, "meta": {"rank": row["rank"], "score": row["score"],
+                                       "predicted_class": row["predicted_class"]}}
+        if row["predicted_class"] is not None and row["predicted_class"] >= 0:
+            task["predictions"] = [{"model_version": f"tidal-ray {row['strategy']}", "result": [{
+                "from_name": FROM_NAME, "to_name": IMAGE_NAME if IMAGE_NAME in data else TEXT_NAME,
+                "type": "choices", "value": {"choices": [class_name(row["predicted_class"], class_names)]}}]}]
+        tasks.append(task)
     return json.dumps(tasks, indent=1) + "\n"
+
+
+def ground_truth_label_categories(class_names) -> str:
+    return json.dumps({"document-version": "2018-11-28", "labels": [{"label": n} for n in class_names]}, indent=1) + "\n"
+
+
+def label_studio_config(class_names, has_image: bool) -> str:
+    shown = (f'  <Image name="{IMAGE_NAME}" value="${IMAGE_NAME}"/>' if has_image
+             else f'  <Text name="{TEXT_NAME}" value="${TEXT_NAME}"/>')
+    choices = "\n".join(f"    <Choice value={quoteattr(n)}/>" for n in class_names)
+    return (f"<View>\n{shown}\n  <Choices name=\"{FROM_NAME}\" toName=\"{IMAGE_NAME if has_image else TEXT_NAME}\" "
+            f"choice=\"single\" showInLine=\"true\">\n{choices}\n  </Choices>\n</View>\n")
 
 
 def selection_csv(selection: pa.Table) -> str:
@@ -53,12 +163,18 @@ def selection_csv(selection: pa.Table) -> str:
     return buf.getvalue()
 
 
-def write_exports(selection: pa.Table, pool_uri: str, pool_is_image_prefix: bool, out_uri: str) -> list[str]:
+def write_exports(selection: pa.Table, spec, out_uri: str, class_names=None, presign_seconds=None) -> list[str]:
+    """Every export of a selection under ``out_uri``; returns the files written
+    (manifests and configs; the rendered samples go under ``samples/``)."""
+    refs = sample_refs(selection, spec, out_uri)
     files = {
-        "ground-truth-input.manifest": ground_truth_manifest(selection, pool_uri, pool_is_image_prefix),
-        "label-studio-tasks.json": label_studio_tasks(selection, pool_uri, pool_is_image_prefix),
+        "ground-truth-input.manifest": ground_truth_manifest(selection, refs),
+        "label-studio-tasks.json": label_studio_tasks(selection, refs, class_names, presign_seconds),
         "selection.csv": selection_csv(selection),
     }
+    if class_names:
+        files["ground-truth-label-categories.json"] = ground_truth_label_categories(class_names)
+        files["label-studio-config.xml"] = label_studio_config(class_names, spec.format != "features")
     written = []
     for name, text in files.items():
         storage.write_bytes(storage.join(out_uri, name), text.encode())
@@ -86,9 +202,66 @@ def _id_from_ground_truth(entry: dict, pool_uri: str | None):
     return entry.get("source", ref)
 
 
-def read_labels(uri: str, pool_uri: str | None = None) -> list[dict]:
-    """Rows ``{"id", "label", "line"}`` from CSV, JSON Lines (plain or Ground Truth output)
-    or parquet. Values are kept as read; validation happens in ``validate_labels``."""
+def _label_studio_choice(task: dict):
+    """The class chosen in a Label Studio task: the last annotation not cancelled."""
+    for annotation in reversed(task.get("annotations") or []):
+        if annotation.get("was_cancelled"):
+            continue
+        for result in annotation.get("result") or []:
+            choices = (result.get("value") or {}).get("choices")
+            if choices:
+                return choices[0]
+    return None
+
+
+def _read_json_array(text: str, uri: str) -> list[dict]:
+    """Label Studio's JSON export (tasks with ``data`` and ``annotations``), or an array
+    of ``{"id", "label"}`` objects."""
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{uri}: not valid JSON ({e})") from None
+    rows = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            rows.append({"id": None, "label": None, "line": i + 1, "error": "not a JSON object"})
+        elif "data" in entry:
+            label = _label_studio_choice(entry)
+            rows.append({"id": (entry.get("data") or {}).get(ID_FIELD), "label": label, "line": i + 1,
+                         **({"error": "no choice in its annotations"} if label is None else {})})
+        else:
+            rows.append({"id": entry.get("id"), "label": entry.get("label"), "line": i + 1})
+    return rows
+
+
+def labels_by_name(rows: list[dict], class_names, uri: str) -> list[dict]:
+    """Class names in ``label`` become their index. With class names, a label that is
+    neither a name nor an integer is bad input for the whole file (nothing is merged)."""
+    if not class_names:
+        return rows
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = []
+    for row in rows:
+        label = row["label"]
+        if isinstance(label, str) and label.strip() in index:
+            row["label"] = index[label.strip()]
+        elif label is not None and _as_int(label) is None:
+            unknown.append(str(label))
+    if unknown:
+        names = sorted(set(unknown))
+        raise BadInput(f"{uri}: unknown class name(s) {', '.join(repr(n) for n in names[:6])}"
+                       f"{' ...' if len(names) > 6 else ''}; the classes are {', '.join(class_names)}")
+    return rows
+
+
+def read_labels(uri: str, pool_uri: str | None = None, class_names=None) -> list[dict]:
+    """Rows ``{"id", "label", "line"}`` from CSV, JSON Lines (plain or Ground Truth output),
+    a JSON array (Label Studio's export) or parquet; class names become indices. Values
+    are otherwise kept as read; validation happens in ``validate_labels``."""
+    return labels_by_name(_read_label_rows(uri, pool_uri), class_names, uri)
+
+
+def _read_label_rows(uri: str, pool_uri: str | None) -> list[dict]:
     if uri.endswith(".parquet"):
         table = storage.read_parquet(uri)
         missing = {"id", "label"} - set(table.column_names)
@@ -96,6 +269,8 @@ def read_labels(uri: str, pool_uri: str | None = None) -> list[dict]:
             raise BadInput(f"{uri}: missing column(s) {sorted(missing)}; need id,label")
         return [{"id": r["id"], "label": r["label"], "line": i + 1} for i, r in enumerate(table.select(["id", "label"]).to_pylist())]
     text = storage.read_bytes(uri).decode()
+    if text.lstrip().startswith("["):
+        return _read_json_array(text, uri)
     if uri.endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text))
         if not reader.fieldnames or not {"id", "label"} <= set(reader.fieldnames):
@@ -126,11 +301,12 @@ def _as_int(value):
 
 
 def validate_labels(rows: list[dict], selected_ids, num_classes: int, pool_has_id,
-                    id_type: pa.DataType = pa.int64()) -> tuple[pa.Table, list[dict]]:
+                    id_type: pa.DataType = pa.int64(), already=frozenset()) -> tuple[pa.Table, list[dict]]:
     """Split imported rows into good ``(id, label)`` rows and a list of problems.
 
     ``selected_ids``: ids this cycle sent out for labeling (same type as pool ids).
-    ``pool_has_id``: callable telling whether an id exists in the pool."""
+    ``pool_has_id``: callable telling whether an id exists in the pool. ``already``:
+    keys (``str(id)``) labeled by an earlier delivery, not merged again."""
     selected = {str(i): i for i in selected_ids}
     good_ids, good_labels, problems, seen = [], [], [], set()
     for row in rows:
@@ -144,6 +320,8 @@ def validate_labels(rows: list[dict], selected_ids, num_classes: int, pool_has_i
                 reason = "duplicate id in this import"
             elif key not in selected:
                 reason = "not selected in this cycle" if pool_has_id(key) else "unknown id"
+            elif key in already:
+                reason = "already labeled"
             elif label is None:
                 reason = f"label {row['label']!r} is not an integer"
             elif not 0 <= label < num_classes:

@@ -6,7 +6,6 @@ process; whole-pool work goes through Ray Data (``score.py``). Decoding is
 """
 from __future__ import annotations
 
-import io
 import sys
 from dataclasses import replace
 
@@ -17,9 +16,9 @@ import pyarrow.parquet as pq
 
 from . import ids as id_utils
 from . import storage
-from .decode import column_array, decode_batch, decode_image, input_dtype
+from .decode import column_array, decode_batch, input_dtype
 from .errors import BadInput
-from .pool import PoolSpec, describe_pool
+from .pool import PoolSpec, describe_pool, input_shape_for
 
 
 def iter_tables(spec: PoolSpec, columns: list[str] | None = None, batch_rows: int = 65536):
@@ -39,32 +38,12 @@ def iter_tables(spec: PoolSpec, columns: list[str] | None = None, batch_rows: in
                 yield table.append_column("path", pa.array([path] * table.num_rows, pa.string()))
 
 
-def natural_shape(spec: PoolSpec) -> tuple[int, ...]:
-    if spec.shape is not None:
-        return spec.shape
-    if spec.format == "features":
-        for table in iter_tables(spec, ["features"]):
-            lengths = pc.list_value_length(column_array(table, "features")).drop_null()
-            if len(lengths):
-                return (int(lengths[0].as_py()),)
-        raise BadInput(f"{spec.uri}: no feature vector found")
-    for table in iter_tables(spec, ["image"] if spec.format == "image" else None, batch_rows=64):
-        for blob in column_array(table, spec.column).to_pylist():
-            try:
-                from PIL import Image
-
-                with Image.open(io.BytesIO(blob)) as img:
-                    channels = 1 if img.mode in ("1", "L", "I", "I;16", "F") else 3
-                return decode_image(blob, channels).shape
-            except Exception:
-                continue
-    raise BadInput(f"{spec.uri}: no decodable image found")
-
-
-def load_rows(uri: str, ids=None):
+def load_rows(uri: str, ids=None, input_shape=None):
     """A small pool or labeled set in memory, decoded: ``(ids, x, labels or None, input_shape)``.
 
-    With ``ids``, only those rows, in the order given (BadInput if one is missing).
+    ``input_shape``: what to decode to (default: ``pool.input_shape_for`` the pool, the
+    default recipe). With ``ids``, only those rows, in the order given (BadInput if one
+    is missing).
     Rows that cannot be decoded are skipped with a one-line warning on stderr; for
     duplicate ids the first row wins."""
     spec = describe_pool(uri)
@@ -73,7 +52,9 @@ def load_rows(uri: str, ids=None):
         root = spec.root.rstrip("/") + "/"
         keys = set(wanted.to_pylist())
         spec = replace(spec, files=tuple(f for f in spec.files if storage.resolve(f[0])[1][len(root):] in keys))
-    input_shape = natural_shape(spec) if spec.files else (0,)
+    if input_shape is None:
+        input_shape = input_shape_for(spec) if spec.files else (0,)
+    input_shape = tuple(int(d) for d in input_shape)
     columns = None if spec.format == "files" else ["id", spec.column] + (["label"] if spec.has_label else [])
     file_index = spec.file_index()
     parts_ids, parts_x, parts_labels, skipped = [], [], [], []
@@ -125,12 +106,29 @@ def pool_has_ids(uri: str, candidates) -> set[str]:
     return {c for c in candidates if id_utils.key(c, spec.id_type) in found}
 
 
-def load_labeled(uri: str):
-    """A labeled set in memory: ``(ids, x, labels, input_shape, num_classes declared in
-    its metadata or None)``."""
+def read_selected(spec: PoolSpec, ids, columns: list[str]) -> pa.Table:
+    """Only the rows of ``ids`` from a parquet pool, only ``columns`` (plus ``id``; those
+    a file lacks are left out): the id filter goes into each file's read (row groups
+    whose statistics rule it out are never read), so the pool is never read whole. The
+    first of duplicate ids wins, as in scoring."""
+    wanted = id_utils.from_user(list(ids), spec.id_type, spec.uri)
+    parts = []
+    for uri, _ in spec.files:
+        fs, path = storage.resolve(uri)
+        present = ["id", *[c for c in columns if c != "id" and c in pq.read_schema(path, filesystem=fs).names]]
+        part = pq.read_table(path, filesystem=fs, columns=present, filters=pc.field("id").isin(wanted))
+        parts.append(part.set_column(0, "id", part.column("id").cast(spec.id_type)))
+    table = pa.concat_tables(parts, promote_options="permissive")
+    first = id_utils.SeenIds().first_seen(id_utils.to_numpy(column_array(table, "id"), spec.id_type))
+    return table.filter(pa.array(first))
+
+
+def load_labeled(uri: str, input_shape=None):
+    """A labeled set in memory, decoded to ``input_shape`` (default: the pool's default
+    recipe): ``(ids, x, labels, input_shape, num_classes declared in its metadata or None)``."""
     if not storage.exists(uri):
         raise BadInput(f"labeled set not found: {uri}")
-    ids, x, labels, input_shape = load_rows(uri)
+    ids, x, labels, input_shape = load_rows(uri, input_shape=input_shape)
     if labels is None:
         raise BadInput(f"labeled set {uri} has no label column")
     if len(ids) == 0:

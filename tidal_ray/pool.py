@@ -5,9 +5,14 @@ A pool is a prefix (``s3://...`` or a local directory) or a single file holding 
   under ``tidal_ray.shape`` (e.g. ``3x32x32``);
 - parquet ``id`` + ``image``: PNG/JPEG bytes;
 - parquet ``id`` + ``features``: a (fixed-size) list of floats;
-- image files ``*.png|*.jpg|*.jpeg``; the id is the key relative to the prefix.
+- image files ``*.png|*.jpg|*.jpeg|*.webp`` (any case); the id is the key relative
+  to the prefix.
 An optional ``label`` column feeds the simulated oracle; scoring never reads it.
-``describe_pool`` reads the listing and the parquet footers only, never the rows.
+Marker and hidden files (``_SUCCESS``, ``.DS_Store``, any name starting with ``_`` or
+``.``) in any pool, and keys that are not images under an image prefix (README.txt,
+manifests), are skipped and listed in ``PoolSpec.skipped``; only a pool with nothing
+left is an error. ``describe_pool`` reads the listing and the parquet footers only,
+never the rows; ``input_shape_for`` samples a few images to settle the input size.
 """
 from __future__ import annotations
 
@@ -25,7 +30,10 @@ from .errors import BadInput
 
 SHAPE_KEY = b"tidal_ray.shape"
 CLASSES_KEY = b"tidal_ray.num_classes"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_CHANNELS = 3   # the default for image pools: any mode becomes RGB
+MIN_IMAGE_SIZE = 8
+SAMPLED_IMAGES = 16
 PARQUET_SUFFIX = ".parquet"
 DATA_COLUMNS = ("pixels", "image", "features")
 FORMATS = ("pixels", "image", "features", "files")
@@ -44,6 +52,7 @@ class PoolSpec:
     num_classes: int | None = None      # declared in the schema metadata, if any
     max_label: int | None = None        # from parquet statistics, if every row group has them
     row_groups: tuple[tuple[int, ...], ...] = ()  # per parquet file, its row groups' row counts
+    skipped: tuple[str, ...] = ()       # marker/hidden files and non-images under an image prefix
 
     @property
     def column(self) -> str:
@@ -51,8 +60,8 @@ class PoolSpec:
         return "bytes" if self.format == "files" else self.format
 
     def slim(self) -> PoolSpec:
-        """What decode tasks need: everything but the file list, which can be very long."""
-        return replace(self, files=(), row_groups=())
+        """What decode tasks need: everything but the file lists, which can be very long."""
+        return replace(self, files=(), row_groups=(), skipped=())
 
     def key_uri(self, key: str) -> str:
         """The URI of an image file from its id."""
@@ -76,11 +85,13 @@ class PoolSpec:
 
 def _kind_of_file(uri: str) -> str:
     lower = uri.lower()
+    if storage.is_hidden(uri):
+        return "hidden"
     if lower.endswith(PARQUET_SUFFIX):
         return "parquet"
     if lower.endswith(IMAGE_SUFFIXES):
         return "image"
-    raise BadInput(f"{uri}: unknown file type in pool (expected *.parquet, or *.png|*.jpg|*.jpeg image files)")
+    return "other"
 
 
 def list_pool_files(uri: str) -> list[tuple[str, int]]:
@@ -93,9 +104,31 @@ def list_pool_files(uri: str) -> list[tuple[str, int]]:
     return files
 
 
+def split_pool_files(uri: str) -> tuple[str, list[tuple[str, int]], list[str]]:
+    """``(kind, used files, skipped uris)``: kind is ``parquet`` or ``image``. Hidden and
+    marker files are skipped in any pool, other keys beside image files too; any other
+    file beside parquet files is an error naming it."""
+    files = list_pool_files(uri)
+    kinds = [_kind_of_file(f) for f, _ in files]
+    if "parquet" in kinds and "image" in kinds:
+        first_image = files[kinds.index("image")][0]
+        raise BadInput(f"{first_image}: mixed formats under {uri}: image files next to parquet files")
+    kind = "parquet" if "parquet" in kinds else "image" if "image" in kinds else None
+    if kind is None:
+        shown = next((f for (f, _), k in zip(files, kinds) if k == "other"), files[0][0])
+        raise BadInput(f"{uri}: no parquet or image files (*.parquet, *.png|*.jpg|*.jpeg|*.webp) to use, "
+                       f"{len(files)} skipped (e.g. {shown})")
+    if kind == "parquet" and "other" in kinds:
+        raise BadInput(f"{files[kinds.index('other')][0]}: unknown file type in a parquet pool "
+                       f"(expected *.parquet; names starting with '_' or '.' are skipped)")
+    used = [f for f, k in zip(files, kinds) if k == kind]
+    skipped = [f for (f, _), k in zip(files, kinds) if k != kind]
+    return kind, used, skipped
+
+
 def is_image_prefix(uri: str) -> bool:
     """True when the pool is image files under a prefix (ids are keys relative to it)."""
-    return all(_kind_of_file(f) == "image" for f, _ in list_pool_files(uri))
+    return split_pool_files(uri)[0] == "image"
 
 
 def _check_parquet_file(uri: str, schema: pa.Schema) -> dict:
@@ -161,16 +194,13 @@ def _read_footer(uri: str):
 
 def describe_pool(uri: str) -> PoolSpec:
     """Detect the pool's format and check every file's schema; reads footers only."""
-    files = list_pool_files(uri)
-    kinds = [_kind_of_file(f) for f, _ in files]
-    if len(set(kinds)) > 1:
-        first_image = files[kinds.index("image")][0]
-        raise BadInput(f"{first_image}: mixed formats under {uri}: image files next to parquet files")
-    if kinds[0] == "image":
+    kind, files, skipped = split_pool_files(uri)
+    if kind == "image":
         _, root = storage.resolve(uri)
         if len(files) == 1 and storage.resolve(files[0][0])[1] == root:
             root = os.path.dirname(root)  # the pool is one file
-        return PoolSpec(uri, "files", tuple(files), pa.string(), len(files), None, root=root)
+        return PoolSpec(uri, "files", tuple(files), pa.string(), len(files), None, root=root,
+                        skipped=tuple(skipped))
 
     with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
         footers = list(pool.map(_read_footer, [f for f, _ in files]))
@@ -193,17 +223,24 @@ def describe_pool(uri: str) -> PoolSpec:
         id_type=pa.int64() if first["id_kind"] == "int" else pa.string(),
         rows=sum(meta.num_rows for _, meta in footers), shape=first["shape"],
         has_label=any(fact["label"] for fact in facts),
-        num_classes=max(declared) if declared else None, max_label=max_label,
+        num_classes=max(declared) if declared else None, max_label=max_label, skipped=tuple(skipped),
         row_groups=tuple(tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
                          for _, meta in footers),
     )
 
 
+def _is_image_shape(shape) -> bool:
+    return shape is not None and len(shape) == 3 and shape[0] in (1, 3)
+
+
 def check_compatible(spec: PoolSpec, input_shape, num_classes: int, checkpoint_uri: str = "the checkpoint") -> None:
-    """Fail early when a checkpoint cannot score this pool (shape or class count)."""
+    """Fail early when a checkpoint cannot score this pool (shape or class count).
+    Images of any size and mode, and 1- or 3-channel stored pixels, are brought to the
+    checkpoint's input by decoding; images need only be decodable."""
     input_shape = tuple(int(d) for d in input_shape)
     expects = f"{checkpoint_uri} expects {format_shape(input_shape)} inputs"
-    if spec.format == "pixels" and spec.shape != input_shape:
+    if spec.format == "pixels" and spec.shape != input_shape \
+            and not (_is_image_shape(spec.shape) and _is_image_shape(input_shape)):
         raise BadInput(f"{spec.uri}: pool rows are {format_shape(spec.shape)} pixels but {expects}")
     if spec.format == "features":
         if len(input_shape) != 1:
@@ -211,11 +248,9 @@ def check_compatible(spec: PoolSpec, input_shape, num_classes: int, checkpoint_u
         if spec.shape is not None and spec.shape != input_shape:
             raise BadInput(f"{spec.uri}: pool rows are {spec.shape[0]} features but {expects}")
     if spec.format in ("image", "files"):
-        if len(input_shape) != 3 or input_shape[0] not in (1, 3):
+        if not _is_image_shape(input_shape):
             raise BadInput(f"{spec.uri}: pool rows are images but {expects}")
-        sampled = _sample_image_shapes(spec, input_shape[0])
-        if sampled and input_shape not in sampled:
-            raise BadInput(f"{spec.uri}: pool images are {format_shape(sampled[0])} but {expects}")
+        _sampled_image_sizes(spec)
     if spec.num_classes is not None and spec.num_classes != num_classes:
         raise BadInput(f"{spec.uri}: the pool declares {spec.num_classes} classes, "
                          f"{checkpoint_uri} has {num_classes}")
@@ -224,22 +259,61 @@ def check_compatible(spec: PoolSpec, input_shape, num_classes: int, checkpoint_u
                          f"{checkpoint_uri} has only {num_classes} classes")
 
 
-def _sample_image_shapes(spec: PoolSpec, channels: int, n: int = 8) -> list[tuple[int, ...]]:
-    """Shapes of the first few decodable images: a pool whose images are all another size
-    is a mismatch to report up front, not a pool of bad rows."""
+def _sampled_image_sizes(spec: PoolSpec, n: int = SAMPLED_IMAGES) -> list[tuple[int, int]]:
+    """``(H, W)`` of the first few decodable images (EXIF orientation applied); a pool
+    whose sampled images all fail to decode is reported up front, not as all rejects."""
     if spec.format == "files":
-        blobs = [storage.read_bytes(f) for f, _ in spec.files[:n]]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            blobs = list(pool.map(storage.read_bytes, [f for f, _ in spec.files[:n]]))
     else:
-        fs, path = storage.resolve(spec.files[0][0])
-        with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            if pf.metadata.num_row_groups == 0:
-                return []
-            blobs = pf.read_row_group(0, columns=["image"]).column("image").to_pylist()[:n]
-    shapes = []
+        blobs = []
+        for uri, _ in spec.files:
+            fs, path = storage.resolve(uri)
+            with fs.open_input_file(path) as f:
+                pf = pq.ParquetFile(f)
+                for g in range(pf.metadata.num_row_groups):
+                    blobs += pf.read_row_group(g, columns=["image"]).column("image").to_pylist()[:n - len(blobs)]
+                    if len(blobs) >= n:
+                        break
+            if len(blobs) >= n:
+                break
+    sizes = []
     for blob in blobs:
         try:
-            shapes.append(decode_image(blob, channels).shape)
+            sizes.append(tuple(decode_image(blob, 1).shape[1:]))
         except ValueError:
             pass
-    return shapes
+    if blobs and not sizes:
+        raise BadInput(f"{spec.uri}: none of the first {len(blobs)} images can be decoded")
+    return sizes
+
+
+def input_shape_for(spec: PoolSpec, image_size: int | None = None, channels: int | None = None) -> tuple[int, ...]:
+    """The model's input for this pool under a recipe: images become
+    ``(channels or 3, image_size, image_size)`` (without ``image_size``, the sampled
+    images' common size; a one-line error when they vary); stored pixels keep their
+    shape unless told; feature vectors are ``(D,)`` and take no image options."""
+    if image_size is not None and (isinstance(image_size, bool) or int(image_size) < MIN_IMAGE_SIZE):
+        raise BadInput(f"--image-size {image_size}: must be at least {MIN_IMAGE_SIZE}")
+    if channels is not None and int(channels) not in (1, 3):
+        raise BadInput(f"--channels {channels}: must be 1 or 3")
+    if spec.format == "features":
+        if image_size is not None or channels is not None:
+            raise BadInput(f"{spec.uri}: --image-size and --channels apply to image pools, not feature vectors")
+        return spec.shape
+    if spec.format == "pixels":
+        if not _is_image_shape(spec.shape) and (image_size is not None or channels is not None):
+            raise BadInput(f"{spec.uri}: pixels of shape {format_shape(spec.shape)} cannot be resized or converted "
+                           f"(only 1- or 3-channel images)")
+        stored_c, *stored_hw = spec.shape
+        return (int(channels or stored_c), *((int(image_size),) * 2 if image_size else stored_hw))
+    channels = int(channels or IMAGE_CHANNELS)
+    if image_size is not None:
+        return channels, int(image_size), int(image_size)
+    sizes = sorted(set(_sampled_image_sizes(spec)))
+    if len(sizes) > 1:
+        raise BadInput(f"{spec.uri}: the sampled images vary in size ({format_shape(sizes[0])} and "
+                       f"{format_shape(sizes[-1])}); give --image-size N to resize and center-crop them")
+    if not sizes:
+        raise BadInput(f"{spec.uri}: no image to take the input size from")
+    return (channels, *sizes[0])

@@ -22,6 +22,15 @@ def ray_log_level() -> str:
     return "INFO" if DEBUG else "WARNING"
 
 
+def local_pythonpath() -> dict:
+    """A local Ray started by a command run in the user's directory: its workers (Ray
+    Train, scorer actors) import the user's ``MODULE:FACTORY`` from there, as the driver
+    does. PYTHONPATH rather than a ``working_dir``: nothing is copied (the directory may
+    hold the photos). A cluster gets the module from the job's ``--working-dir``."""
+    paths = [os.getcwd(), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+
+
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (as ``ray job submit`` sets it), else
     start a local Ray; a Ray already initialised in this process is used as it is."""
@@ -31,7 +40,7 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     # Without the patch a worker's print reaches the driver once, not twice.
-    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **({} if os.environ.get("RAY_ADDRESS") else local_pythonpath())}
     runtime_env = {"env_vars": env}
     if not DEBUG:
         env.update({"RAY_DATA_DISABLE_PROGRESS_BARS": "1",

@@ -33,6 +33,7 @@ ACTOR_CPU_STEPS = (0.5, 0.2, 0.1, 0.05)
 DECODE_CPUS = 0.25
 BLOCK_BATCHES = 8            # rows per block = this many scorer batches
 READ_BLOCK_BYTES = 64 << 20  # encoded bytes per read block (large images: fewer rows)
+SKIPPED_NAMES_SHOWN = 10     # skipped files named in selection.json (all are counted)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def plan_scoring(checkpoint_uri, pool_uri, k, strategy="tidal-entropy", exclude_
                  per_class_quota=False, save_scores=False, batch_size=256, actors=(1, 1), seed=0,
                  precision="fp32") -> Plan:
     """Every check that can fail on bad input, before any work starts."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import check_model_importable, load_checkpoint
 
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
         raise BadInput(f"k must be a positive integer, got {k!r}")
@@ -86,6 +87,7 @@ def plan_scoring(checkpoint_uri, pool_uri, k, strategy="tidal-entropy", exclude_
         state = load_checkpoint(checkpoint_uri)
     except FileNotFoundError:
         raise BadInput(f"no checkpoint at {checkpoint_uri}") from None
+    check_model_importable(state)
     input_shape = tuple(int(d) for d in state["config"]["input_shape"])
     num_classes = int(state["config"]["num_classes"])
     spec = describe_pool(pool_uri)
@@ -240,6 +242,8 @@ def score_pool(checkpoint_uri, pool_uri, k, out_uri, strategy="tidal-entropy", e
         "pool": {"uri": pool_uri, "format": plan.spec.format, "input_shape": format_shape(plan.input_shape),
                  "files": [{"uri": f, "size": s} for f, s in plan.spec.files]},
         **accounting,
+        # Marker/hidden files and non-images under an image prefix: skipped, not rows.
+        "files_skipped": len(plan.spec.skipped), "files_skipped_names": list(plan.spec.skipped[:SKIPPED_NAMES_SHOWN]),
         "wall_seconds": round(wall, 3), "rows_per_s": round(reduction.rows_read / max(wall, 1e-9), 1),
         # Start-up (plan, repeated ids, actors, checkpoint load, first block) and the
         # rate from the first batch at the driver to the last.

@@ -85,10 +85,14 @@ def write_json(uri: str, obj) -> None:
     write_bytes(uri, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
-def write_parquet(uri: str, table: pa.Table) -> None:
+def parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    write_bytes(uri, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_parquet(uri: str, table: pa.Table) -> None:
+    write_bytes(uri, parquet_bytes(table))
 
 
 def read_parquet(uri: str) -> pa.Table:
@@ -96,8 +100,14 @@ def read_parquet(uri: str) -> pa.Table:
     return pq.read_table(path, filesystem=fs)
 
 
+def is_hidden(uri: str) -> bool:
+    """A marker or hidden file (``_SUCCESS``, ``.DS_Store``, ``_metadata``, a temp file)."""
+    return os.path.basename(str(uri).rstrip("/")).startswith((".", "_"))
+
+
 def list_files(uri: str) -> list[tuple[str, int]]:
-    """Every file under a prefix (recursively), as ``(uri, size)``, sorted by uri."""
+    """Every file under a prefix (recursively), as ``(uri, size)``, sorted by uri;
+    hidden and marker files included (callers decide: see ``is_hidden``)."""
     fs, path = resolve(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
@@ -108,7 +118,7 @@ def list_files(uri: str) -> list[tuple[str, int]]:
     prefix = "s3://" if is_s3(uri) else ""
     return sorted(
         (prefix + f.path, f.size) for f in files
-        if f.type == pafs.FileType.File and not os.path.basename(f.path).startswith((".", "_"))
+        if f.type == pafs.FileType.File
     )
 
 

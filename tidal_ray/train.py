@@ -18,16 +18,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import ids as id_utils
+from .decode import augment_batch
 from .dynamics import TDTable
 from .errors import BadInput
 from .models import TiDALNet, build_backbone, build_model, prepare_input
+from .models.spec import apply_weights, read_weights
 
 
 @dataclass
 class TrainConfig:
     num_classes: int
-    input_shape: tuple[int, ...]
-    backbone: str = "small_cnn"
+    input_shape: tuple[int, ...]    # what decoding produces: (C, H, W) images, (D,) features
+    backbone: str = "small_cnn"     # the model spec: a built-in name or MODULE:FACTORY
+    feature_layers: tuple[str, ...] | None = None  # MODULE:FACTORY layers feeding the TD module
+    weights: str | None = None      # initial state_dict (local or s3://), head re-initialised if it does not fit
+    normalize: str = "none"         # none | imagenet | MEAN,STD, applied by the network (models.InputNorm)
+    augment: bool = False           # random crop + horizontal flip of training batches
     epochs: int = 60
     batch_size: int = 64
     lr: float = 1e-3
@@ -79,9 +85,19 @@ def _sum_across_ranks(totals: dict, device) -> dict:
     return dict(zip(keys, t.tolist()))
 
 
+def build_for_training(config: TrainConfig) -> TiDALNet:
+    """The network of the config, started from ``config.weights`` when given."""
+    net = build_model(config.backbone, config.num_classes, tuple(config.input_shape), config.feature_layers,
+                      config.normalize)
+    if config.weights:
+        apply_weights(net.backbone, read_weights(config.weights), config.num_classes, config.weights)
+    return net
+
+
 def run_training(config: TrainConfig, session) -> tuple[TiDALNet, TDTable]:
     torch.manual_seed(config.seed)
-    net = build_model(config.backbone, config.num_classes, tuple(config.input_shape))
+    net = build_for_training(config)
+    augment_rng = np.random.default_rng([config.seed, 7]) if config.augment else None
     table = TDTable(session.num_samples, config.num_classes)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
@@ -102,6 +118,8 @@ def run_training(config: TrainConfig, session) -> tuple[TiDALNet, TDTable]:
         started = time.perf_counter()
         totals = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "correct": 0.0, "n": 0.0}
         for x, y, index in session.batches(epoch):
+            if augment_rng is not None:
+                x = torch.from_numpy(augment_batch(x.numpy(), augment_rng))
             step = train_step(model, table, optimizer, x.to(device), y.to(device), index.to(device), config.lam)
             for key in totals:
                 totals[key] += step[key]
@@ -165,6 +183,22 @@ def train_in_process(config: TrainConfig, ids, x, y, device: str = "cpu", on_epo
     return net, table, session
 
 
+def resolve_recipe(spec, num_classes: int, model: str | None = None, feature_layers=None, weights=None,
+                   image_size=None, channels=None, normalize: str = "none", log=print):
+    """The input and the model for a pool (``pool.PoolSpec``) under the user's recipe,
+    every part checked before any row is read: ``(model spec, input_shape)``. The
+    model defaults to the pool's (``models.default_model``)."""
+    from .models import default_model, parse_normalize
+    from .models.spec import check_model
+    from .pool import input_shape_for
+
+    input_shape = input_shape_for(spec, image_size, channels)
+    parse_normalize(normalize, input_shape[0] if len(input_shape) == 3 else None)
+    model = model or default_model(input_shape)
+    check_model(model, num_classes, input_shape, feature_layers, weights, log)
+    return model, tuple(input_shape)
+
+
 def validate_labeled(config: TrainConfig, ids, x, y, num_workers: int = 1):
     """Check a labeled set held as arrays against the config before anything starts;
     returns ``(ids, x, y)`` as arrays. Raises BadInput with a one-line message."""
@@ -191,7 +225,8 @@ def validate_labels(config: TrainConfig, ids, y, num_workers: int = 1):
     ids, y = np.asarray(ids), np.asarray(y)
     if len(ids) != len(y):
         raise BadInput(f"the labeled set has {len(ids)} ids and {len(y)} labels; they must match")
-    build_backbone(config.backbone, config.num_classes, config.input_shape)  # unknown name, shape it can't take
+    build_backbone(config.backbone, config.num_classes, config.input_shape,  # unknown name, shape it can't take
+                   config.feature_layers)
     if y.ndim != 1 or y.dtype.kind not in "iu":
         raise BadInput(f"labels must be a 1-D integer array, got {y.dtype} with shape {y.shape}")
     bad = (y < 0) | (y >= config.num_classes)

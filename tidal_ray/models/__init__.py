@@ -8,42 +8,68 @@ from torch import nn
 from ..errors import BadInput
 
 from .hooked import HookedModel
-from .resnet import ResNet18
-from .small import MLP, SmallCNN
+from .spec import BUILTINS, build_backbone, default_model
 from .td_module import TDModule
 
-BACKBONES = ("resnet18", "small_cnn", "mlp")
+BACKBONES = BUILTINS
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+NORMALIZE_CHOICES = "none, imagenet or MEAN,STD (one value each, or one per channel)"
 
 
-def build_backbone(name: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
-    """``input_shape`` is one sample's shape: ``(C, H, W)`` for images, ``(D,)`` for features."""
-    if name not in BACKBONES:
-        raise BadInput(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    if num_classes < 2:
-        raise BadInput(f"num_classes must be at least 2, got {num_classes}")
-    input_shape = tuple(int(d) for d in input_shape)
-    if name == "mlp":
-        if len(input_shape) != 1:
-            raise BadInput(f"backbone 'mlp' takes feature vectors (D,), got input shape {input_shape}")
-        return MLP(num_classes, input_dim=input_shape[0])
-    if len(input_shape) != 3:
-        raise BadInput(f"backbone {name!r} takes images (C, H, W), got input shape {input_shape}")
-    if name == "resnet18":
-        return ResNet18(num_classes, in_channels=input_shape[0])
-    return SmallCNN(num_classes, in_channels=input_shape[0])
+def parse_normalize(text: str, channels: int | None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``--normalize`` -> ``(mean, std)`` on the [0, 1] scale, or None for ``none``.
+    ``channels`` is None for feature vectors (only MEAN,STD applies to them)."""
+    text = str(text or "none").strip().lower()
+    if text == "none":
+        return None
+    if text == "imagenet":
+        if channels not in (1, 3):
+            raise BadInput("--normalize imagenet applies to 1- or 3-channel images")
+        if channels == 1:
+            return (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
+        return IMAGENET_MEAN, IMAGENET_STD
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    half = len(values) // 2
+    if len(values) not in (2, 2 * (channels or 1)) or min(values[half:], default=0) <= 0:
+        raise BadInput(f"--normalize {text!r}: expected {NORMALIZE_CHOICES}, with std > 0")
+    return values[:half], values[half:]
+
+
+class InputNorm(nn.Module):
+    """The recorded normalisation, the network's first step: ``(x - mean) / std`` per
+    channel on [0, 1] inputs (identity for ``none``). Non-persistent buffers: rebuilt
+    from the checkpoint's config, never stored as weights."""
+
+    def __init__(self, normalize: str = "none", input_shape: tuple[int, ...] = ()):
+        super().__init__()
+        channels = input_shape[0] if len(input_shape) == 3 else None
+        parsed = parse_normalize(normalize, channels)
+        self.active = parsed is not None
+        mean, std = parsed or ((0.0,), (1.0,))
+        view = (1, -1, 1, 1) if channels else (1, -1)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(*view), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(*view), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std if self.active else x
 
 
 class TiDALNet(nn.Module):
     """Backbone plus TD prediction module; ``forward`` returns ``(logits, td_logits)``."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, td_hidden_dim: int = 128):
+    def __init__(self, backbone: nn.Module, num_classes: int, td_hidden_dim: int = 128,
+                 input_norm: InputNorm | None = None):
         super().__init__()
+        self.input_norm = input_norm or InputNorm()
         self.backbone = backbone
         self.num_classes = num_classes
         self.td_module = TDModule(backbone.feature_dims, num_classes, td_hidden_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, features = self.backbone(x)
+        logits, features = self.backbone(self.input_norm(x))
         return logits, self.td_module(features)
 
     @torch.no_grad()
@@ -59,7 +85,7 @@ class TiDALNet(nn.Module):
         head = getattr(self.backbone, "head", None)
         if head is None or not hasattr(self.backbone, "forward_features"):
             raise BadInput("strategy 'bald' needs a built-in backbone with a dropout head")
-        embedding, _ = self.backbone.forward_features(x)
+        embedding, _ = self.backbone.forward_features(self.input_norm(x))
         if row_keys is not None:
             from ..ids import row_uniforms
 
@@ -87,14 +113,22 @@ def _head_with_dropout(head: nn.Module, z: torch.Tensor, uniforms: torch.Tensor)
     return z
 
 
-def build_model(backbone: str, num_classes: int, input_shape: tuple[int, ...]) -> TiDALNet:
-    return TiDALNet(build_backbone(backbone, num_classes, input_shape), num_classes)
+def build_model(backbone: str, num_classes: int, input_shape: tuple[int, ...], feature_layers=None,
+                normalize: str = "none") -> TiDALNet:
+    """The TiDAL network for a model spec (``spec.build_backbone``) and an input recipe."""
+    input_shape = tuple(int(d) for d in input_shape)
+    return TiDALNet(build_backbone(backbone, num_classes, input_shape, feature_layers), num_classes,
+                    input_norm=InputNorm(normalize, input_shape))
 
 
 def prepare_input(x: torch.Tensor) -> torch.Tensor:
     """How a batch becomes the model's float input: raw uint8 pixels become floats in
-    [0, 1]; feature vectors pass through as float32."""
+    [0, 1]; feature vectors pass through as float32. Decoded images stay uint8 through
+    Ray Data (4x less to move than floats); the recorded normalisation (``--normalize``)
+    is the network's own first step (``InputNorm``), so every process that rebuilds the
+    network from a checkpoint normalises alike."""
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
 
-__all__ = ["BACKBONES", "HookedModel", "TDModule", "TiDALNet", "build_backbone", "build_model", "prepare_input"]
+__all__ = ["BACKBONES", "HookedModel", "InputNorm", "TDModule", "TiDALNet", "build_backbone", "build_model",
+           "default_model", "parse_normalize", "prepare_input"]

@@ -11,6 +11,8 @@ class HookedModel(nn.Module):
     """Any ``nn.Module`` that maps inputs to logits, made to return ``(logits, [features])``.
 
     The named submodules' outputs are captured with forward hooks, in the order given.
+    A forward pass on a dummy batch of two sizes the TD module (``feature_dims``) and
+    records the logits' shape (``probed_logits_shape``) for the caller to check.
     """
 
     def __init__(self, module: nn.Module, feature_layers: list[str], input_shape: tuple[int, ...]):
@@ -38,8 +40,12 @@ class HookedModel(nn.Module):
         was_training = self.training
         self.eval()
         with torch.no_grad():
-            _, features = self(torch.zeros(2, *input_shape))
+            logits, features = self(torch.zeros(2, *input_shape))
         self.train(was_training)
+        self.probed_logits_shape = tuple(logits.shape)
+        for name, f in zip(self.feature_layers, features):
+            if not isinstance(f, torch.Tensor) or f.dim() < 2:
+                raise BadInput(f"feature layer {name!r} outputs {type(f).__name__}, not a (batch, ...) tensor")
         return [f.shape[1] for f in features]
 
     def forward(self, x):

@@ -1,0 +1,136 @@
+"""A campaign's state under one URI: its config, where each thing lives (DESIGN.md §2),
+and the labels that have arrived (one file per arrival, never rewritten)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from . import storage
+from .errors import BadInput
+
+
+@dataclass
+class CampaignConfig:
+    pool: str
+    num_classes: int
+    k: int
+    cycles: int
+    strategy: str = "tidal-entropy"
+    backbone: str | None = None   # the model spec (built-in name or MODULE:FACTORY); init settles the default
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 1e-3
+    lam: float = 1.0
+    seed: int = 0
+    initial_labels: int = 0
+    oracle: bool = False
+    test: str | None = None
+    trainer: str = "ray"          # "ray" (Ray Train, DDP) or "local" (in the driver process)
+    workers: int = 1
+    use_gpu: bool = False
+    actors: tuple[int, int] = (1, 1)
+    per_class_quota: bool = False
+    # Worker-group restarts per training run; each resumes from the run's last checkpoint.
+    max_failures: int = 2
+    feature_layers: tuple[str, ...] | None = None
+    weights: str | None = None
+    image_size: int | None = None
+    channels: int | None = None
+    normalize: str = "none"
+    augment: bool = False
+    class_names: list[str] | None = None
+    presign: int | None = None    # seconds: Label Studio tasks get presigned HTTPS URLs
+
+    def check(self) -> None:
+        from .uncertainty import check_strategy
+
+        check_strategy(self.strategy)
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise BadInput(f"--class-names: {len(self.class_names)} names for {self.num_classes} classes "
+                           f"({', '.join(self.class_names[:12])})")
+        if self.presign is not None and self.presign <= 0:
+            raise BadInput(f"--presign {self.presign}: must be a positive number of seconds")
+        if self.k <= 0 or self.cycles <= 0:
+            raise BadInput("--k and --cycles must be positive")
+        if self.trainer not in ("ray", "local"):
+            raise BadInput(f"unknown trainer {self.trainer!r}; choose ray or local")
+        if self.num_classes < 2:
+            raise BadInput("--num-classes must be at least 2")
+
+
+# ---- where things live ---------------------------------------------------------------------
+
+def state_uri(root: str) -> str:
+    return storage.join(root, "campaign.json")
+
+
+def cycle_uri(root: str, cycle: int, *parts: str) -> str:
+    return storage.join(root, "cycles", f"{cycle:03d}", *parts)
+
+
+def labels_uri(root: str, cycle: int) -> str:
+    return storage.join(root, "labeled", f"cycle-{cycle:03d}.parquet")
+
+
+def load_state(root: str) -> dict:
+    if not storage.exists(state_uri(root)):
+        raise BadInput(f"no campaign at {root} (run 'tidal-ray campaign init' first)")
+    return storage.read_json(state_uri(root))
+
+
+def save_state(root: str, state: dict) -> None:
+    state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    storage.write_json(state_uri(root), state)
+
+
+def config_of(state: dict) -> CampaignConfig:
+    config = dict(state["config"])
+    config.pop("extra", None)  # written by 0.1, always empty
+    config["actors"] = tuple(config["actors"])
+    if config.get("feature_layers"):
+        config["feature_layers"] = tuple(config["feature_layers"])
+    return CampaignConfig(**config)
+
+
+def input_shape_of(config: CampaignConfig) -> tuple[int, ...]:
+    """The campaign's input, settled from its pool and recipe the same way every cycle."""
+    from .pool import describe_pool, input_shape_for
+
+    return input_shape_for(describe_pool(config.pool), config.image_size, config.channels)
+
+
+# ---- labels ---------------------------------------------------------------------------------
+
+def labeled_table(root: str) -> pa.Table:
+    """Every label that has arrived, in arrival order."""
+    prefix = storage.join(root, "labeled")
+    files = [uri for uri, _ in storage.list_files(prefix)] if storage.exists(prefix) else []
+    tables = [storage.read_parquet(uri).select(["id", "label"]) for uri in files
+              if uri.endswith(".parquet") and not storage.is_hidden(uri)]
+    if not tables:
+        return pa.table({"id": pa.array([], pa.int64()), "label": pa.array([], pa.int64())})
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def cycle_label_progress(root: str, cycle: int) -> tuple[int, int]:
+    """``(selected, labeled)``: how many of the cycle's selected ids have a label."""
+    selection = set(storage.read_parquet(cycle_uri(root, cycle, "selection.parquet")).column("id").to_pylist())
+    labeled = set(labeled_table(root).column("id").to_pylist())
+    return len(selection), len(selection & labeled)
+
+
+def delivery_uri(root: str, cycle: int, delivery: int) -> str:
+    """A person's labels for a cycle, one file per delivery, never rewritten."""
+    return storage.join(root, "labeled", f"cycle-{cycle:03d}-delivery-{delivery:03d}.parquet")
+
+
+def selected_ids(root: str, up_to_cycle: int) -> list:
+    """Ids sent out for labeling in cycles before ``up_to_cycle`` (pending or labeled)."""
+    ids = []
+    for c in range(up_to_cycle):
+        uri = cycle_uri(root, c, "selection.parquet")
+        if storage.exists(uri):
+            ids.extend(storage.read_parquet(uri).column("id").to_pylist())
+    return ids
