@@ -2,6 +2,8 @@
 
 - ``ray job submit`` of ``jobs/score.py`` to a ``ray start --head`` + ``ray start`` worker
   cluster with token authentication, the repo uploaded as the job's working_dir.
+- ``ray job submit`` of a campaign step whose model is the user's own module, shipped in the
+  job's working_dir, to a token-auth ``ray start --head``.
 - A worker node killed while ``score_pool`` runs on ``ray.cluster_utils.Cluster``: the job
   still finishes (Ray Data retries tasks and restarts its actors) with the clean run's selection.
 

@@ -217,13 +217,13 @@ def test_cli_make_pool_then_score(ray_local, tmp_path, checkpoint, capsys):
 def other_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("other")
     return {"five": train_checkpoint(root / "five", num_classes=5, epochs=1, rows=300),
-            "rgb": train_checkpoint(root / "rgb", input_shape=(3, 8, 8), epochs=1, rows=300)}
+            "features": train_checkpoint(root / "features", input_shape=(64,), backbone="mlp", epochs=1, rows=300)}
 
 
 @pytest.mark.parametrize("case, message", [
     ("missing-pool", "no pool at"),
     ("class-count", "declares 10 classes"),
-    ("input-shape", "1x8x8 pixels but"),
+    ("input-shape", "1x8x8 pixels but"),  # 1- or 3-channel pixels are converted; feature vectors are not
     ("k-zero", "k must be a positive integer"),
     ("k-negative", "k must be a positive integer"),
     ("strategy", "unknown strategy 'most-fun'"),
@@ -243,7 +243,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, checkpoint
     elif case == "class-count":
         args["--checkpoint"] = other_checkpoints["five"]
     elif case == "input-shape":
-        args["--checkpoint"] = other_checkpoints["rgb"]
+        args["--checkpoint"] = other_checkpoints["features"]
     elif case == "k-zero":
         args["--k"] = "0"
     elif case == "k-negative":

@@ -125,7 +125,7 @@ def test_worker_failure_resumes_from_the_last_checkpoint(ray_local, s3_bucket, c
     (["--labeled", "{tmp}/missing.parquet"], "labeled set not found"),
     (["--num-classes", "5"], "labels are outside 0..4"),
     (["--workers", "4"], "6 labeled samples are too few for 4 workers"),
-    (["--backbone", "vgg"], "unknown backbone 'vgg'"),
+    (["--model", "vgg"], "unknown model 'vgg'"),
     (["--backbone", "mlp"], "backbone 'mlp' takes feature vectors"),
 ])
 def test_bad_input_is_exit_2_with_one_line(tmp_path, capsys, args, message):
