@@ -112,7 +112,7 @@ def read_id_files(uris, id_type: pa.DataType, option: str = "--exclude") -> list
     found = []
     for uri in uris:
         try:
-            files = storage.list_files(uri)
+            files = [f for f in storage.list_files(uri) if not storage.is_hidden(f[0])]  # _SUCCESS etc.
         except (FileNotFoundError, OSError):
             files = []
         if not files:

@@ -54,7 +54,8 @@ class ScoresWriter:
     def finish(self) -> None:
         self.flush()
         # Parts left by an earlier, larger run in the same place are not this run's scores.
-        stale = [uri for uri, _ in storage.list_files(self.prefix) if uri not in self.written] \
+        stale = [uri for uri, _ in storage.list_files(self.prefix)
+                 if uri not in self.written and not storage.is_hidden(uri)] \
             if storage.exists(self.prefix) else []
         self._delete(stale)
 
