@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             traceback.print_exc()
-        print(f"{prefix}: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        first_line = (str(e).strip().splitlines() or [""])[0]  # pyarrow's messages can span lines
+        print(f"{prefix}: {type(e).__name__}: {first_line} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0
 
