@@ -1,5 +1,5 @@
-"""Write pools for tests, benchmarks and users: the real scikit-learn digits, or
-class-conditional synthetic data of any size, in any pool format (DESIGN §2)."""
+"""Write pools for tests, benchmarks and users: the real scikit-learn digits, the
+60,000 Fashion-MNIST training images, or class-conditional synthetic data of any size, in any pool format (DESIGN §2)."""
 from __future__ import annotations
 
 import argparse
@@ -12,19 +12,25 @@ import pyarrow as pa
 from . import storage
 from .pool import CLASSES_KEY, FORMATS, SHAPE_KEY, format_shape, parse_shape
 
-SOURCES = ("digits", "synthetic")
+SOURCES = ("digits", "fashion-mnist", "synthetic")
+REAL_SOURCES = ("digits", "fashion-mnist")
 DEFAULT_SYNTHETIC_ROWS = 10_000
 
 
-def _digits(rows: int | None):
-    from .datasets import DIGITS_CLASSES, DIGITS_SHAPE, load_digits
+def _real(source: str, rows: int | None, data_dir: str | None):
+    """``(ids, pixels, labels, shape, num_classes)`` of a real data set, the first ``rows``."""
+    from . import datasets
 
-    ids, pixels, labels = load_digits()
+    if source == "digits":
+        (ids, pixels, labels), shape, classes = datasets.load_digits(), datasets.DIGITS_SHAPE, datasets.DIGITS_CLASSES
+    else:
+        (ids, pixels, labels) = datasets.load_fashion_mnist("train", data_dir)
+        shape, classes = datasets.FASHION_MNIST_SHAPE, datasets.FASHION_MNIST_CLASSES
     if rows is not None:
         if rows > len(ids):
-            raise ValueError(f"--rows {rows}: the digits source has only {len(ids)} rows")
+            raise ValueError(f"--rows {rows}: the {source} source has only {len(ids)} rows")
         ids, pixels, labels = ids[:rows], pixels[:rows], labels[:rows]
-    return ids, pixels, labels, DIGITS_SHAPE, DIGITS_CLASSES
+    return ids, pixels, labels, shape, classes
 
 
 def synthetic_rows(ids: np.ndarray, shape, num_classes: int, seed: int):
@@ -74,13 +80,16 @@ def pool_table(fmt: str, ids, pixels, labels, shape, num_classes: int, source: s
 
 
 def make_pool(out_uri: str, source: str = "digits", rows: int | None = None, fmt: str = "pixels",
-              shards: int = 1, seed: int = 0, shape=(3, 32, 32), num_classes: int = 10) -> list[str]:
+              shards: int = 1, seed: int = 0, shape=(3, 32, 32), num_classes: int = 10,
+              data_dir: str | None = None) -> list[str]:
     """Write a pool under ``out_uri`` (local dir or ``s3://``); returns the written files.
 
     ``fmt``: ``pixels`` | ``image`` | ``features`` (parquet ``part-00000.parquet`` ...
     with ``id``, the data column and ``label``) or ``files`` (one PNG per row, the id
     being the key under the prefix; such pools carry no labels). ``digits`` is the real
-    scikit-learn digits (1x8x8, 10 classes; ``shape`` and ``num_classes`` are ignored)."""
+    scikit-learn digits (1x8x8, 10 classes; ``shape`` and ``num_classes`` are ignored);
+    ``fashion-mnist`` the 60,000 training images (1x28x28, 10 classes) read from
+    ``data_dir`` (default: see ``datasets.load_fashion_mnist``)."""
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
     if fmt not in FORMATS:
@@ -90,8 +99,8 @@ def make_pool(out_uri: str, source: str = "digits", rows: int | None = None, fmt
     if storage.exists(out_uri) and storage.list_files(out_uri):
         raise ValueError(f"{out_uri} already holds files; write a pool to an empty prefix")
 
-    if source == "digits":
-        ids, pixels, labels, shape, num_classes = _digits(rows)
+    if source in REAL_SOURCES:
+        ids, pixels, labels, shape, num_classes = _real(source, rows, data_dir)
         total = len(ids)
     else:
         shape = parse_shape(shape) if isinstance(shape, str) else tuple(int(d) for d in shape)
@@ -103,7 +112,7 @@ def make_pool(out_uri: str, source: str = "digits", rows: int | None = None, fmt
     written: list[str] = []
     for shard, (start, stop) in enumerate(zip(bounds, bounds[1:])):
         shard_ids = np.arange(start, stop, dtype=np.int64)
-        if source == "digits":
+        if source in REAL_SOURCES:
             shard_pixels, shard_labels = pixels[start:stop], labels[start:stop]
         else:
             shard_pixels, shard_labels = synthetic_rows(shard_ids, shape, num_classes, seed)
@@ -130,9 +139,11 @@ def _write_pngs(out_uri: str, shard: int | None, ids, pixels) -> list[str]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", metavar="OUT", help="where to write the pool (local dir or s3://bucket/prefix)")
     p.add_argument("--source", required=True, choices=SOURCES,
-                   help="digits: the real scikit-learn digits; synthetic: class-conditional random data")
+                   help="digits: the real scikit-learn digits; fashion-mnist: its 60,000 training "
+                        "images; synthetic: class-conditional random data")
     p.add_argument("--rows", type=int, default=None,
-                   help=f"rows to write (digits: at most 1797; synthetic default {DEFAULT_SYNTHETIC_ROWS})")
+                   help=f"rows to write (digits: at most 1797; fashion-mnist: at most 60000; "
+                        f"synthetic default {DEFAULT_SYNTHETIC_ROWS})")
     p.add_argument("--format", dest="fmt", default="pixels", choices=FORMATS,
                    help="pixels (raw uint8), image (PNG bytes), features (float vectors) in parquet, "
                         "or files (one PNG per row under OUT)")
@@ -140,10 +151,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", default="3x32x32", help="synthetic only: one row's shape, e.g. 1x8x8")
     p.add_argument("--num-classes", type=int, default=10, help="synthetic only")
+    p.add_argument("--data-dir", default=None,
+                   help="fashion-mnist only: the directory of its idx files "
+                        "(default $TIDAL_RAY_FASHION_MNIST_DIR or /usr/share/datasets/fashion-mnist)")
 
 
 def run(args: argparse.Namespace) -> list[str]:
     files = make_pool(args.out, source=args.source, rows=args.rows, fmt=args.fmt, shards=args.shards,
-                      seed=args.seed, shape=args.shape, num_classes=args.num_classes)
+                      seed=args.seed, shape=args.shape, num_classes=args.num_classes,
+                      data_dir=args.data_dir)
     print(f"wrote {len(files)} file(s) under {args.out}")
     return files
