@@ -1,15 +1,24 @@
-"""Selection quality on real data: the AL protocol of DESIGN.md §7 on scikit-learn digits.
+"""Selection quality on real data: the AL protocol of DESIGN.md §7 on scikit-learn digits
+and on Fashion-MNIST.
 
 Every (seed, strategy) run retrains from scratch each cycle with the same training loop
-(`train_in_process` -> `run_training`) and scores the unlabeled pool with the same
-`BatchScorer` and `StreamingTopK` as the Ray path. The test split is only ever used to
-report accuracy, never to choose anything.
+(`train_in_process` -> `run_training`) and scores the unlabeled rows of the pool with the
+same `BatchScorer` and `StreamingTopK` as the Ray path. The test split is only ever used
+to report accuracy, never to choose anything.
 
     python benchmarks/al_quality.py --regime balanced            # 100 initial, +50, 10 cycles
     python benchmarks/al_quality.py --regime imbalanced          # factor 10, 60 initial, +30
     python benchmarks/al_quality.py --regime cold                # 20 initial, +20
 
-Writes <out>/<regime>.json (every accuracy), <regime>.md (tables) and <regime>.png.
+    python benchmarks/al_quality.py --dataset fashion-mnist --regime cold --seeds 3
+        # pool = the 60,000 training images, all unlabeled rows scored every cycle;
+        # balanced 1000 + 1000 x 5, imbalanced (factor 10) 500 + 500 x 6, cold 200 + 200 x 6
+
+    python benchmarks/al_quality.py --dataset fashion-mnist --readme   # README text from the JSON
+
+Writes <out>/<regime>.json (every accuracy), <regime>.md (tables) and <regime>.png for
+digits, and <out>/fashion-mnist-<regime>.{json,md,png} for Fashion-MNIST. The files are
+rewritten after every finished seed, so an interrupted run leaves complete seeds behind.
 """
 from __future__ import annotations
 
@@ -31,63 +40,223 @@ REGIMES = {
     "imbalanced": {"initial": 60, "k": 30, "imbalance_factor": 10.0},
     "cold": {"initial": 20, "k": 20, "imbalance_factor": None},
 }
+DIGITS_CYCLES = 10
 # The recipe, fixed before any run and never tuned on the test split: the small CNN
 # (three conv stages, suited to 8x8 inputs), Adam 1e-3 with cosine decay, 60 epochs,
 # batch 64, lambda = 1 as in the paper.
 RECIPE = {"backbone": "small_cnn", "epochs": 60, "batch_size": 64, "lr": 1e-3, "lam": 1.0}
 
+# Fashion-MNIST (DESIGN.md §7). "-subset10k" = the reference code's way: the strategy
+# scores a fresh random 10,000-row subset of the unlabeled pool each cycle.
+SUBSET_SUFFIX = "-subset10k"
+FASHION_STRATEGIES = ["tidal-entropy", "tidal-margin", "entropy", "margin", "random",
+                      "tidal-entropy" + SUBSET_SUFFIX]
+FASHION_REGIMES = {
+    "balanced": {"initial": 1000, "k": 1000, "imbalance_factor": None, "cycles": 5, "subset": 10_000},
+    "imbalanced": {"initial": 500, "k": 500, "imbalance_factor": 10.0, "cycles": 6, "subset": 10_000},
+    "cold": {"initial": 200, "k": 200, "imbalance_factor": None, "cycles": 6, "subset": 10_000},
+}
+FASHION_RECIPE = {"backbone": "small_cnn", "epochs": 20, "batch_size": 64, "lr": 1e-3, "lam": 1.0}
 
-def run_one(regime: str, strategy: str, seed: int, cycles: int, recipe: dict) -> dict:
+DATASETS = {
+    "digits": {"regimes": REGIMES, "strategies": STRATEGIES, "recipe": RECIPE, "seeds": 5},
+    "fashion-mnist": {"regimes": FASHION_REGIMES, "strategies": FASHION_STRATEGIES, "recipe": FASHION_RECIPE,
+                      "seeds": 3},
+}
+SCORE_CHUNK = 256
+EVAL_CHUNK = 1000
+
+
+def result_stem(dataset: str, regime: str) -> str:
+    return regime if dataset == "digits" else f"{dataset}-{regime}"
+
+
+def regime_spec(dataset: str, regime: str, cycles: int | None = None, **overrides) -> dict:
+    spec = dict(DATASETS[dataset]["regimes"][regime], **{k: v for k, v in overrides.items() if v is not None})
+    spec.setdefault("cycles", DIGITS_CYCLES)
+    if cycles is not None:
+        spec["cycles"] = cycles
+    return spec
+
+
+# ---- data ----------------------------------------------------------------------------------
+
+
+def load_data(dataset: str, seed: int, imbalance_factor: float | None, data_dir: str | None = None) -> dict:
+    """Arrays over every row plus the row indices of the pool and of the test split."""
+    from tidal_ray import datasets
+
+    if dataset == "digits":
+        ids, pixels, labels = datasets.load_digits()
+        pool, test = datasets.split_pool_test(labels, test_size=400, seed=seed)
+        shape, classes = datasets.DIGITS_SHAPE, datasets.DIGITS_CLASSES
+    else:  # the official split: train images are the pool, test images only report accuracy
+        _, train_pixels, train_labels = datasets.load_fashion_mnist("train", data_dir)
+        _, test_pixels, test_labels = datasets.load_fashion_mnist("test", data_dir)
+        pixels = np.concatenate([train_pixels, test_pixels])
+        labels = np.concatenate([train_labels, test_labels])
+        ids = np.arange(len(labels), dtype=np.int64)
+        pool, test = ids[:len(train_labels)], ids[len(train_labels):]
+        shape, classes = datasets.FASHION_MNIST_SHAPE, datasets.FASHION_MNIST_CLASSES
+    if imbalance_factor:
+        pool = datasets.imbalance(pool, labels, imbalance_factor)
+    return {"ids": ids, "pixels": pixels, "labels": labels, "pool": pool, "test": test,
+            "shape": shape, "classes": classes}
+
+
+def score_column(strategy: str) -> str:
+    return strategy[: -len(SUBSET_SUFFIX)] if strategy.endswith(SUBSET_SUFFIX) else strategy
+
+
+def candidate_rows(strategy: str, unlabeled: np.ndarray, subset: int, seed: int, cycle: int) -> np.ndarray:
+    """The rows a strategy scores this cycle: every unlabeled row, or for a subset strategy a
+    fresh random ``subset`` of them (seeded by seed and cycle)."""
+    if not strategy.endswith(SUBSET_SUFFIX) or len(unlabeled) <= subset:
+        return unlabeled
+    rng = np.random.default_rng([seed, cycle, 10_000])
+    return np.sort(rng.choice(unlabeled, size=subset, replace=False))
+
+
+# ---- one cycle's pieces ------------------------------------------------------------------------
+
+
+def train(data: dict, rows: np.ndarray, recipe: dict, seed: int):
+    from tidal_ray.train import TrainConfig, train_in_process
+
+    config = TrainConfig(num_classes=data["classes"], input_shape=data["shape"], seed=seed,
+                         backbone=recipe["backbone"], epochs=recipe["epochs"],
+                         batch_size=recipe["batch_size"], lr=recipe["lr"], lam=recipe["lam"])
+    net, _, session = train_in_process(config, data["ids"][rows], data["pixels"][rows], data["labels"][rows])
+    return net, session
+
+
+def test_accuracy(net, data: dict) -> float:
+    import torch
+
+    from tidal_ray.train import prepare_input
+
+    net.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(data["test"]), EVAL_CHUNK):
+            rows = data["test"][start:start + EVAL_CHUNK]
+            logits, _ = net(prepare_input(torch.from_numpy(data["pixels"][rows])))
+            correct += int((logits.argmax(1).numpy() == data["labels"][rows]).sum())
+    return correct / len(data["test"])
+
+
+def score(scorer, data: dict, rows: np.ndarray, columns: list[str]) -> dict:
+    """The scorer's columns for ``rows`` (only unlabeled rows are ever passed in)."""
+    parts = [scorer({"id": data["ids"][rows[s:s + SCORE_CHUNK]], "x": data["pixels"][rows[s:s + SCORE_CHUNK]]})
+             for s in range(0, len(rows), SCORE_CHUNK)]
+    return {c: np.concatenate([p[c] for p in parts]) for c in ["id", "predicted_class", *columns]}
+
+
+def random_selection_scores(data: dict, rows: np.ndarray, seed: int) -> dict:
+    # random's column does not depend on the model (a hash of seed and id, as in BatchScorer),
+    # so it skips the forward pass.
+    from tidal_ray.uncertainty import random_scores
+
+    ids = data["ids"][rows]
+    return {"id": ids, "predicted_class": np.zeros(len(ids), np.int64), "random": random_scores(ids, seed)}
+
+
+def top_k(scored: dict, column: str, k: int) -> np.ndarray:
+    from tidal_ray.topk import StreamingTopK
+
+    topk = StreamingTopK(k)
+    for s in range(0, len(scored["id"]), SCORE_CHUNK):
+        part = slice(s, s + SCORE_CHUNK)
+        topk.add(scored["id"][part], scored[column][part], scored["predicted_class"][part])
+    return topk.result()[0]
+
+
+# ---- a seed: every strategy, sharing cycle 0 -----------------------------------------------------
+
+
+def _new_record(regime: str, strategy: str, seed: int, pool_size: int) -> dict:
+    return {"regime": regime, "strategy": strategy, "seed": seed, "pool_size": pool_size,
+            "labeled": [], "accuracy": [], "td_kl": [], "selected_class_counts": [], "selected_score_mean": [],
+            "scored_rows": [], "scoring_seconds": []}
+
+
+MODEL_COLUMNS = ["tidal-entropy", "tidal-margin", "entropy", "margin", "least-confidence"]
+
+
+def scores_for(scorer, data: dict, strategy: str, rows: np.ndarray, seed: int) -> dict:
+    if score_column(strategy) == "random":
+        return random_selection_scores(data, rows, seed)
+    return score(scorer, data, rows, MODEL_COLUMNS)
+
+
+def run_seed(dataset: str, regime: str, strategies: list[str], seed: int, spec: dict, recipe: dict,
+             data_dir: str | None = None) -> list[dict]:
+    """Every strategy for one seed. All strategies start from the same initial set, and the
+    cycle-0 model (same rows, same training seed) is trained, tested and scored once."""
     import torch
 
     from tidal_ray.checkpoint import save_checkpoint
-    from tidal_ray.datasets import (DIGITS_CLASSES, DIGITS_SHAPE, imbalance, initial_labels, load_digits,
-                                    split_pool_test)
+    from tidal_ray.datasets import initial_labels
     from tidal_ray.score import BatchScorer
-    from tidal_ray.topk import StreamingTopK
-    from tidal_ray.train import TrainConfig, prepare_input, train_in_process
 
     torch.set_num_threads(1)
-    spec = REGIMES[regime]
-    ids, pixels, labels = load_digits()
-    pool, test = split_pool_test(labels, test_size=400, seed=seed)
-    if spec["imbalance_factor"]:
-        pool = imbalance(pool, labels, spec["imbalance_factor"])
-    labeled = list(initial_labels(pool, spec["initial"], seed))
-    record = {"regime": regime, "strategy": strategy, "seed": seed, "pool_size": len(pool),
-              "labeled": [], "accuracy": [], "td_kl": [], "selected_class_counts": [], "selected_score_mean": []}
+    data = load_data(dataset, seed, spec["imbalance_factor"], data_dir)
+    initial = list(initial_labels(data["pool"], spec["initial"], seed))
+    records = []
     with tempfile.TemporaryDirectory() as tmp:
-        for cycle in range(cycles + 1):
-            config = TrainConfig(num_classes=DIGITS_CLASSES, input_shape=DIGITS_SHAPE, seed=seed * 1000 + cycle,
-                                 backbone=recipe["backbone"], epochs=recipe["epochs"],
-                                 batch_size=recipe["batch_size"], lr=recipe["lr"], lam=recipe["lam"])
-            rows = np.array(labeled)
-            net, _, session = train_in_process(config, ids[rows], pixels[rows], labels[rows])
-            with torch.no_grad():
-                logits, _ = net.eval()(prepare_input(torch.from_numpy(pixels[test])))
-            record["labeled"].append(len(labeled))
-            record["accuracy"].append(float((logits.argmax(1).numpy() == labels[test]).mean()))
-            record["td_kl"].append(session.history[-1]["kl"])
-            if cycle == cycles:
-                break
-            scorer = BatchScorer(save_checkpoint(session.last_state, os.path.join(tmp, f"c{cycle}")), seed=seed)
-            topk = StreamingTopK(spec["k"], exclude=ids[rows])
-            for start in range(0, len(pool), 512):
-                chunk = pool[start:start + 512]
-                out = scorer({"id": ids[chunk], "x": pixels[chunk]})
-                topk.add(out["id"], out[strategy], out["predicted_class"])
-            chosen, scores, _ = topk.result()
-            record["selected_class_counts"].append(np.bincount(labels[chosen], minlength=DIGITS_CLASSES).tolist())
-            record["selected_score_mean"].append(float(scores.mean()))
-            labeled.extend(chosen.tolist())
-    assert len(set(labeled)) == len(labeled), "a sample was selected twice"
-    return record
+        def fit(rows, cycle, name):
+            net, session = train(data, np.array(rows), recipe, seed * 1000 + cycle)
+            scorer = BatchScorer(save_checkpoint(session.last_state, os.path.join(tmp, name)), seed=seed)
+            return test_accuracy(net, data), session.history[-1]["kl"], scorer
+
+        first = fit(initial, 0, "c0")
+        full_pass = None
+        for strategy in strategies:
+            record = _new_record(regime, strategy, seed, len(data["pool"]))
+            labeled = list(initial)
+            accuracy, kl, scorer = first
+            for cycle in range(spec["cycles"] + 1):
+                if cycle > 0:
+                    accuracy, kl, scorer = fit(labeled, cycle, f"{strategy}-c{cycle}")
+                record["labeled"].append(len(labeled))
+                record["accuracy"].append(accuracy)
+                record["td_kl"].append(kl)
+                if cycle == spec["cycles"]:
+                    break
+                unlabeled = np.setdiff1d(data["pool"], labeled)
+                rows = candidate_rows(strategy, unlabeled, spec.get("subset", len(unlabeled)), seed, cycle)
+                column = score_column(strategy)
+                started = time.perf_counter()
+                shareable = cycle == 0 and column != "random" and len(rows) == len(unlabeled)
+                if shareable and full_pass is not None:  # the shared cycle-0 model scored these rows
+                    scored, pass_seconds = full_pass
+                    started -= pass_seconds
+                else:
+                    scored = scores_for(scorer, data, strategy, rows, seed)
+                    if shareable:
+                        full_pass = (scored, time.perf_counter() - started)
+                chosen = top_k(scored, column, spec["k"])
+                seconds = time.perf_counter() - started
+                mean_score = float(scored[column][np.isin(scored["id"], chosen)].mean())
+                record["selected_class_counts"].append(
+                    np.bincount(data["labels"][chosen], minlength=data["classes"]).tolist())
+                record["selected_score_mean"].append(mean_score)
+                record["scored_rows"].append(len(rows))
+                record["scoring_seconds"].append(seconds)
+                labeled.extend(chosen.tolist())
+            assert len(set(labeled)) == len(labeled), "a sample was selected twice"
+            records.append(record)
+    return records
+
+
+# ---- summaries and reports -----------------------------------------------------------------
 
 
 def summarize(records: list[dict], strategies: list[str]) -> dict:
     table = {}
     for strategy in strategies:
-        acc = np.array([r["accuracy"] for r in records if r["strategy"] == strategy])
+        runs = sorted((r for r in records if r["strategy"] == strategy), key=lambda r: r["seed"])
+        acc = np.array([r["accuracy"] for r in runs])
         if not len(acc):
             continue
         auc = acc.mean(axis=1)  # area under the learning curve = mean accuracy over cycles
@@ -113,7 +282,103 @@ def markdown(regime: str, records: list[dict], summary: dict, seeds: int, second
     return "\n".join(lines)
 
 
-def plot(regime: str, records: list[dict], summary: dict, path: str) -> None:
+PAIRS = [("tidal-entropy", "random"), ("tidal-margin", "random"), ("tidal-entropy", "entropy"),
+         ("tidal-margin", "margin"), ("tidal-entropy", "tidal-entropy" + SUBSET_SUFFIX)]
+
+
+def _by_strategy(records: list[dict]) -> dict:
+    out: dict[str, list[dict]] = {}
+    for r in sorted(records, key=lambda r: r["seed"]):
+        out.setdefault(r["strategy"], []).append(r)
+    return out
+
+
+def paired_differences(summary: dict, seeds: list[int]) -> list[dict]:
+    """Per-seed AUC and final-accuracy differences a - b (same seed = same initial set)."""
+    rows = []
+    for a, b in PAIRS:
+        if a in summary and b in summary:
+            auc = np.subtract(summary[a]["auc_per_seed"], summary[b]["auc_per_seed"])
+            final = np.subtract(summary[a]["final_per_seed"], summary[b]["final_per_seed"])
+            rows.append({"pair": f"{a} − {b}", "seeds": seeds, "auc": auc.tolist(), "final": final.tolist(),
+                         "auc_mean": float(auc.mean()), "final_mean": float(final.mean()),
+                         "auc_wins": int((auc > 0).sum())})
+    return rows
+
+
+def _fmt_signed(values) -> str:
+    return ", ".join(f"{v:+.3f}" for v in values)
+
+
+def fashion_markdown(result: dict, heading: str = "###", plot_path: str | None = None) -> str:
+    """The Fashion-MNIST report of one regime, rendered from its JSON (the README uses the same)."""
+    runs, summary, spec = result["runs"], result["summary"], result["spec"]
+    seeds = sorted({r["seed"] for r in runs})
+    per = _by_strategy(runs)
+    ranked = sorted(summary, key=lambda s: -summary[s]["auc_mean"])
+    labeled = runs[0]["labeled"]
+    imbalance = f", imbalance factor {spec['imbalance_factor']:g}" if spec.get("imbalance_factor") else ""
+    lines = [f"{heading} Fashion-MNIST, {result['regime']}: {spec['initial']} + {spec['k']} × {result['cycles']} "
+             f"cycles, pool {runs[0]['pool_size']:,} rows{imbalance}; {len(seeds)} seed(s) "
+             f"({', '.join(map(str, seeds))}), {result['seconds'] / 60:.0f} min", ""]
+    if plot_path:
+        lines += [f"![Fashion-MNIST {result['regime']}]({plot_path})", ""]
+    lines += ["Mean ± std over seeds; AUC = mean test accuracy over the "
+              f"{len(labeled)} points ({', '.join(map(str, labeled))} labels).", "",
+              "| strategy | AUC | final accuracy | AUC per seed | final per seed |", "| --- | --- | --- | --- | --- |"]
+    for s in ranked:
+        t = summary[s]
+        lines.append(f"| {s} | {t['auc_mean']:.3f} ± {t['auc_std']:.3f} | {t['final_mean']:.3f} ± {t['final_std']:.3f} "
+                     f"| {', '.join(f'{v:.3f}' for v in t['auc_per_seed'])} "
+                     f"| {', '.join(f'{v:.3f}' for v in t['final_per_seed'])} |")
+    lines += ["", "Test accuracy per cycle (mean ± std):", "",
+              "| strategy | " + " | ".join(map(str, labeled)) + " |", "| --- |" + " --- |" * len(labeled)]
+    for s in ranked:
+        t = summary[s]
+        lines.append(f"| {s} | " + " | ".join(f"{m:.3f} ± {d:.3f}" for m, d in zip(t["mean"], t["std"])) + " |")
+    lines += ["", "Paired differences, per seed (same initial set within a seed):", "",
+              "| difference | AUC per seed | AUC mean | seeds with AUC > 0 | final per seed | final mean |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for d in paired_differences(summary, seeds):
+        lines.append(f"| {d['pair']} | {_fmt_signed(d['auc'])} | {d['auc_mean']:+.3f} | {d['auc_wins']}/{len(seeds)} "
+                     f"| {_fmt_signed(d['final'])} | {d['final_mean']:+.3f} |")
+    cycles = list(range(len(labeled) - 1))
+    lines += ["", "Scoring wall time per cycle, seconds (mean over seeds; scoring + top-k; cycle 0's "
+              "full-pool pass is shared by the full-pool strategies; random needs no forward pass):", "",
+              "| strategy | rows scored (cycle 0) | " + " | ".join(f"cycle {c}" for c in cycles) + " |",
+              "| --- | --- |" + " --- |" * len(cycles)]
+    for s in ranked:
+        secs = np.mean([r["scoring_seconds"] for r in per[s]], axis=0)
+        lines.append(f"| {s} | {per[s][0]['scored_rows'][0]:,} | " + " | ".join(f"{v:.1f}" for v in secs) + " |")
+    lines += ["", "TD-module KL at the end of training, per cycle (mean over seeds):", "",
+              "| strategy | " + " | ".join(map(str, labeled)) + " |", "| --- |" + " --- |" * len(labeled)]
+    for s in ranked:
+        kl = np.mean([r["td_kl"] for r in per[s]], axis=0)
+        lines.append(f"| {s} | " + " | ".join(f"{v:.4f}" for v in kl) + " |")
+    classes = len(runs[0]["selected_class_counts"][0])
+    lines += ["", "Class counts of everything selected (all cycles, summed over seeds; the classes are "
+              "T-shirt, trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot):", "",
+              "| strategy | " + " | ".join(map(str, range(classes))) + " | min/max |",
+              "| --- |" + " --- |" * (classes + 1)]
+    for s in ranked:
+        counts = np.sum([np.sum(r["selected_class_counts"], axis=0) for r in per[s]], axis=0)
+        lines.append(f"| {s} | " + " | ".join(str(int(c)) for c in counts) + f" | {counts.min() / max(counts.max(), 1):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def readme_section(out_dir: str, dataset: str = "fashion-mnist") -> str:
+    """Every finished regime's report, for the README (paths relative to the repository root)."""
+    parts = []
+    for regime in DATASETS[dataset]["regimes"]:
+        path = os.path.join(out_dir, f"{result_stem(dataset, regime)}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                result = json.load(f)
+            parts.append(fashion_markdown(result, "####", os.path.splitext(path)[0] + ".png"))
+    return "\n".join(parts)
+
+
+def plot(title: str, records: list[dict], summary: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,7 +392,7 @@ def plot(regime: str, records: list[dict], summary: dict, path: str) -> None:
         ax.fill_between(x, mean - std, mean + std, alpha=0.12)
     ax.set_xlabel("labeled samples")
     ax.set_ylabel("test accuracy (mean ± std over seeds)")
-    ax.set_title(f"digits, {regime}")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -135,43 +400,75 @@ def plot(regime: str, records: list[dict], summary: dict, path: str) -> None:
     plt.close(fig)
 
 
-def run_regime(regime: str, seeds: int, cycles: int, strategies: list[str], out_dir: str,
-               processes: int = 2, recipe: dict | None = None) -> dict:
-    recipe = recipe or RECIPE
-    started = time.perf_counter()
-    jobs = [(regime, s, seed, cycles, recipe) for seed in range(seeds) for s in strategies]
-    with ProcessPoolExecutor(max_workers=processes) as pool:
-        records = list(pool.map(run_one, *zip(*jobs)))
-    seconds = time.perf_counter() - started
+def write_outputs(dataset: str, regime: str, spec: dict, recipe: dict, records: list[dict], strategies: list[str],
+                  seconds: float, out_dir: str) -> dict:
     summary = summarize(records, strategies)
+    seeds = len({r["seed"] for r in records})
+    result = {"dataset": dataset, "regime": regime, "spec": spec, "recipe": recipe, "seeds": seeds,
+              "cycles": spec["cycles"], "seconds": seconds, "machine": f"{os.cpu_count()} CPUs",
+              "summary": summary, "runs": records}
+    if dataset != "digits":
+        result["paired_differences"] = paired_differences(summary, sorted({r["seed"] for r in records}))
+    stem = os.path.join(out_dir, result_stem(dataset, regime))
     os.makedirs(out_dir, exist_ok=True)
-    result = {"regime": regime, "spec": REGIMES[regime], "recipe": recipe, "seeds": seeds, "cycles": cycles,
-              "seconds": seconds, "machine": f"{os.cpu_count()} CPUs", "summary": summary, "runs": records}
-    with open(os.path.join(out_dir, f"{regime}.json"), "w") as f:
+    with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
-    text = markdown(regime, records, summary, seeds, seconds)
-    with open(os.path.join(out_dir, f"{regime}.md"), "w") as f:
+    text = markdown(regime, records, summary, seeds, seconds) if dataset == "digits" else fashion_markdown(result)
+    with open(stem + ".md", "w") as f:
         f.write(text)
-    plot(regime, records, summary, os.path.join(out_dir, f"{regime}.png"))
-    print(text)
+    plot(f"{dataset}, {regime} ({seeds} seeds)" if dataset != "digits" else f"digits, {regime}",
+         records, summary, stem + ".png")
+    return result
+
+
+def run_regime(regime: str, seeds: int, cycles: int | None, strategies: list[str], out_dir: str,
+               processes: int = 2, recipe: dict | None = None, dataset: str = "digits",
+               spec: dict | None = None, data_dir: str | None = None, first_seed: int = 0) -> dict:
+    """Runs seeds ``first_seed .. first_seed + seeds - 1``; rewrites the outputs after each seed."""
+    recipe = recipe or DATASETS[dataset]["recipe"]
+    spec = spec or regime_spec(dataset, regime, cycles)
+    started = time.perf_counter()
+    seed_list = list(range(first_seed, first_seed + seeds))
+    records: list[dict] = []
+    result = {}
+    with ProcessPoolExecutor(max_workers=processes) as pool:
+        jobs = [pool.submit(run_seed, dataset, regime, strategies, seed, spec, recipe, data_dir) for seed in seed_list]
+        for job in jobs:
+            records += job.result()
+            result = write_outputs(dataset, regime, spec, recipe, records, strategies,
+                                   time.perf_counter() - started, out_dir)
+            print(f"{dataset} {regime}: seed {records[-1]['seed']} done, {result['seconds'] / 60:.1f} min", flush=True)
+    with open(os.path.join(out_dir, result_stem(dataset, regime) + ".md")) as f:
+        print(f.read())
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=list(DATASETS), default="digits")
     parser.add_argument("--regime", choices=list(REGIMES) + ["all"], default="all")
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--cycles", type=int, default=10)
-    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--seeds", type=int, default=None, help="default: 5 for digits, 3 for fashion-mnist")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--cycles", type=int, default=None, help="default: the regime's (digits: 10)")
+    parser.add_argument("--strategies", default=None, help="comma-separated; default: the dataset's list")
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=RECIPE["epochs"])
-    parser.add_argument("--imbalance-factor", type=float, default=REGIMES["imbalanced"]["imbalance_factor"])
+    parser.add_argument("--epochs", type=int, default=None, help="default: the dataset's recipe")
+    parser.add_argument("--imbalance-factor", type=float, default=None)
+    parser.add_argument("--data-dir", default=None, help="fashion-mnist: the directory of its idx files")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--readme", action="store_true", help="print the README text from the results, run nothing")
     args = parser.parse_args()
-    REGIMES["imbalanced"]["imbalance_factor"] = args.imbalance_factor
-    recipe = dict(RECIPE, epochs=args.epochs)
-    for regime in (list(REGIMES) if args.regime == "all" else [args.regime]):
-        run_regime(regime, args.seeds, args.cycles, args.strategies.split(","), args.out, args.processes, recipe)
+    if args.readme:
+        print(readme_section(args.out, args.dataset))
+        return
+    defaults = DATASETS[args.dataset]
+    recipe = dict(defaults["recipe"], epochs=args.epochs or defaults["recipe"]["epochs"])
+    strategies = args.strategies.split(",") if args.strategies else defaults["strategies"]
+    for regime in (list(defaults["regimes"]) if args.regime == "all" else [args.regime]):
+        factor = args.imbalance_factor if regime == "imbalanced" else None
+        spec = regime_spec(args.dataset, regime, args.cycles, imbalance_factor=factor)
+        run_regime(regime, args.seeds or defaults["seeds"], None, strategies, args.out, args.processes, recipe,
+                   args.dataset, spec, args.data_dir, args.first_seed)
 
 
 if __name__ == "__main__":
