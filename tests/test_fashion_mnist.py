@@ -119,7 +119,7 @@ def test_subset_candidates_are_a_fresh_subset_of_the_unlabeled_rows():
 
 def test_tiny_fashion_protocol_runs_and_reports(fashion_dir, tmp_path):
     spec = dict(al_quality.FASHION_REGIMES["cold"], initial=10, k=6, cycles=2, subset=15)
-    recipe = dict(al_quality.FASHION_RECIPE, epochs=2)
+    recipe = dict(al_quality.FASHION_RECIPE, steps=2)
     strategies = ["tidal-entropy", "random", "entropy", "tidal-entropy-subset10k"]
     out = tmp_path / "results"
     result = al_quality.run_regime("cold", seeds=1, cycles=None, strategies=strategies, out_dir=str(out),
@@ -144,3 +144,9 @@ def test_tiny_fashion_protocol_runs_and_reports(fashion_dir, tmp_path):
     assert "| tidal-entropy-subset10k |" in text and "tidal-entropy − random" in text
     assert (out / "fashion-mnist-cold.png").stat().st_size > 1000
     assert "Fashion-MNIST, cold" in al_quality.readme_section(str(out))
+
+
+def test_step_recipe_sets_epochs_from_the_labeled_size():
+    recipe = al_quality.FASHION_RECIPE
+    assert [al_quality.epochs_for(n, recipe) for n in (200, 1000, 6000)] == [75, 19, 4]
+    assert al_quality.epochs_for(500, al_quality.RECIPE) == 60
