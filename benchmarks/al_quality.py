@@ -221,9 +221,13 @@ def run_seed(dataset: str, regime: str, strategies: list[str], seed: int, spec: 
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         def fit(rows, cycle, name):
+            started = time.perf_counter()
             net, session = train(data, np.array(rows), recipe, seed * 1000 + cycle)
             scorer = BatchScorer(save_checkpoint(session.last_state, os.path.join(tmp, name)), seed=seed)
-            return test_accuracy(net, data), session.history[-1]["kl"], scorer
+            accuracy = test_accuracy(net, data)
+            print(f"  seed {seed} {name}: {len(rows)} labels, accuracy {accuracy:.4f}, "
+                  f"trained and tested in {time.perf_counter() - started:.0f} s", flush=True)
+            return accuracy, session.history[-1]["kl"], scorer
 
         first = fit(initial, 0, "c0")
         full_pass = None
@@ -253,6 +257,7 @@ def run_seed(dataset: str, regime: str, strategies: list[str], seed: int, spec: 
                         full_pass = (scored, time.perf_counter() - started)
                 chosen = top_k(scored, column, spec["k"])
                 seconds = time.perf_counter() - started
+                print(f"  seed {seed} {strategy} cycle {cycle}: scored {len(rows)} rows in {seconds:.1f} s", flush=True)
                 mean_score = float(scored[column][np.isin(scored["id"], chosen)].mean())
                 record["selected_class_counts"].append(
                     np.bincount(data["labels"][chosen], minlength=data["classes"]).tolist())
