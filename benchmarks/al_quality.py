@@ -270,6 +270,34 @@ def run_seed(dataset: str, regime: str, strategies: list[str], seed: int, spec: 
     return records
 
 
+# ---- the recipe check: on the pool only ------------------------------------------------------
+
+
+def recipe_check(trials: list[tuple[int, dict]], data_dir: str | None = None, validation: int = 5000,
+                 seed: int = 1234) -> list[dict]:
+    """Pool-split accuracy of each ``(labeled size, recipe)``: train on that many random
+    training-set images, measure on ``validation`` other training-set images. The
+    Fashion-MNIST test split is never loaded."""
+    import torch
+
+    from tidal_ray import datasets
+
+    torch.set_num_threads(1)
+    ids, pixels, labels = datasets.load_fashion_mnist("train", data_dir)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    data = {"ids": ids, "pixels": pixels, "labels": labels, "test": np.sort(order[:validation]),
+            "shape": datasets.FASHION_MNIST_SHAPE, "classes": datasets.FASHION_MNIST_CLASSES}
+    out = []
+    for size, recipe in trials:
+        started = time.perf_counter()
+        net, session = train(data, np.sort(order[validation:validation + size]), recipe, seed=7)
+        out.append({"labeled": size, "epochs": epochs_for(size, recipe), "recipe": recipe,
+                    "pool_validation_accuracy": test_accuracy(net, data),
+                    "seconds": time.perf_counter() - started, "td_kl": session.history[-1]["kl"]})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 # ---- summaries and reports -----------------------------------------------------------------
 
 
@@ -479,11 +507,19 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="fashion-mnist: the directory of its idx files")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--readme", action="store_true", help="print the README text from the results, run nothing")
+    parser.add_argument("--recipe-check", default=None, metavar="SIZE:STEPS,...",
+                        help="fashion-mnist: pool-split accuracy of the recipe at these labeled sizes and step "
+                             "counts (e.g. 200:300,6000:300), then exit")
     args = parser.parse_args()
     if args.readme:
         print(readme_section(args.out, args.dataset))
         return
     defaults = DATASETS[args.dataset]
+    if args.recipe_check:
+        trials = [(int(size), dict(defaults["recipe"], steps=int(steps)))
+                  for size, steps in (t.split(":") for t in args.recipe_check.split(","))]
+        recipe_check(trials, args.data_dir)
+        return
     recipe = dict(defaults["recipe"])
     for key in ("epochs", "steps"):
         if getattr(args, key) is not None:

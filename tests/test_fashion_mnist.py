@@ -150,3 +150,11 @@ def test_step_recipe_sets_epochs_from_the_labeled_size():
     recipe = al_quality.FASHION_RECIPE
     assert [al_quality.epochs_for(n, recipe) for n in (200, 1000, 6000)] == [75, 19, 4]
     assert al_quality.epochs_for(500, al_quality.RECIPE) == 60
+
+
+def test_recipe_check_reads_the_pool_only(fashion_dir):
+    (fashion_dir / "t10k-images-idx3-ubyte.gz").unlink()  # the test split must not be needed
+    [trial] = al_quality.recipe_check([(10, dict(al_quality.FASHION_RECIPE, steps=2))], str(fashion_dir),
+                                      validation=20)
+    assert trial["labeled"] == 10 and trial["epochs"] == 2
+    assert 0.0 <= trial["pool_validation_accuracy"] <= 1.0
