@@ -470,15 +470,32 @@ def write_outputs(dataset: str, regime: str, spec: dict, recipe: dict, records: 
     return result
 
 
+def earlier_runs(out_dir: str, dataset: str, regime: str, spec: dict, recipe: dict,
+                 seeds: list[int]) -> tuple[list[dict], float]:
+    """Runs of other seeds already in the result file, and the seconds they took."""
+    path = os.path.join(out_dir, result_stem(dataset, regime) + ".json")
+    if not os.path.exists(path):
+        return [], 0.0
+    with open(path) as f:
+        old = json.load(f)
+    same = json.loads(json.dumps([spec, recipe]))
+    if [old["spec"], old["recipe"]] != same:
+        raise ValueError(f"{path} was made with another spec or recipe; refusing to mix seeds")
+    return [r for r in old["runs"] if r["seed"] not in seeds], float(old["seconds"])
+
+
 def run_regime(regime: str, seeds: int, cycles: int | None, strategies: list[str], out_dir: str,
                processes: int = 2, recipe: dict | None = None, dataset: str = "digits",
-               spec: dict | None = None, data_dir: str | None = None, first_seed: int = 0) -> dict:
-    """Runs seeds ``first_seed .. first_seed + seeds - 1``; rewrites the outputs after each seed."""
+               spec: dict | None = None, data_dir: str | None = None, first_seed: int = 0,
+               add_seeds: bool = False) -> dict:
+    """Runs seeds ``first_seed .. first_seed + seeds - 1``; rewrites the outputs after each seed.
+    With ``add_seeds``, the other seeds of an existing result of the same spec and recipe stay."""
     recipe = recipe or DATASETS[dataset]["recipe"]
     spec = spec or regime_spec(dataset, regime, cycles)
-    started = time.perf_counter()
     seed_list = list(range(first_seed, first_seed + seeds))
-    records: list[dict] = []
+    records, earlier_seconds = (earlier_runs(out_dir, dataset, regime, spec, recipe, seed_list)
+                                if add_seeds else ([], 0.0))
+    started = time.perf_counter() - earlier_seconds
     result = {}
     with ProcessPoolExecutor(max_workers=processes) as pool:
         jobs = [pool.submit(run_seed, dataset, regime, strategies, seed, spec, recipe, data_dir) for seed in seed_list]
@@ -498,6 +515,8 @@ def main() -> None:
     parser.add_argument("--regime", choices=list(REGIMES) + ["all"], default="all")
     parser.add_argument("--seeds", type=int, default=None, help="default: 5 for digits, 3 for fashion-mnist")
     parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--add-seeds", action="store_true",
+                        help="keep the other seeds already in the result file (same spec and recipe)")
     parser.add_argument("--cycles", type=int, default=None, help="default: the regime's (digits: 10)")
     parser.add_argument("--strategies", default=None, help="comma-separated; default: the dataset's list")
     parser.add_argument("--processes", type=int, default=2)
@@ -529,7 +548,7 @@ def main() -> None:
         factor = args.imbalance_factor if regime == "imbalanced" else None
         spec = regime_spec(args.dataset, regime, args.cycles, imbalance_factor=factor)
         run_regime(regime, args.seeds or defaults["seeds"], None, strategies, args.out, args.processes, recipe,
-                   args.dataset, spec, args.data_dir, args.first_seed)
+                   args.dataset, spec, args.data_dir, args.first_seed, args.add_seeds)
 
 
 if __name__ == "__main__":

@@ -144,6 +144,15 @@ def test_tiny_fashion_protocol_runs_and_reports(fashion_dir, tmp_path):
     assert "| tidal-entropy-subset10k |" in text and "tidal-entropy − random" in text
     assert (out / "fashion-mnist-cold.png").stat().st_size > 1000
     assert "Fashion-MNIST, cold" in al_quality.readme_section(str(out))
+    # a later seed joins the same file
+    more = al_quality.run_regime("cold", seeds=1, cycles=None, strategies=["random"], out_dir=str(out),
+                                 processes=1, recipe=recipe, dataset="fashion-mnist", spec=spec,
+                                 data_dir=str(fashion_dir), first_seed=1, add_seeds=True)
+    assert more["seeds"] == 2 and len(more["summary"]["random"]["auc_per_seed"]) == 2
+    with pytest.raises(ValueError, match="another spec or recipe"):
+        al_quality.run_regime("cold", seeds=1, cycles=None, strategies=["random"], out_dir=str(out),
+                              processes=1, recipe=dict(recipe, steps=3), dataset="fashion-mnist", spec=spec,
+                              data_dir=str(fashion_dir), first_seed=2, add_seeds=True)
 
 
 def test_step_recipe_sets_epochs_from_the_labeled_size():
