@@ -72,8 +72,8 @@ DATASETS = {
     "fashion-mnist": {"regimes": FASHION_REGIMES, "strategies": FASHION_STRATEGIES, "recipe": FASHION_RECIPE,
                       "seeds": 3},
 }
-SCORE_CHUNK = 256
-EVAL_CHUNK = 1000
+SCORE_CHUNK = 128  # CPU convolutions here ran fastest at small batches (64: 1,625 rows/s, 1024: 800)
+EVAL_CHUNK = 128
 
 
 def result_stem(dataset: str, regime: str) -> str:
@@ -412,6 +412,7 @@ def fashion_markdown(result: dict, heading: str = "###", plot_path: str | None =
     for s in ranked:
         counts = np.sum([np.sum(r["selected_class_counts"], axis=0) for r in per[s]], axis=0)
         lines.append(f"| {s} | " + " | ".join(str(int(c)) for c in counts) + f" | {counts.min() / max(counts.max(), 1):.2f} |")
+    lines += ["", "min/max: the rarest selected class's count over the commonest's (1 = even).", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -451,6 +452,7 @@ def plot(title: str, records: list[dict], summary: dict, path: str) -> None:
 
 def write_outputs(dataset: str, regime: str, spec: dict, recipe: dict, records: list[dict], strategies: list[str],
                   seconds: float, out_dir: str) -> dict:
+    strategies = list(dict.fromkeys([*strategies, *(r["strategy"] for r in records)]))  # earlier seeds' too
     summary = summarize(records, strategies)
     seeds = len({r["seed"] for r in records})
     result = {"dataset": dataset, "regime": regime, "spec": spec, "recipe": recipe, "seeds": seeds,

@@ -149,6 +149,7 @@ def test_tiny_fashion_protocol_runs_and_reports(fashion_dir, tmp_path):
                                  processes=1, recipe=recipe, dataset="fashion-mnist", spec=spec,
                                  data_dir=str(fashion_dir), first_seed=1, add_seeds=True)
     assert more["seeds"] == 2 and len(more["summary"]["random"]["auc_per_seed"]) == 2
+    assert more["summary"].keys() == set(strategies) and len(more["summary"]["entropy"]["auc_per_seed"]) == 1
     with pytest.raises(ValueError, match="another spec or recipe"):
         al_quality.run_regime("cold", seeds=1, cycles=None, strategies=["random"], out_dir=str(out),
                               processes=1, recipe=dict(recipe, steps=3), dataset="fashion-mnist", spec=spec,
