@@ -464,12 +464,21 @@ def write_outputs(dataset: str, regime: str, spec: dict, recipe: dict, records: 
     os.makedirs(out_dir, exist_ok=True)
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
-    text = markdown(regime, records, summary, seeds, seconds) if dataset == "digits" else fashion_markdown(result)
+    render(result, stem)
+    return result
+
+
+def render(result: dict, stem: str) -> None:
+    """``<stem>.md`` and ``<stem>.png`` from a result."""
+    dataset, regime, records = result.get("dataset", "digits"), result["regime"], result["runs"]
+    if dataset == "digits":
+        text = markdown(regime, records, result["summary"], result["seeds"], result["seconds"])
+    else:
+        text = fashion_markdown(result)
     with open(stem + ".md", "w") as f:
         f.write(text)
-    plot(f"{dataset}, {regime} ({seeds} seeds)" if dataset != "digits" else f"digits, {regime}",
-         records, summary, stem + ".png")
-    return result
+    title = f"digits, {regime}" if dataset == "digits" else f"{dataset}, {regime} ({result['seeds']} seed(s))"
+    plot(title, records, result["summary"], stem + ".png")
 
 
 def earlier_runs(out_dir: str, dataset: str, regime: str, spec: dict, recipe: dict,
@@ -528,12 +537,20 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="fashion-mnist: the directory of its idx files")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--readme", action="store_true", help="print the README text from the results, run nothing")
+    parser.add_argument("--render", action="store_true", help="rewrite the .md and .png from the JSON, run nothing")
     parser.add_argument("--recipe-check", default=None, metavar="SIZE:STEPS,...",
                         help="fashion-mnist: pool-split accuracy of the recipe at these labeled sizes and step "
                              "counts (e.g. 200:300,6000:300), then exit")
     args = parser.parse_args()
     if args.readme:
         print(readme_section(args.out, args.dataset))
+        return
+    if args.render:
+        for regime in (list(DATASETS[args.dataset]["regimes"]) if args.regime == "all" else [args.regime]):
+            stem = os.path.join(args.out, result_stem(args.dataset, regime))
+            if os.path.exists(stem + ".json"):
+                with open(stem + ".json") as f:
+                    render(json.load(f), stem)
         return
     defaults = DATASETS[args.dataset]
     if args.recipe_check:
