@@ -140,6 +140,7 @@ def test_tiny_fashion_protocol_runs_and_reports(fashion_dir, tmp_path):
     assert len({r["accuracy"][0] for r in runs.values()}) == 1
     assert [d["pair"] for d in result["paired_differences"]] == [
         "tidal-entropy − random", "tidal-entropy − entropy", "tidal-entropy − tidal-entropy-subset10k"]
+    assert all(d["seeds"] == [0] for d in result["paired_differences"])
     text = (out / "fashion-mnist-cold.md").read_text()
     assert "| tidal-entropy-subset10k |" in text and "tidal-entropy − random" in text
     assert (out / "fashion-mnist-cold.png").stat().st_size > 1000
@@ -150,6 +151,9 @@ def test_tiny_fashion_protocol_runs_and_reports(fashion_dir, tmp_path):
                                  data_dir=str(fashion_dir), first_seed=1, add_seeds=True)
     assert more["seeds"] == 2 and len(more["summary"]["random"]["auc_per_seed"]) == 2
     assert more["summary"].keys() == set(strategies) and len(more["summary"]["entropy"]["auc_per_seed"]) == 1
+    assert more["summary"]["random"]["seeds"] == [0, 1]
+    # only pairs with both strategies run on a seed are differenced
+    assert {tuple(d["seeds"]) for d in more["paired_differences"]} == {(0,)}
     with pytest.raises(ValueError, match="another spec or recipe"):
         al_quality.run_regime("cold", seeds=1, cycles=None, strategies=["random"], out_dir=str(out),
                               processes=1, recipe=dict(recipe, steps=3), dataset="fashion-mnist", spec=spec,
