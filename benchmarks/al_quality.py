@@ -513,6 +513,18 @@ def earlier_runs(out_dir: str, dataset: str, regime: str, spec: dict, recipe: di
     return kept, float(old["seconds"])
 
 
+def merge_results(out_dir: str, dataset: str, regime: str, other_path: str) -> dict:
+    """Adds the runs of another result file of the same spec and recipe (e.g. a strategy run by
+    a separate process) to ``out_dir``'s; a (seed, strategy) already there is kept."""
+    with open(other_path) as f:
+        other = json.load(f)
+    runs, seconds = earlier_runs(out_dir, dataset, regime, other["spec"], other["recipe"], [], [])
+    have = {(r["seed"], r["strategy"]) for r in runs}
+    runs += [r for r in other["runs"] if (r["seed"], r["strategy"]) not in have]
+    return write_outputs(dataset, regime, other["spec"], other["recipe"], runs, [], seconds + other["seconds"],
+                         out_dir)
+
+
 def run_regime(regime: str, seeds: int, cycles: int | None, strategies: list[str], out_dir: str,
                processes: int = 2, recipe: dict | None = None, dataset: str = "digits",
                spec: dict | None = None, data_dir: str | None = None, first_seed: int = 0,
@@ -568,12 +580,17 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--readme", action="store_true", help="print the README text from the results, run nothing")
     parser.add_argument("--render", action="store_true", help="rewrite the .md and .png from the JSON, run nothing")
+    parser.add_argument("--merge", default=None, metavar="RESULT_JSON",
+                        help="add the runs of another result file of the same regime, spec and recipe, run nothing")
     parser.add_argument("--recipe-check", default=None, metavar="SIZE:STEPS,...",
                         help="fashion-mnist: pool-split accuracy of the recipe at these labeled sizes and step "
                              "counts (e.g. 200:300,6000:300), then exit")
     args = parser.parse_args()
     if args.readme:
         print(readme_section(args.out, args.dataset))
+        return
+    if args.merge:
+        merge_results(args.out, args.dataset, args.regime, args.merge)
         return
     if args.render:
         for regime in (list(DATASETS[args.dataset]["regimes"]) if args.regime == "all" else [args.regime]):

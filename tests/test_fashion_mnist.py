@@ -154,6 +154,13 @@ def test_tiny_fashion_protocol_runs_and_reports(fashion_dir, tmp_path):
     assert more["summary"]["random"]["seeds"] == [0, 1]
     # only pairs with both strategies run on a seed are differenced
     assert {tuple(d["seeds"]) for d in more["paired_differences"]} == {(0,)}
+    # runs made elsewhere (another process, another output dir) merge in
+    elsewhere = al_quality.run_regime("cold", seeds=1, cycles=None, strategies=["margin"], out_dir=str(tmp_path / "x"),
+                                      processes=1, recipe=recipe, dataset="fashion-mnist", spec=spec,
+                                      data_dir=str(fashion_dir))
+    merged = al_quality.merge_results(str(out), "fashion-mnist", "cold", str(tmp_path / "x" / "fashion-mnist-cold.json"))
+    assert merged["summary"]["margin"]["seeds"] == [0] and merged["summary"]["random"]["seeds"] == [0, 1]
+    assert merged["seconds"] == pytest.approx(more["seconds"] + elsewhere["seconds"])
     with pytest.raises(ValueError, match="another spec or recipe"):
         al_quality.run_regime("cold", seeds=1, cycles=None, strategies=["random"], out_dir=str(out),
                               processes=1, recipe=dict(recipe, steps=3), dataset="fashion-mnist", spec=spec,
