@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench clean fashion-mnist
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,17 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+
+# Fashion-MNIST's original idx files under /usr/share/datasets/fashion-mnist (Debian/Ubuntu).
+fashion-mnist:
+	@if command -v apt-get >/dev/null 2>&1; then \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y dataset-fashion-mnist; \
+	else \
+		echo "no apt-get here: download the four *-ubyte.gz files of Fashion-MNIST"; \
+		echo "(github.com/zalandoresearch/fashion-mnist, data/fashion) into a directory and pass it"; \
+		echo "as --data-dir to make-pool, or set TIDAL_RAY_FASHION_MNIST_DIR"; \
+		exit 1; \
+	fi
 
 clean:
 	rm -rf $(VENV)

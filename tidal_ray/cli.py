@@ -53,7 +53,7 @@ def cmd_make_pool(args):
     from .make_pool import make_pool
 
     files = make_pool(args.out, source=args.source, rows=args.rows, fmt=args.fmt, shards=args.shards,
-                      seed=args.seed, shape=args.shape, num_classes=args.num_classes)
+                      seed=args.seed, shape=args.shape, num_classes=args.num_classes, data_dir=args.data_dir)
     print(f"wrote {len(files)} file(s) under {args.out}")
 
 
@@ -196,12 +196,14 @@ def add_make_pool_parser(sub) -> None:
     from .make_pool import DEFAULT_SYNTHETIC_ROWS, SOURCES
     from .pool import FORMATS
 
-    p = sub.add_parser("make-pool", help="write a digits or synthetic pool (any format, sharded, local or s3://)")
+    p = sub.add_parser("make-pool", help="write a digits, Fashion-MNIST or synthetic pool (any format, sharded, local or s3://)")
     p.add_argument("out", metavar="OUT", help="where to write the pool (local dir or s3://bucket/prefix)")
     p.add_argument("--source", required=True, choices=SOURCES,
-                   help="digits: the real scikit-learn digits; synthetic: class-conditional random data")
+                   help="digits: the real scikit-learn digits; fashion-mnist: its 60,000 training "
+                        "images; synthetic: class-conditional random data")
     p.add_argument("--rows", type=int, default=None,
-                   help=f"rows to write (digits: at most 1797; synthetic default {DEFAULT_SYNTHETIC_ROWS})")
+                   help=f"rows to write (digits: at most 1797; fashion-mnist: at most 60000; "
+                        f"synthetic default {DEFAULT_SYNTHETIC_ROWS})")
     p.add_argument("--format", dest="fmt", default="pixels", choices=FORMATS,
                    help="pixels (raw uint8), image (PNG bytes), features (float vectors) in parquet, "
                         "or files (one PNG per row under OUT)")
@@ -209,6 +211,9 @@ def add_make_pool_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", default="3x32x32", help="synthetic only: one row's shape, e.g. 1x8x8")
     p.add_argument("--num-classes", type=int, default=10, help="synthetic only")
+    p.add_argument("--data-dir", default=None,
+                   help="fashion-mnist only: the directory of its idx files "
+                        "(default $TIDAL_RAY_FASHION_MNIST_DIR or /usr/share/datasets/fashion-mnist)")
     p.set_defaults(run=cmd_make_pool)
 
 

@@ -1,5 +1,5 @@
-"""Write pools for tests, benchmarks and users: the real scikit-learn digits, or
-class-conditional synthetic data of any size, in any pool format (DESIGN §2)."""
+"""Write pools for tests, benchmarks and users: the real scikit-learn digits, the
+60,000 Fashion-MNIST training images, or class-conditional synthetic data of any size, in any pool format (DESIGN §2)."""
 from __future__ import annotations
 
 import io
@@ -13,19 +13,25 @@ from .decode import format_shape, parse_shape
 from .errors import BadInput
 from .pool import CLASSES_KEY, FORMATS, SHAPE_KEY
 
-SOURCES = ("digits", "synthetic")
+SOURCES = ("digits", "fashion-mnist", "synthetic")
+REAL_SOURCES = ("digits", "fashion-mnist")
 DEFAULT_SYNTHETIC_ROWS = 10_000
 
 
-def _digits(rows: int | None):
-    from .datasets import DIGITS_CLASSES, DIGITS_SHAPE, load_digits
+def _real(source: str, rows: int | None, data_dir: str | None):
+    """``(ids, pixels, labels, shape, num_classes)`` of a real data set, the first ``rows``."""
+    from . import datasets
 
-    ids, pixels, labels = load_digits()
+    if source == "digits":
+        (ids, pixels, labels), shape, classes = datasets.load_digits(), datasets.DIGITS_SHAPE, datasets.DIGITS_CLASSES
+    else:
+        (ids, pixels, labels) = datasets.load_fashion_mnist("train", data_dir)
+        shape, classes = datasets.FASHION_MNIST_SHAPE, datasets.FASHION_MNIST_CLASSES
     if rows is not None:
         if rows > len(ids):
-            raise BadInput(f"--rows {rows}: the digits source has only {len(ids)} rows")
+            raise BadInput(f"--rows {rows}: the {source} source has only {len(ids)} rows")
         ids, pixels, labels = ids[:rows], pixels[:rows], labels[:rows]
-    return ids, pixels, labels, DIGITS_SHAPE, DIGITS_CLASSES
+    return ids, pixels, labels, shape, classes
 
 
 def synthetic_rows(ids: np.ndarray, shape, num_classes: int, seed: int):
@@ -75,13 +81,16 @@ def pool_table(fmt: str, ids, pixels, labels, shape, num_classes: int, source: s
 
 
 def make_pool(out_uri: str, source: str = "digits", rows: int | None = None, fmt: str = "pixels",
-              shards: int = 1, seed: int = 0, shape=(3, 32, 32), num_classes: int = 10) -> list[str]:
+              shards: int = 1, seed: int = 0, shape=(3, 32, 32), num_classes: int = 10,
+              data_dir: str | None = None) -> list[str]:
     """Write a pool under ``out_uri`` (local dir or ``s3://``); returns the written files.
 
     ``fmt``: ``pixels`` | ``image`` | ``features`` (parquet ``part-00000.parquet`` ...
     with ``id``, the data column and ``label``) or ``files`` (one PNG per row, the id
     being the key under the prefix; such pools carry no labels). ``digits`` is the real
-    scikit-learn digits (1x8x8, 10 classes; ``shape`` and ``num_classes`` are ignored)."""
+    scikit-learn digits (1x8x8, 10 classes; ``shape`` and ``num_classes`` are ignored);
+    ``fashion-mnist`` the 60,000 training images (1x28x28, 10 classes) read from
+    ``data_dir`` (default: see ``datasets.load_fashion_mnist``)."""
     if source not in SOURCES:
         raise BadInput(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
     if fmt not in FORMATS:
@@ -91,8 +100,8 @@ def make_pool(out_uri: str, source: str = "digits", rows: int | None = None, fmt
     if storage.exists(out_uri) and storage.list_files(out_uri):
         raise BadInput(f"{out_uri} already holds files; write a pool to an empty prefix")
 
-    if source == "digits":
-        ids, pixels, labels, shape, num_classes = _digits(rows)
+    if source in REAL_SOURCES:
+        ids, pixels, labels, shape, num_classes = _real(source, rows, data_dir)
         total = len(ids)
     else:
         shape = parse_shape(shape) if isinstance(shape, str) else tuple(int(d) for d in shape)
@@ -104,7 +113,7 @@ def make_pool(out_uri: str, source: str = "digits", rows: int | None = None, fmt
     written: list[str] = []
     for shard, (start, stop) in enumerate(zip(bounds, bounds[1:])):
         shard_ids = np.arange(start, stop, dtype=np.int64)
-        if source == "digits":
+        if source in REAL_SOURCES:
             shard_pixels, shard_labels = pixels[start:stop], labels[start:stop]
         else:
             shard_pixels, shard_labels = synthetic_rows(shard_ids, shape, num_classes, seed)
