@@ -12,7 +12,7 @@ In one run, on the same machine:
   the first row reaching the driver to the last, with the start-up (plan, actors,
   checkpoint load, first block) reported beside it; ``ray.init`` is not counted;
 - driver ingest ceiling: rows/s that ``reduce.Reduction.add`` alone absorbs, fed
-  synthetic scorer batches of one block each.
+  synthetic scorer batches of one block each, Arrow tables as the pipeline delivers them.
 Prints figures and ratios; writes benchmarks/out/score_overhead.json.
 
 This process and Ray's workers (``RAY_worker_niceness``, 15 by default) run at the same
@@ -74,9 +74,10 @@ def ingest_ceiling(rows: int, block_rows: int, k: int = 100) -> float:
     batches = []
     for start in range(0, min(rows, 64 * block_rows), block_rows):
         n = min(block_rows, rows - start)
-        batches.append({"id": np.arange(start, start + n, dtype=np.int64), "file": np.zeros(n, np.int32),
-                        "row": np.arange(start, start + n, dtype=np.int64), "reason": np.full(n, "", dtype=str),
-                        "predicted_class": rng.integers(0, CLASSES, n), STRATEGY: rng.random(n)})
+        batches.append(pa.table({"id": np.arange(start, start + n, dtype=np.int64), "file": np.zeros(n, np.int32),
+                                 "row": np.arange(start, start + n, dtype=np.int64),
+                                 "reason": pa.array(np.full(n, "", dtype="U1"), pa.string()),
+                                 "predicted_class": rng.integers(0, CLASSES, n), STRATEGY: rng.random(n)}))
     reduction = Reduction(k, STRATEGY, CLASSES, pa.int64(), np.array([3, 7], np.int64), lambda f, i: "pool")
     fed = 0
     started = time.perf_counter()
@@ -153,7 +154,7 @@ def main() -> None:
 
     after = model_only(net, x, args.batch_size)
     print(f"model only (after): {after:,.0f} rows/s", flush=True)
-    ingest = ingest_ceiling(args.rows, 8 * args.batch_size)
+    ingest = ingest_ceiling(args.rows, 50 * args.batch_size)  # about the pipeline's block for 64-d features
     print(f"driver ingest ceiling (Reduction.add alone): {ingest:,.0f} rows/s", flush=True)
 
     reference = (before + after) / 2

@@ -10,8 +10,8 @@ from PIL import Image
 
 from tidal_ray.datasets import load_digits
 from tidal_ray.make_pool import make_pool
-from tidal_ray.decode import (NOT_FINITE, NULL_ID, UNDECODABLE, WRONG_LENGTH, decode_batch,
-                              stream_batch)
+from tidal_ray.decode import (NOT_FINITE, NULL_ID, UNDECODABLE, WRONG_LENGTH, decode_batch, is_decoded,
+                              stream_batch, tensor_rows)
 from tidal_ray.loader import load_rows, pool_has_ids
 from tidal_ray.pool import SHAPE_KEY, check_compatible, describe_pool, is_image_prefix
 
@@ -183,10 +183,12 @@ def test_decode_rejects_every_kind_of_bad_row(tmp_path):
     assert good["id"].tolist() == [1, 3] and int(good["x"][0, 0, 0, 0]) == 7 and (good["x"][1] == 9).all()
     assert rejects["reason"].tolist() == [UNDECODABLE, UNDECODABLE]
 
-    # One stream batch for Ray Data: rejects keep a filled id and zero inputs.
+    # One stream batch (an Arrow table) for the scorer: rejects keep a filled id and zero inputs.
     batch = stream_batch(good, rejects, (1, 8, 8), np.uint8)
-    assert batch["id"].tolist() == [1, 3, 2, 4] and batch["reason"].tolist()[:2] == ["", ""]
-    assert batch["x"].shape == (4, 1, 8, 8) and batch["x"][2:].max() == 0
+    assert batch["id"].to_pylist() == [1, 3, 2, 4] and batch["reason"].to_pylist()[:2] == ["", ""]
+    assert is_decoded(batch["reason"]).tolist() == [True, True, False, False]
+    x = tensor_rows(batch["x"], (1, 8, 8))
+    assert x.shape == (4, 1, 8, 8) and x[2:].max() == 0 and (x[:2] == good["x"]).all()
 
 
 def test_load_rows_skips_bad_rows_and_keeps_the_first_duplicate(tmp_path, capsys):

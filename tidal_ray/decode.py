@@ -29,6 +29,13 @@ def reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0]
 
 
+def is_decoded(reasons) -> np.ndarray:
+    """The rows whose ``reason`` is "" (decoded), of an Arrow or NumPy column, as a mask."""
+    if isinstance(reasons, (pa.Array, pa.ChunkedArray)):
+        return pc.equal(reasons, "").to_numpy(zero_copy_only=False)
+    return np.asarray(reasons) == ""
+
+
 def format_shape(shape) -> str:
     return "x".join(str(int(d)) for d in shape)
 
@@ -159,7 +166,9 @@ def _table(batch) -> pa.Table:
 def column_array(table: pa.Table, name: str) -> pa.Array:
     """One column as a single Arrow array."""
     col = table.column(name)
-    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if isinstance(col, pa.ChunkedArray):  # one chunk: no copy (combine_chunks would make one)
+        return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    return col
 
 
 def _contiguous_bytes(arr: pa.Array, row_bytes: int) -> np.ndarray:
@@ -260,39 +269,58 @@ def decode_batch(batch, spec, input_shape, file_index: dict[str, int] | None = N
             {"id": reject_ids, "file": files[bad], "reason": reasons[bad].astype(str)})
 
 
-def stream_batch(good: dict, rejects: dict, input_shape, dtype) -> dict:
-    """Good rows and rejects as one batch (for Ray Data): ``reason`` is "" for good rows,
-    rejects carry zero inputs and a filled id (0 or "") when theirs was null."""
+def tensor_column(x: np.ndarray) -> pa.FixedSizeListArray:
+    """Rows of a tensor batch as one Arrow column, each row its values flattened."""
+    x = np.ascontiguousarray(x)
+    width = int(np.prod(x.shape[1:]))
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), width)
+
+
+def tensor_rows(column, shape) -> np.ndarray:
+    """The inverse of ``tensor_column``: the values as an array of ``(rows, *shape)``,
+    without a copy where Arrow allows one."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    if not isinstance(column, pa.Array):  # already NumPy rows
+        return np.asarray(column)
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(len(column), *shape)
+
+
+def stream_batch(good: dict, rejects: dict, input_shape, dtype) -> pa.Table:
+    """Good rows and rejects as one Arrow table (for the scorer, in Ray Data or in
+    process): ``id``, ``x`` (``tensor_column``), ``file`` and ``reason`` ("" for good
+    rows); rejects carry zero inputs and a filled id (0 or "") when theirs was null.
+    An Arrow table, not NumPy: Ray Data converts NumPy batches to Arrow with per-row
+    Python work, which cost more than the model on a cheap one."""
     n_bad = len(rejects["id"])
-    if n_bad == 0:
-        return {"id": good["id"], "x": good["x"], "file": good["file"].astype(np.int32, copy=False),
-                "reason": np.full(len(good["id"]), "", dtype="U1")}
-    ids = good["id"]
-    fill = "" if ids.dtype.kind in "US" else 0
-    bad_ids = np.array([fill if i is None else i for i in rejects["id"]],
-                       dtype=ids.dtype if ids.dtype.kind not in "US" else str)
-    ids = np.concatenate([ids, bad_ids]) if len(ids) else bad_ids
-    x = good["x"]
-    x = np.concatenate([x, np.zeros((n_bad, *input_shape), dtype=x.dtype if len(x) else dtype)])
-    return {
-        "id": ids,
-        "x": x,
-        "file": np.concatenate([good["file"], rejects["file"]]).astype(np.int32),
-        "reason": np.concatenate([np.full(len(good["id"]), "", dtype="U1"), rejects["reason"].astype(str)]),
-    }
+    ids, x, files = good["id"], good["x"], good["file"].astype(np.int32, copy=False)
+    reasons = pa.array(np.full(len(ids), "", dtype="U1"), pa.string())
+    if n_bad:
+        fill = "" if ids.dtype.kind in "US" else 0
+        bad_ids = np.array([fill if i is None else i for i in rejects["id"]],
+                           dtype=ids.dtype if ids.dtype.kind not in "US" else str)
+        ids = np.concatenate([ids, bad_ids]) if len(ids) else bad_ids
+        x = np.concatenate([x, np.zeros((n_bad, *input_shape), dtype=x.dtype if len(x) else dtype)])
+        files = np.concatenate([files, rejects["file"]]).astype(np.int32)
+        reasons = pa.concat_arrays([reasons, pa.array(rejects["reason"].astype(str), pa.string())])
+    x = x.astype(dtype, copy=False).reshape(len(ids), *input_shape)
+    return pa.table({"id": pa.array(ids), "x": tensor_column(x), "file": pa.array(files), "reason": reasons})
 
 
 def input_dtype(spec):
     return np.float32 if spec.format == "features" else np.uint8
 
 
-def decode_for_scoring(batch, spec, input_shape, file_index: dict[str, int]) -> dict:
-    """Decode one read batch into the scorer's input: good rows and rejects in one batch.
-    A batch read by position (``read.py``) keeps its ``row`` column (rejects: -1)."""
+def decode_for_scoring(batch, spec, input_shape, file_index: dict[str, int]) -> pa.Table:
+    """Decode one read batch into the scorer's input: good rows and rejects in one table
+    (``stream_batch``). A batch read by position (``read.py``) keeps its ``row`` column
+    (rejects: -1)."""
     table = _table(batch)
     good, rejects = decode_batch(table, spec, input_shape, file_index)
     out = stream_batch(good, rejects, input_shape, input_dtype(spec))
     if "row" in table.column_names:
         rows = column_array(table, "row").to_numpy(zero_copy_only=False)
-        out["row"] = np.concatenate([rows[good["row"]], np.full(len(rejects["id"]), -1, dtype=np.int64)])
+        out = out.append_column("row", pa.array(
+            np.concatenate([rows[good["row"]], np.full(len(rejects["id"]), -1, dtype=np.int64)])))
     return out

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from . import ids as id_utils
 from . import storage
-from .decode import DUPLICATE_ID, NULL_ID, reason_kind
+from .decode import DUPLICATE_ID, NULL_ID, is_decoded, reason_kind
 from .topk import StreamingTopK, is_member
 
 PROGRESS_SECONDS = 5.0
@@ -106,17 +106,17 @@ class Reduction:
     def add(self, batch: dict) -> None:
         if self.finished:
             raise RuntimeError("Reduction.add after finish")
+        column = _numpy_columns(batch)
         ids = id_utils.to_numpy(batch["id"], self.id_type)
-        files = np.asarray(batch["file"])
-        reasons = np.asarray(batch["reason"])
+        files = column("file")
         self.rows_read += len(ids)
-        decoded = reasons == ""
+        decoded = is_decoded(batch["reason"])
         if not decoded.all():
-            self._reject(ids[~decoded], files[~decoded], reasons[~decoded])
-        columns = {name: np.asarray(batch[name]) for name in self.columns}
+            self._reject(ids[~decoded], files[~decoded], column("reason")[~decoded])
+        columns = {name: column(name) for name in self.columns}
         repeated = decoded & self.earliest.candidates(ids)
         if repeated.any():
-            rows = np.asarray(batch["row"])
+            rows = column("row")
             for i in np.flatnonzero(repeated):
                 payload = (ids[i], files[i], {name: values[i] for name, values in columns.items()})
                 lost = self.earliest.offer(ids[i].item(), (int(files[i]), int(rows[i])), payload)
@@ -191,6 +191,13 @@ class Reduction:
         return pa.table({"id": pa.array(self.reject_ids, self.id_type),
                          "file": pa.array(self.reject_files, pa.string()),
                          "reason": pa.array(self.reject_reasons, pa.string())})
+
+
+def _numpy_columns(batch):
+    """``column(name)``: a column of an Arrow table or a dict of columns, as NumPy."""
+    if isinstance(batch, pa.Table):
+        return lambda name: batch.column(name).to_numpy(zero_copy_only=False)
+    return lambda name: np.asarray(batch[name])
 
 
 class Progress:

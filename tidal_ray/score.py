@@ -31,7 +31,12 @@ from .uncertainty import STRATEGIES, check_strategy
 # resources, which would move decoding into the actors.
 ACTOR_CPU_STEPS = (0.5, 0.2, 0.1, 0.05)
 DECODE_CPUS = 0.25
-BLOCK_BATCHES = 8            # rows per block = this many scorer batches
+# Rows per block: whole scorer batches, about BLOCK_BYTES decoded, at most MAX_BLOCK_BATCHES
+# batches. Ray Data's costs are per block (tasks, object store, the executor's loop on the
+# driver): 8-batch blocks of 64-d features held the Ray pipeline to a third of what
+# 50-batch blocks give on 2 CPUs (benchmarks/score_overhead.py).
+BLOCK_BYTES = 16 << 20
+MAX_BLOCK_BATCHES = 64
 READ_BLOCK_BYTES = 64 << 20  # encoded bytes per read block (large images: fewer rows)
 SKIPPED_NAMES_SHOWN = 10     # skipped files named in selection.json (all are counted)
 
@@ -107,7 +112,14 @@ def _scorer_kwargs(plan: Plan, **extra) -> dict:
 
 
 def _block_rows(plan: Plan) -> int:
-    return BLOCK_BATCHES * plan.batch_size
+    batches = BLOCK_BYTES // (_row_bytes(plan) * plan.batch_size)
+    return plan.batch_size * int(min(MAX_BLOCK_BATCHES, max(1, batches)))
+
+
+def _row_bytes(plan: Plan) -> int:
+    """Decoded bytes of one row in a block."""
+    itemsize = 4 if plan.spec.format == "features" else 1
+    return int(np.prod(plan.input_shape)) * itemsize + 64  # + id, file, reason
 
 
 def score_batches_in_process(plan: Plan):
@@ -117,11 +129,6 @@ def score_batches_in_process(plan: Plan):
     for unit in arrival_order_for_tests(read_units(plan.spec, READ_BLOCK_BYTES)):
         for table in read_unit(unit, spec, _block_rows(plan), READ_BLOCK_BYTES):
             yield scorer(decode_for_scoring(table, spec, plan.input_shape, {}))
-
-
-def _row_bytes(plan: Plan) -> int:
-    itemsize = 4 if plan.spec.format == "features" else 1
-    return int(np.prod(plan.input_shape)) * itemsize + 64  # + id, file, reason
 
 
 def _cluster_shape(ray) -> tuple[float, float]:
@@ -167,14 +174,16 @@ def score_batches_on_ray(plan: Plan, use_gpu: bool | None = None):
                                    "max_bytes": READ_BLOCK_BYTES})
     ds = ds.map_batches(decode_for_scoring, batch_format="pyarrow", batch_size=None, num_cpus=DECODE_CPUS,
                         fn_kwargs={"spec": spec.slim(), "input_shape": plan.input_shape, "file_index": {}})
-    ds = ds.map_batches(BatchScorer, fn_constructor_kwargs=scorer, batch_size=plan.batch_size,
-                        batch_format="numpy", compute=ActorPoolStrategy(min_size=low, max_size=high),
+    # Whole blocks per call (the scorer steps through them ``batch_size`` rows at a time)
+    # and Arrow in and out: Ray Data's per-call and NumPy-to-Arrow costs are per row.
+    ds = ds.map_batches(BatchScorer, fn_constructor_kwargs=scorer, batch_size=_block_rows(plan),
+                        batch_format="pyarrow", compute=ActorPoolStrategy(min_size=low, max_size=high),
                         **actor_resources)
-    # Blocks of a few thousand rows rather than one per file: the actors pipeline with
-    # the reads and results reach the driver (and the progress line) as they are made.
+    # Blocks of _block_rows rather than one per file: the actors pipeline with the reads
+    # and results reach the driver (and the progress line) as they are made.
     ds.context.target_max_block_size = _block_rows(plan) * _row_bytes(plan)
     ds.context.execution_options.preserve_order = False  # any order: duplicates go by position
-    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
 def _versions() -> dict:

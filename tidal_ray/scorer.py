@@ -97,15 +97,21 @@ class BatchScorer:
             return self.strategies
         return tuple(s for s in STRATEGIES if s != "bald" or self.mc_samples > 0)
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch):
+        """``batch``: a dict of NumPy columns, or an Arrow table as ``decode.stream_batch``
+        makes it (the pipeline's form). Returns the same kind."""
+        import pyarrow as pa
+
+        from .decode import is_decoded, tensor_rows
         from .uncertainty import score
 
-        ids = np.asarray(batch["id"])
-        x = np.asarray(batch["x"])
+        arrow = isinstance(batch, pa.Table)
+        ids = batch.column("id").to_numpy(zero_copy_only=False) if arrow else np.asarray(batch["id"])
+        x = tensor_rows(batch.column("x"), self.input_shape) if arrow else np.asarray(batch["x"])
         if tuple(x.shape[1:]) != self.input_shape:
             raise BadInput(f"batch rows have shape {tuple(x.shape[1:])}, the checkpoint expects {self.input_shape}")
-        good = np.ones(len(ids), dtype=bool) if "reason" not in batch else (np.asarray(batch["reason"]) == "")
-        out = {"id": ids, **{k: np.asarray(batch[k]) for k in ("file", "row", "reason") if k in batch}}
+        names = batch.column_names if arrow else list(batch)
+        good = is_decoded(batch["reason"]) if "reason" in names else np.ones(len(ids), dtype=bool)
         predicted = np.full(len(ids), -1, dtype=np.int64)
         columns = {name: np.full(len(ids), np.nan) for name in self._names()}
         if good.any():
@@ -114,4 +120,9 @@ class BatchScorer:
             predicted[good] = scores["predicted_class"]
             for name in columns:
                 columns[name][good] = scores[name]
-        return {**out, "predicted_class": predicted, **columns}
+        passed = [k for k in ("id", "file", "row", "reason") if k in names]
+        if arrow:  # pass the input's columns through as they are
+            return pa.table({**{k: batch.column(k) for k in passed}, "predicted_class": pa.array(predicted),
+                             **{k: pa.array(v) for k, v in columns.items()}})
+        return {**{k: np.asarray(batch[k]) for k in passed}, "predicted_class": predicted, **columns}
+
