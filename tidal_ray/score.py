@@ -33,10 +33,13 @@ ACTOR_CPU_STEPS = (0.5, 0.2, 0.1, 0.05)
 DECODE_CPUS = 0.25
 # Rows per block: whole scorer batches, about BLOCK_BYTES decoded, at most MAX_BLOCK_BATCHES
 # batches. Ray Data's costs are per block (tasks, object store, the executor's loop on the
-# driver): 8-batch blocks of 64-d features held the Ray pipeline to a third of what
-# 50-batch blocks give on 2 CPUs (benchmarks/score_overhead.py).
+# driver): 8-batch blocks of 64-d features held the Ray pipeline to about half of what
+# 51-batch blocks gave on 2 CPUs (benchmarks/score_overhead.py).
+# A small pool still spreads over MIN_BLOCKS blocks, so that reading overlaps scoring
+# (one block of an expensive model's whole pool would score nothing until all is read).
 BLOCK_BYTES = 16 << 20
 MAX_BLOCK_BATCHES = 64
+MIN_BLOCKS = 8
 READ_BLOCK_BYTES = 64 << 20  # encoded bytes per read block (large images: fewer rows)
 SKIPPED_NAMES_SHOWN = 10     # skipped files named in selection.json (all are counted)
 
@@ -112,8 +115,9 @@ def _scorer_kwargs(plan: Plan, **extra) -> dict:
 
 
 def _block_rows(plan: Plan) -> int:
-    batches = BLOCK_BYTES // (_row_bytes(plan) * plan.batch_size)
-    return plan.batch_size * int(min(MAX_BLOCK_BATCHES, max(1, batches)))
+    by_bytes = BLOCK_BYTES // (_row_bytes(plan) * plan.batch_size)
+    by_pool = -(-plan.spec.rows // (MIN_BLOCKS * plan.batch_size))
+    return plan.batch_size * int(max(1, min(MAX_BLOCK_BATCHES, by_bytes, by_pool)))
 
 
 def _row_bytes(plan: Plan) -> int:
