@@ -353,6 +353,8 @@ def test_photos_user_model_and_labelers_end_to_end_on_s3(s3_bucket, tmp_path):
     assert summary["rows_scored"] + summary["rows_excluded"] == 204       # every good photo
     assert summary["files_skipped"] == 2
     assert sorted(n.rsplit("/", 1)[-1] for n in summary["files_skipped_names"]) == ["README.txt", "_SUCCESS"]
+    # a row per file: counted, not listed (a real prefix holds millions)
+    assert summary["pool"]["image_files"] == 205 and "files" not in summary["pool"]
     rejects = storage.read_parquet(f"{root}/cycles/000/rejects.parquet").to_pylist()
     assert [(r["id"], r["reason"]) for r in rejects] == [("broken.jpg", "undecodable image")]
     state = torch.load(io.BytesIO(storage.read_bytes(

@@ -190,6 +190,14 @@ def score_batches_on_ray(plan: Plan, use_gpu: bool | None = None):
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
+def _pool_files(spec: PoolSpec) -> dict:
+    """The pool's files for selection.json: each parquet file; for image files (a row
+    each, millions in a real pool) their count and bytes only."""
+    if spec.format == "files":
+        return {"image_files": len(spec.files), "image_bytes": int(sum(size for _, size in spec.files))}
+    return {"files": [{"uri": f, "size": s} for f, s in spec.files]}
+
+
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -253,7 +261,7 @@ def score_pool(checkpoint_uri, pool_uri, k, out_uri, strategy="tidal-entropy", e
         "per_class_quota": plan.per_class_quota, "seed": plan.seed,
         "checkpoint": checkpoint_uri,
         "pool": {"uri": pool_uri, "format": plan.spec.format, "input_shape": format_shape(plan.input_shape),
-                 "files": [{"uri": f, "size": s} for f, s in plan.spec.files]},
+                 **_pool_files(plan.spec)},
         **accounting,
         # Marker/hidden files and non-images under an image prefix: skipped, not rows.
         "files_skipped": len(plan.spec.skipped), "files_skipped_names": list(plan.spec.skipped[:SKIPPED_NAMES_SHOWN]),
