@@ -116,6 +116,33 @@ def _tail(path: Path, chars: int = 4000) -> str:
         return f"<{path}: {e}>"
 
 
+def _run_scenario(module: str, main: str, args: list[str], log: Path, result_path: Path, timeout: float,
+                  extra_env: dict | None = None) -> tuple[int | None, dict, str, list[int]]:
+    """Runs ``module.main(*args)`` in a fresh process with its own Ray test cluster
+    (``_cluster_env``), kills whatever it leaves, and returns (exit code or None on
+    timeout, the JSON it wrote to ``result_path``, details for a failure message, the
+    pids that had to be killed)."""
+    root = Path(tempfile.mkdtemp(prefix="trn-", dir="/tmp"))
+    marker = secrets.token_hex(8)
+    env = {**_cluster_env(str(root), secrets.token_hex(32), marker), **(extra_env or {})}
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import {module}; "
+            f"{module}.{main}(*sys.argv[1:])")
+    try:
+        with open(log, "wb") as handle:
+            proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, cwd=REPO, stdout=handle,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                rc = None
+    finally:
+        left = _kill_marked(marker)
+        shutil.rmtree(root, ignore_errors=True)
+    result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    details = f"exit {rc}\n--- result ---\n{json.dumps(result, indent=1)[-6000:]}\n--- log ---\n{_tail(log, 8000)}"
+    return rc, result, details, left
+
+
 def _make_checkpoint(path: Path, input_shape, epochs: int = 2) -> str:
     """A small trained checkpoint: digits for 1x8x8, class-conditional synthetic data otherwise."""
     from tidal_ray.checkpoint import save_checkpoint
@@ -496,26 +523,9 @@ def test_scoring_survives_a_worker_node_dying_mid_job(tmp_path):
     make_pool(str(pool), "synthetic", rows=POOL_ROWS, fmt="pixels", shards=6, shape=SHAPE, seed=1)
     checkpoint = _make_checkpoint(tmp_path / "checkpoint", SHAPE)
 
-    root = Path(tempfile.mkdtemp(prefix="trn-", dir="/tmp"))
-    marker = secrets.token_hex(8)
-    env = _cluster_env(str(root), secrets.token_hex(32), marker)
-    log = tmp_path / "node_failure.log"
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_cluster; "
-            f"test_cluster._node_failure_main(*sys.argv[1:])")
-    try:
-        with open(log, "wb") as handle:
-            proc = subprocess.Popen([sys.executable, "-c", code, str(pool), checkpoint, str(out), str(result_path)],
-                                    env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-            try:
-                rc = proc.wait(timeout=240)
-            except subprocess.TimeoutExpired:
-                rc = None
-    finally:
-        left = _kill_marked(marker)
-        shutil.rmtree(root, ignore_errors=True)
-    result = json.loads(result_path.read_text()) if result_path.exists() else {}
-    details = f"exit {rc}\n--- result ---\n{json.dumps(result, indent=1)[-6000:]}\n--- log ---\n{_tail(log, 8000)}"
+    rc, result, details, left = _run_scenario("test_cluster", "_node_failure_main",
+                                              [str(pool), checkpoint, str(out), str(result_path)],
+                                              tmp_path / "node_failure.log", result_path, timeout=240)
     assert rc == 0, details
     assert not left, f"test cluster processes survived teardown: {left}\n{details}"
 

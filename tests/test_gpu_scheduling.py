@@ -9,18 +9,13 @@ the GPU node advertises ``num_gpus=1`` and the test-only ``TIDAL_RAY_TEST_GPU_AS
 from __future__ import annotations
 
 import json
-import secrets
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from test_cluster import REPO, _cluster_env, _kill_marked, _make_checkpoint, _tail
+from test_cluster import _make_checkpoint, _run_scenario
 
 SHAPE = (1, 8, 8)
 K = 40
@@ -84,26 +79,10 @@ def test_use_gpu_scorer_waits_for_and_lands_on_a_gpu_node_that_joins_later(tmp_p
     make_pool(str(pool), "digits", shards=3)
     checkpoint = _make_checkpoint(tmp_path / "checkpoint", SHAPE, epochs=1)
 
-    root = Path(tempfile.mkdtemp(prefix="trn-gpu-", dir="/tmp"))
-    marker = secrets.token_hex(8)
-    env = {**_cluster_env(str(root), secrets.token_hex(32), marker), "TIDAL_RAY_TEST_GPU_AS_CPU": "1"}
-    log = tmp_path / "gpu.log"
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_gpu_scheduling; "
-            f"test_gpu_scheduling._gpu_main(*sys.argv[1:])")
-    try:
-        with open(log, "wb") as handle:
-            proc = subprocess.Popen([sys.executable, "-c", code, str(pool), checkpoint, str(out), str(result_path)],
-                                    env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-            try:
-                rc = proc.wait(timeout=480)
-            except subprocess.TimeoutExpired:
-                rc = None
-    finally:
-        left = _kill_marked(marker)
-        shutil.rmtree(root, ignore_errors=True)
-    result = json.loads(result_path.read_text()) if result_path.exists() else {}
-    details = f"exit {rc}\n--- result ---\n{json.dumps(result, indent=1)[-6000:]}\n--- log ---\n{_tail(log, 8000)}"
+    rc, result, details, left = _run_scenario("test_gpu_scheduling", "_gpu_main",
+                                              [str(pool), checkpoint, str(out), str(result_path)],
+                                              tmp_path / "gpu.log", result_path, timeout=480,
+                                              extra_env={"TIDAL_RAY_TEST_GPU_AS_CPU": "1"})
     assert rc == 0 and not left, details
     # Before the GPU node: a scorer actor exists but is not alive anywhere, and the job waits.
     assert result["before_gpu"] and all(a["state"] != "ALIVE" for a in result["before_gpu"]), details

@@ -8,7 +8,6 @@ rank (or dropped by a shard) counts exactly as many times as it was seen.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.distributed as dist
 

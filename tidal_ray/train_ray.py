@@ -204,7 +204,6 @@ def train_on_ray(config: TrainConfig, ids, labels, dataset, storage_uri: str, nu
     ids, labels = validate_labels(config, ids, labels, num_workers)
     if cpus_per_worker <= 0:
         raise BadInput(f"cpus per worker must be positive, got {cpus_per_worker}")
-    import ray
     from ray.data import RandomSeedConfig
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
