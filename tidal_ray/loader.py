@@ -100,9 +100,10 @@ def pool_has_ids(uri: str, candidates) -> set[str]:
         return {c for c in candidates if c in keys}
     value_set = id_utils.parse_keys(candidates, spec.id_type)
     found: set[str] = set()
-    for table in iter_tables(spec, ["id"]):
-        ids = column_array(table, "id").cast(spec.id_type)
-        found.update(str(v) for v in ids.filter(pc.is_in(ids, value_set=value_set)).to_pylist())
+    for uri, _ in spec.files:  # the id filter goes into the read: row groups it rules out are skipped
+        fs, path = storage.resolve(uri)
+        ids = pq.read_table(path, filesystem=fs, columns=["id"], filters=pc.field("id").isin(value_set)).column("id")
+        found.update(str(v) for v in ids.cast(spec.id_type).to_pylist())
     return {c for c in candidates if id_utils.key(c, spec.id_type) in found}
 
 
