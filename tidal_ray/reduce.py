@@ -103,20 +103,20 @@ class Reduction:
     def rows_rejected(self) -> int:
         return sum(self.rejects_by_reason.values())
 
-    def add(self, batch: dict) -> None:
+    def add(self, batch) -> None:
+        """One scorer output batch: an Arrow table (the pipeline's) or a dict of columns."""
         if self.finished:
             raise RuntimeError("Reduction.add after finish")
-        column = _numpy_columns(batch)
         ids = id_utils.to_numpy(batch["id"], self.id_type)
-        files = column("file")
+        files = _numpy(batch, "file")
         self.rows_read += len(ids)
         decoded = is_decoded(batch["reason"])
         if not decoded.all():
-            self._reject(ids[~decoded], files[~decoded], column("reason")[~decoded])
-        columns = {name: column(name) for name in self.columns}
+            self._reject(ids[~decoded], files[~decoded], _numpy(batch, "reason")[~decoded])
+        columns = {name: _numpy(batch, name) for name in self.columns}
         repeated = decoded & self.earliest.candidates(ids)
         if repeated.any():
-            rows = column("row")
+            rows = _numpy(batch, "row")
             for i in np.flatnonzero(repeated):
                 payload = (ids[i], files[i], {name: values[i] for name, values in columns.items()})
                 lost = self.earliest.offer(ids[i].item(), (int(files[i]), int(rows[i])), payload)
@@ -193,11 +193,11 @@ class Reduction:
                          "reason": pa.array(self.reject_reasons, pa.string())})
 
 
-def _numpy_columns(batch):
-    """``column(name)``: a column of an Arrow table or a dict of columns, as NumPy."""
-    if isinstance(batch, pa.Table):
-        return lambda name: batch.column(name).to_numpy(zero_copy_only=False)
-    return lambda name: np.asarray(batch[name])
+def _numpy(batch, name: str) -> np.ndarray:
+    """A column of an Arrow table or of a dict of columns, as NumPy."""
+    values = batch[name]
+    return values.to_numpy(zero_copy_only=False) if isinstance(values, (pa.Array, pa.ChunkedArray)) \
+        else np.asarray(values)
 
 
 class Progress:
