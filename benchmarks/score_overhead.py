@@ -4,9 +4,11 @@
 
 An MLP (64-d features, 10 classes, the TD module) with 2 torch threads; a feature pool
 of dense int64 ids (``make_pool(..., source="synthetic", fmt="features", shape=(64,))``).
-In one run, on the same machine:
+In one run, on the same machine, ``--rounds`` times each (median reported):
 - model only: the forward pass over float32 tensors already in memory, the same batch
-  size (measured before and after the pipelines; their mean is the reference);
+  size, two timed passes (after an untimed one) just before and two just after each
+  pipeline run; their median is that run's reference. This VM's speed drifts by up to
+  2x over tens of seconds, so a pipeline is only compared with passes next to it;
 - in-process pipeline: ``score_pool(use_ray=False)`` (read, decode, score, reduce);
 - Ray pipeline: ``score_pool`` on a local Ray of ``--cpus`` CPUs; "steady" rows/s from
   the first row reaching the driver to the last, with the start-up (plan, actors,
@@ -56,16 +58,20 @@ def machine() -> dict:
     return info
 
 
-def model_only(net, x: torch.Tensor, batch_size: int) -> float:
-    """Rows/s of the forward pass alone, tensors already in memory."""
-    def run(rows):
-        for start in range(0, rows, batch_size):
+def model_only(net, x: torch.Tensor, batch_size: int, passes: int = 3) -> list[float]:
+    """Rows/s of the forward pass alone, tensors already in memory: ``passes`` timed
+    passes over ``x`` after an untimed one."""
+    def run():
+        for start in range(0, len(x), batch_size):
             net.predict(prepare_input(x[start:start + batch_size]))
 
-    run(4 * batch_size)  # warm-up
-    started = time.perf_counter()
-    run(len(x))
-    return len(x) / (time.perf_counter() - started)
+    run()  # warm-up
+    rates = []
+    for _ in range(passes):
+        started = time.perf_counter()
+        run()
+        rates.append(len(x) / (time.perf_counter() - started))
+    return rates
 
 
 def ingest_ceiling(rows: int, block_rows: int, k: int = 100) -> float:
@@ -90,6 +96,10 @@ def ingest_ceiling(rows: int, block_rows: int, k: int = 100) -> float:
     return fed / (time.perf_counter() - started)
 
 
+def _selection(workdir: str, out: str) -> pa.Table:
+    return pq.read_table(os.path.join(workdir, out, "selection.parquet"))
+
+
 def steady(summary: dict) -> tuple[float | None, float | None]:
     timing = summary.get("timing") or {}
     return timing.get("steady_rows_per_s"), timing.get("first_row_seconds")
@@ -104,6 +114,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (model only, in-process, the actor)")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
     parser.add_argument("--actors", default="1,1", help="scorer actors MIN,MAX")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each pipeline, each between model-only passes")
     parser.add_argument("--nice", type=int, default=0, help="niceness of this process and of Ray's workers")
     parser.add_argument("--workdir", default=None, help="where the pool and checkpoint go (default: a temp dir)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "score_overhead.json"))
@@ -131,56 +142,64 @@ def main() -> None:
           f"{load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}", flush=True)
     common = dict(batch_size=args.batch_size, strategy=STRATEGY, progress=False)
 
-    before = model_only(net, x, args.batch_size)
-    print(f"model only (before): {before:,.0f} rows/s", flush=True)
+    # Rounds of model-only, pipeline, model-only: this machine's speed drifts by up to 2x
+    # over tens of seconds (a shared VM), so each pipeline run is held against the
+    # model-only passes just before and after it, and the median round is reported.
+    def bracketed(run) -> tuple[dict, float, list[float]]:
+        before = model_only(net, x, args.batch_size, passes=2)
+        summary = run()
+        after = model_only(net, x, args.batch_size, passes=2)
+        return summary, float(np.median(before + after)), before + after
 
-    local = score_pool(checkpoint, pool, 100, os.path.join(workdir, "out-local"), use_ray=False, **common)
-    in_process = local["rows_per_s"]
-    print(f"in-process pipeline: {in_process:,.0f} rows/s ({local['rows_read']:,} rows in "
-          f"{local['wall_seconds']:.1f}s)", flush=True)
+    local_runs = []
+    for i in range(args.rounds):
+        summary, reference, passes = bracketed(lambda: score_pool(
+            checkpoint, pool, 100, os.path.join(workdir, "out-local"), use_ray=False, **common))
+        local_runs.append({"rows_per_s": summary["rows_per_s"], "model_only": passes, "reference": reference,
+                           "ratio": summary["rows_per_s"] / reference, "selection": _selection(workdir, "out-local")})
+        print(f"in-process {i + 1}: {summary['rows_per_s']:,.0f} rows/s, model only {reference:,.0f} "
+              f"({', '.join(f'{r:,.0f}' for r in passes)}): ratio {local_runs[-1]['ratio']:.3f}", flush=True)
 
     import ray
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    driver_cpu = time.process_time()
-    on_ray = score_pool(checkpoint, pool, 100, os.path.join(workdir, "out-ray"), actors=(low, high), **common)
-    driver_cpu = time.process_time() - driver_cpu
+    ray_runs = []
+    for i in range(args.rounds):
+        driver_cpu = time.process_time()
+        summary, reference, passes = bracketed(lambda: score_pool(
+            checkpoint, pool, 100, os.path.join(workdir, "out-ray"), actors=(low, high), **common))
+        torch.set_num_threads(args.threads)
+        rate, startup = steady(summary)
+        ray_runs.append({"steady_rows_per_s": rate, "startup_seconds": startup,
+                         "end_to_end_rows_per_s": summary["rows_per_s"], "wall_seconds": summary["wall_seconds"],
+                         "driver_cpu_seconds": time.process_time() - driver_cpu, "model_only": passes,
+                         "reference": reference, "steady_ratio": (rate or 0.0) / reference,
+                         "end_to_end_ratio": summary["rows_per_s"] / reference,
+                         "selection": _selection(workdir, "out-ray")})
+        print(f"Ray {i + 1}: steady {(rate or 0):,.0f} rows/s after a start-up of {(startup or 0):.1f}s, "
+              f"{summary['rows_per_s']:,.0f} end to end ({summary['wall_seconds']:.1f}s); model only "
+              f"{reference:,.0f}: steady ratio {ray_runs[-1]['steady_ratio']:.3f}", flush=True)
     ray.shutdown()
-    torch.set_num_threads(args.threads)  # the in-process scorer may have set it
-    ray_steady, ray_startup = steady(on_ray)
-    print(f"Ray pipeline: {on_ray['rows_per_s']:,.0f} rows/s end to end ({on_ray['wall_seconds']:.1f}s); steady "
-          f"{(ray_steady or 0):,.0f} rows/s after a start-up of {(ray_startup or 0):.1f}s; the driver used "
-          f"{driver_cpu:.1f} CPU-s", flush=True)
 
-    after = model_only(net, x, args.batch_size)
-    print(f"model only (after): {after:,.0f} rows/s", flush=True)
     ingest = ingest_ceiling(args.rows, 50 * args.batch_size)  # about the pipeline's block for 64-d features
     print(f"driver ingest ceiling (Reduction.add alone): {ingest:,.0f} rows/s", flush=True)
 
-    reference = (before + after) / 2
-    same = local["rows_scored"] == on_ray["rows_scored"] and \
-        pq.read_table(os.path.join(workdir, "out-local", "selection.parquet")).equals(
-            pq.read_table(os.path.join(workdir, "out-ray", "selection.parquet")))
-    ratios = {"in_process_ratio": in_process / reference,
-              "ray_steady_ratio": (ray_steady or 0.0) / reference,
-              "ray_end_to_end_ratio": on_ray["rows_per_s"] / reference}
+    selections = [r.pop("selection") for r in local_runs + ray_runs]
+    same = all(t.equals(selections[0]) for t in selections)
+    ratios = {"in_process_ratio": float(np.median([r["ratio"] for r in local_runs])),
+              "ray_steady_ratio": float(np.median([r["steady_ratio"] for r in ray_runs])),
+              "ray_end_to_end_ratio": float(np.median([r["end_to_end_ratio"] for r in ray_runs]))}
     load_end = os.getloadavg()
-    print(f"\nin-process / model only = {ratios['in_process_ratio']:.3f} (target >= 0.60)")
-    print(f"Ray steady / model only = {ratios['ray_steady_ratio']:.3f} (target >= 0.40); "
-          f"end to end {ratios['ray_end_to_end_ratio']:.3f}")
-    print(f"ingest ceiling {ingest:,.0f} rows/s (target >= 1,000,000); same selection in-process and on Ray: {same}")
+    print(f"\nmedian of {args.rounds} rounds: in-process / model only = {ratios['in_process_ratio']:.3f} "
+          f"(target >= 0.60); Ray steady / model only = {ratios['ray_steady_ratio']:.3f} (target >= 0.40); "
+          f"Ray end to end {ratios['ray_end_to_end_ratio']:.3f}")
+    print(f"ingest ceiling {ingest:,.0f} rows/s (target >= 1,000,000); every run selected the same rows: {same}")
     print(f"load average {load_start[0]:.2f} -> {load_end[0]:.2f}")
-    if abs(before - after) > 0.15 * reference:
-        print("warning: model-only throughput moved by more than 15% during the run (other load?)")
 
     result = {
         "machine": machine(), "backbone": BACKBONE, "dim": DIM, "rows": args.rows, "shards": args.shards,
         "batch_size": args.batch_size, "torch_threads": args.threads, "ray_cpus": args.cpus, "actors": [low, high],
-        "niceness": os.nice(0),
-        "model_only_rows_per_s": {"before": before, "after": after, "mean": reference},
-        "in_process_rows_per_s": in_process, "in_process_wall_seconds": local["wall_seconds"],
-        "ray_rows_per_s_end_to_end": on_ray["rows_per_s"], "ray_wall_seconds": on_ray["wall_seconds"],
-        "ray_steady_rows_per_s": ray_steady, "ray_startup_seconds": ray_startup, "ray_driver_cpu_seconds": driver_cpu,
+        "niceness": os.nice(0), "in_process_runs": local_runs, "ray_runs": ray_runs,
         "ingest_rows_per_s": ingest, **ratios, "targets": TARGETS, "same_selection": same,
         "load_average": {"start": load_start, "end": load_end},
     }
