@@ -13,9 +13,27 @@ from .uncertainty import STRATEGIES
 
 BALD_SAMPLES = 20            # MC-dropout passes when bald is scored
 PRECISIONS = ("fp32", "bf16")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 # TEST-ONLY (tests/README.md): a scorer actor given a GPU runs its model on the CPU, so
 # GPU scheduling is testable on machines without CUDA.
 GPU_AS_CPU_ENV = "TIDAL_RAY_TEST_GPU_AS_CPU"
+
+
+def keep_freed_memory() -> None:
+    """Lets this process's C allocator keep freed memory for reuse. glibc's defaults give
+    it back to the OS almost at once (a trim above 128 KiB, and mmap for any block over
+    128 KiB until a free raises that threshold), so a fresh scorer process page-faults
+    on every batch's tensors: a cheap model's forward ran at half speed in a new process
+    (benchmarks/score_overhead.py). Up to 128 MiB stays with the process. No-op where
+    the C library is not glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_TRIM_THRESHOLD, 128 << 20)
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's upper bound on 64-bit
+    except (OSError, AttributeError):
+        pass
 
 
 def scorer_device(device: str | None) -> str:
@@ -46,6 +64,7 @@ class BatchScorer:
 
         from .checkpoint import load_checkpoint, model_from_checkpoint
 
+        keep_freed_memory()
         if num_threads:
             torch.set_num_threads(int(num_threads))
         state = load_checkpoint(checkpoint_uri)
