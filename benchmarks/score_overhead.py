@@ -7,8 +7,10 @@ of dense int64 ids (``make_pool(..., source="synthetic", fmt="features", shape=(
 In one run, on the same machine, ``--rounds`` times each (median reported):
 - model only: the forward pass over float32 tensors already in memory, the same batch
   size, two timed passes (after an untimed one) just before and two just after each
-  pipeline run; their median is that run's reference. This VM's speed drifts by up to
-  2x over tens of seconds, so a pipeline is only compared with passes next to it;
+  pipeline run; their median is that run's reference. This VM's speed drifts (up to
+  20% between passes a few seconds apart), so a pipeline is only compared with passes
+  next to it. This process keeps freed memory as every scorer does
+  (``scorer.keep_freed_memory``), so the reference is the model at its best;
 - in-process pipeline: ``score_pool(use_ray=False)`` (read, decode, score, reduce);
 - Ray pipeline: ``score_pool`` on a local Ray of ``--cpus`` CPUs; "steady" rows/s from
   the first row reaching the driver to the last, with the start-up (plan, actors,
@@ -144,9 +146,9 @@ def main() -> None:
           f"{load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}", flush=True)
     common = dict(batch_size=args.batch_size, strategy=STRATEGY, progress=False)
 
-    # Rounds of model-only, pipeline, model-only: this machine's speed drifts by up to 2x
-    # over tens of seconds (a shared VM), so each pipeline run is held against the
-    # model-only passes just before and after it, and the median round is reported.
+    # Rounds of model-only, pipeline, model-only: this machine's speed drifts (a shared
+    # VM), so each pipeline run is held against the model-only passes just before and
+    # after it, and the median round is reported.
     def bracketed(run) -> tuple[dict, float, list[float]]:
         before = model_only(net, x, args.batch_size, passes=2)
         cpu = time.process_time()
