@@ -328,3 +328,18 @@ def test_seen_ids_flags_repeats_within_and_across_batches():
 def test_job_entrypoint_takes_the_cli_arguments():
     out = subprocess.run([sys.executable, "jobs/score.py", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--checkpoint" in out.stdout and "--exclude" in out.stdout
+
+
+def test_blocks_are_whole_batches_bounded_in_bytes_and_a_small_pool_spreads_over_several(tmp_path, checkpoint,
+                                                                                         monkeypatch):
+    from tidal_ray import score
+
+    pool = str(tmp_path / "pool")
+    make_pool(pool, "synthetic", rows=2_000, fmt="pixels", shape=SHAPE)  # one file, one row group
+    plan = score.plan_scoring(checkpoint, pool, 10, batch_size=16)
+    sizes = [len(batch) for batch in score.score_batches_in_process(plan)]
+    assert sum(sizes) == 2_000 and len(sizes) >= score.MIN_BLOCKS
+    assert all(n % 16 == 0 for n in sizes[:-1])                      # whole scorer batches
+    # a byte budget of two rows' worth still gives whole batches, one batch a block
+    monkeypatch.setattr(score, "BLOCK_BYTES", 2 * score._row_bytes(plan))
+    assert {len(batch) for batch in score.score_batches_in_process(plan)} == {16}
