@@ -24,8 +24,9 @@ def keep_freed_memory() -> None:
     it back to the OS almost at once (a trim above 128 KiB, and mmap for any block over
     128 KiB until a free raises that threshold), so a fresh scorer process page-faults
     on every batch's tensors: a cheap model's forward ran at half speed in a new process
-    (benchmarks/score_overhead.py). Up to 128 MiB stays with the process. No-op where
-    the C library is not glibc."""
+    (benchmarks/score_overhead.py). Now blocks under 32 MiB come from the heap and are
+    reused, and up to 128 MiB of free heap stays with the process. No-op where the C
+    library is not glibc."""
     import ctypes
 
     try:
