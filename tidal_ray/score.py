@@ -40,10 +40,12 @@ DECODE_CPUS = 0.25
 BLOCK_BYTES = 16 << 20
 MAX_BLOCK_BATCHES = 64
 MIN_BLOCKS = 8
-# Object store memory the pipeline may hold: this many blocks. Unbounded, the reads ran
-# hundreds of MB ahead of the scorer, and the driver's RSS grew with the pool (it maps the
-# store's pages of every block it reads).
+# Object store memory the pipeline may hold: this many blocks, or BLOCKS_PER_ACTOR for
+# each scorer actor when there are many. Unbounded, the reads ran hundreds of MB ahead of
+# the scorer, and the driver's RSS grew with the pool (it maps the store's pages of every
+# block it reads).
 IN_FLIGHT_BLOCKS = 16
+BLOCKS_PER_ACTOR = 4
 READ_BLOCK_BYTES = 64 << 20  # encoded bytes per read block (large images: fewer rows)
 SKIPPED_NAMES_SHOWN = 10     # skipped files named in selection.json (all are counted)
 
@@ -191,8 +193,9 @@ def score_batches_on_ray(plan: Plan, use_gpu: bool | None = None):
     # and results reach the driver (and the progress line) as they are made.
     ds.context.target_max_block_size = _block_rows(plan) * _row_bytes(plan)
     ds.context.execution_options.preserve_order = False  # any order: duplicates go by position
+    in_flight = max(IN_FLIGHT_BLOCKS, BLOCKS_PER_ACTOR * high)
     ds.context.execution_options.resource_limits = ExecutionResources.for_limits(
-        object_store_memory=IN_FLIGHT_BLOCKS * _block_rows(plan) * _row_bytes(plan))
+        object_store_memory=in_flight * _block_rows(plan) * _row_bytes(plan))
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
