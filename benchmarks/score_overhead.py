@@ -8,7 +8,7 @@ In one run, on the same machine, ``--rounds`` times each (median reported):
 - model only: the forward pass over float32 tensors already in memory, the same batch
   size, two timed passes (after an untimed one) just before and two just after each
   pipeline run; their median is that run's reference. This VM's speed drifts (up to
-  20% between passes a few seconds apart), so a pipeline is only compared with passes
+  about 30% between passes a few seconds apart), so a pipeline is only compared with passes
   next to it. This process keeps freed memory as every scorer does
   (``scorer.keep_freed_memory``), so the reference is the model at its best;
 - in-process pipeline: ``score_pool(use_ray=False)`` (read, decode, score, reduce);
