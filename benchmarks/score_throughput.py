@@ -36,6 +36,7 @@ from tidal_ray.make_pool import make_pool, synthetic_rows  # noqa: E402
 from tidal_ray.cli import parse_actors  # noqa: E402
 from tidal_ray.models import build_model, prepare_input  # noqa: E402
 from tidal_ray.score import score_pool  # noqa: E402
+from tidal_ray.scorer import keep_freed_memory  # noqa: E402
 
 SHAPE, CLASSES, BACKBONE = (3, 32, 32), 10, "resnet18"
 
@@ -86,6 +87,7 @@ def main() -> None:
     # A CPU scorer actor runs torch with (node CPUs // max actors) threads: the same here.
     threads = max(1, cpus // high)
     torch.set_num_threads(threads)
+    keep_freed_memory()  # as every scorer does: the model-only reference runs alike
     workdir = args.workdir or tempfile.mkdtemp(prefix="score-throughput-")
 
     started = time.perf_counter()
