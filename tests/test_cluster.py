@@ -307,35 +307,32 @@ class RayStartCluster:
         return left
 
 
-@pytest.fixture
-def ray_start_cluster():
-    # A short path of its own: Ray's unix sockets live under it (108-byte limit).
-    root = Path(tempfile.mkdtemp(prefix="trc-", dir="/tmp"))
-    cluster = RayStartCluster(root)
+def _started_cluster(prefix: str, options: dict | None = None, **start):
+    """Yields a started ``RayStartCluster``; stops it and fails the test if any of its
+    processes survive. A short path of its own: Ray's unix sockets live under it
+    (108-byte limit)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    cluster = RayStartCluster(root, **(options or {}))
     try:
-        cluster.start()
+        cluster.start(**start)
         yield cluster
     finally:
         left = cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
     if left:
         pytest.fail(f"test cluster processes survived teardown: {left}")
+
+
+@pytest.fixture
+def ray_start_cluster():
+    yield from _started_cluster("trc-")
 
 
 @pytest.fixture
 def ray_start_head():
     """A token-auth ``ray start --head`` alone (2 CPUs): a job's driver, Ray Train
     worker and scorer actors all on it."""
-    root = Path(tempfile.mkdtemp(prefix="trh-", dir="/tmp"))
-    cluster = RayStartCluster(root, num_cpus=2)
-    try:
-        cluster.start(worker=False)
-        yield cluster
-    finally:
-        left = cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
-    if left:
-        pytest.fail(f"test cluster processes survived teardown: {left}")
+    yield from _started_cluster("trh-", {"num_cpus": 2}, worker=False)
 
 
 @pytest.mark.slow

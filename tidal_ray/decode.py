@@ -36,6 +36,13 @@ def is_decoded(reasons) -> np.ndarray:
     return np.asarray(reasons) == ""
 
 
+def numpy_column(batch, name: str) -> np.ndarray:
+    """A column of an Arrow table or of a dict of columns, as NumPy."""
+    values = batch[name]
+    return values.to_numpy(zero_copy_only=False) if isinstance(values, (pa.Array, pa.ChunkedArray)) \
+        else np.asarray(values)
+
+
 def format_shape(shape) -> str:
     return "x".join(str(int(d)) for d in shape)
 
@@ -281,8 +288,6 @@ def tensor_rows(column, shape) -> np.ndarray:
     without a copy where Arrow allows one."""
     if isinstance(column, pa.ChunkedArray):
         column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-    if not isinstance(column, pa.Array):  # already NumPy rows
-        return np.asarray(column)
     values = column.flatten().to_numpy(zero_copy_only=False)
     return values.reshape(len(column), *shape)
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from . import ids as id_utils
 from . import storage
-from .decode import DUPLICATE_ID, NULL_ID, is_decoded, reason_kind
+from .decode import DUPLICATE_ID, NULL_ID, is_decoded, numpy_column, reason_kind
 from .topk import StreamingTopK, is_member
 
 PROGRESS_SECONDS = 5.0
@@ -108,15 +108,15 @@ class Reduction:
         if self.finished:
             raise RuntimeError("Reduction.add after finish")
         ids = id_utils.to_numpy(batch["id"], self.id_type)
-        files = _numpy(batch, "file")
+        files = numpy_column(batch, "file")
         self.rows_read += len(ids)
         decoded = is_decoded(batch["reason"])
         if not decoded.all():
-            self._reject(ids[~decoded], files[~decoded], _numpy(batch, "reason")[~decoded])
-        columns = {name: _numpy(batch, name) for name in self.columns}
+            self._reject(ids[~decoded], files[~decoded], numpy_column(batch, "reason")[~decoded])
+        columns = {name: numpy_column(batch, name) for name in self.columns}
         repeated = decoded & self.earliest.candidates(ids)
         if repeated.any():
-            rows = _numpy(batch, "row")
+            rows = numpy_column(batch, "row")
             for i in np.flatnonzero(repeated):
                 payload = (ids[i], files[i], {name: values[i] for name, values in columns.items()})
                 lost = self.earliest.offer(ids[i].item(), (int(files[i]), int(rows[i])), payload)
@@ -191,13 +191,6 @@ class Reduction:
         return pa.table({"id": pa.array(self.reject_ids, self.id_type),
                          "file": pa.array(self.reject_files, pa.string()),
                          "reason": pa.array(self.reject_reasons, pa.string())})
-
-
-def _numpy(batch, name: str) -> np.ndarray:
-    """A column of an Arrow table or of a dict of columns, as NumPy."""
-    values = batch[name]
-    return values.to_numpy(zero_copy_only=False) if isinstance(values, (pa.Array, pa.ChunkedArray)) \
-        else np.asarray(values)
 
 
 class Progress:

@@ -135,9 +135,9 @@ def _row_bytes(plan: Plan) -> int:
 def score_batches_in_process(plan: Plan):
     """The pipeline in this process: read, decode, score, one block at a time."""
     scorer = BatchScorer(**_scorer_kwargs(plan))
-    spec = plan.spec.slim()
+    spec, block_rows = plan.spec.slim(), _block_rows(plan)
     for unit in arrival_order_for_tests(read_units(plan.spec, READ_BLOCK_BYTES)):
-        for table in read_unit(unit, spec, _block_rows(plan), READ_BLOCK_BYTES):
+        for table in read_unit(unit, spec, block_rows, READ_BLOCK_BYTES):
             yield scorer(decode_for_scoring(table, spec, plan.input_shape, {}))
 
 
@@ -163,6 +163,8 @@ def score_batches_on_ray(plan: Plan, use_gpu: bool | None = None):
     use_gpu = gpus >= 1 if use_gpu is None else use_gpu
     low, high = plan.actors
     spec = plan.spec
+    block_rows = _block_rows(plan)
+    block_bytes = block_rows * _row_bytes(plan)
     if use_gpu:
         actor_resources = {"num_gpus": 1, "num_cpus": 1}
         scorer = _scorer_kwargs(plan, device="cuda")
@@ -180,22 +182,22 @@ def score_batches_on_ray(plan: Plan, use_gpu: bool | None = None):
     units = read_units(spec, READ_BLOCK_BYTES)
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
     ds = ds.map_batches(read_batches, batch_size=1, batch_format="pyarrow", num_cpus=DECODE_CPUS,
-                        fn_kwargs={"spec": spec.slim(), "block_rows": _block_rows(plan),
+                        fn_kwargs={"spec": spec.slim(), "block_rows": block_rows,
                                    "max_bytes": READ_BLOCK_BYTES})
     ds = ds.map_batches(decode_for_scoring, batch_format="pyarrow", batch_size=None, num_cpus=DECODE_CPUS,
                         fn_kwargs={"spec": spec.slim(), "input_shape": plan.input_shape, "file_index": {}})
     # Whole blocks per call (the scorer steps through them ``batch_size`` rows at a time)
     # and Arrow in and out: Ray Data's per-call and NumPy-to-Arrow costs are per row.
-    ds = ds.map_batches(BatchScorer, fn_constructor_kwargs=scorer, batch_size=_block_rows(plan),
+    ds = ds.map_batches(BatchScorer, fn_constructor_kwargs=scorer, batch_size=block_rows,
                         batch_format="pyarrow", compute=ActorPoolStrategy(min_size=low, max_size=high),
                         **actor_resources)
     # Blocks of _block_rows rather than one per file: the actors pipeline with the reads
     # and results reach the driver (and the progress line) as they are made.
-    ds.context.target_max_block_size = _block_rows(plan) * _row_bytes(plan)
+    ds.context.target_max_block_size = block_bytes
     ds.context.execution_options.preserve_order = False  # any order: duplicates go by position
     in_flight = max(IN_FLIGHT_BLOCKS, BLOCKS_PER_ACTOR * high)
     ds.context.execution_options.resource_limits = ExecutionResources.for_limits(
-        object_store_memory=in_flight * _block_rows(plan) * _row_bytes(plan))
+        object_store_memory=in_flight * block_bytes)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 

@@ -122,11 +122,11 @@ class BatchScorer:
         makes it (the pipeline's form). Returns the same kind."""
         import pyarrow as pa
 
-        from .decode import is_decoded, tensor_rows
+        from .decode import is_decoded, numpy_column, tensor_rows
         from .uncertainty import score
 
         arrow = isinstance(batch, pa.Table)
-        ids = batch.column("id").to_numpy(zero_copy_only=False) if arrow else np.asarray(batch["id"])
+        ids = numpy_column(batch, "id")
         x = tensor_rows(batch.column("x"), self.input_shape) if arrow else np.asarray(batch["x"])
         if tuple(x.shape[1:]) != self.input_shape:
             raise BadInput(f"batch rows have shape {tuple(x.shape[1:])}, the checkpoint expects {self.input_shape}")
