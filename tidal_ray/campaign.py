@@ -268,7 +268,7 @@ def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = Non
     state = {"config": asdict(config), "cycle": 0, "step": "train", "status": "initialized",
              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     save_state(root, state)
-    skipped = f", {len(spec.skipped)} files skipped" if spec.skipped else ""
+    skipped = f", {spec.skipped_count} files skipped" if spec.skipped_count else ""
     log(f"campaign initialized at {root}: {table.num_rows} initial labels, pool {config.pool} "
         f"({spec.rows} rows{skipped}), model {config.backbone}, input {'x'.join(map(str, input_shape))}, "
         f"{config.cycles} cycles of {config.k}")

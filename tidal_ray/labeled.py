@@ -28,7 +28,7 @@ from . import storage
 from .decode import decode_batch
 from .errors import BadInput
 from .lookup import rows_with_ids
-from .pool import PoolSpec, describe_pool
+from .pool import PoolSpec, describe_pool, image_keys_present
 
 READ_CPUS = 0.25      # read + decode tasks, fractional so training workers keep room
 ROW_BITS = 40         # a row's key is file << ROW_BITS | row within the file
@@ -76,8 +76,9 @@ def _read_dataset(spec: PoolSpec, wanted: pa.Array, input_shape):
     import ray.data
 
     if spec.format == "files":
-        keys = set(wanted.to_pylist())
-        paths = [path for path in spec.fs_paths() if path[len(spec.root.rstrip("/")) + 1:] in keys]
+        keys = wanted.to_pylist()  # asked for one by one: the prefix may hold millions more
+        paths = sorted(storage.resolve(spec.key_uri(k))[1]
+                       for k, ok in zip(keys, image_keys_present(spec, keys)) if ok)
         if not paths:
             return None
         filesystem = storage.s3_filesystem() if storage.is_s3(spec.uri) else None

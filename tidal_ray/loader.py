@@ -6,6 +6,7 @@ process; whole-pool work goes through Ray Data (``score.py``). Decoding is
 """
 from __future__ import annotations
 
+import itertools
 import sys
 from dataclasses import replace
 
@@ -18,16 +19,13 @@ from . import ids as id_utils
 from . import storage
 from .decode import column_array, decode_batch, input_dtype
 from .errors import BadInput
-from .pool import PoolSpec, describe_pool, input_shape_for
+from .pool import SAMPLED_IMAGES, PoolSpec, describe_pool, image_files, image_keys_present, input_shape_for
 
 
 def iter_tables(spec: PoolSpec, columns: list[str] | None = None, batch_rows: int = 65536):
     """The pool as tables in pool order, reading only ``columns`` (plus ``path``)."""
     if spec.format == "files":
-        for start in range(0, len(spec.files), batch_rows):
-            chunk = spec.files[start:start + batch_rows]
-            paths = [storage.resolve(f)[1] for f, _ in chunk]
-            yield pa.table({"bytes": [storage.read_bytes(f) for f, _ in chunk], "path": paths})
+        yield from _image_tables((uri for uri, _ in image_files(spec)), batch_rows)
         return
     for uri, _ in spec.files:
         fs, path = storage.resolve(uri)
@@ -36,6 +34,14 @@ def iter_tables(spec: PoolSpec, columns: list[str] | None = None, batch_rows: in
             for rb in pf.iter_batches(batch_size=batch_rows, columns=columns):
                 table = pa.Table.from_batches([rb])
                 yield table.append_column("path", pa.array([path] * table.num_rows, pa.string()))
+
+
+def _image_tables(uris, batch_rows: int):
+    """Image files as tables of ``bytes`` and ``path``, ``batch_rows`` files each."""
+    uris = iter(uris)
+    while chunk := list(itertools.islice(uris, batch_rows)):
+        yield pa.table({"bytes": [storage.read_bytes(u) for u in chunk],
+                        "path": [storage.resolve(u)[1] for u in chunk]})
 
 
 def load_rows(uri: str, ids=None, input_shape=None):
@@ -48,17 +54,19 @@ def load_rows(uri: str, ids=None, input_shape=None):
     duplicate ids the first row wins."""
     spec = describe_pool(uri)
     wanted = None if ids is None else id_utils.from_user(ids, spec.id_type, uri)
-    if wanted is not None and spec.format == "files":
-        root = spec.root.rstrip("/") + "/"
-        keys = set(wanted.to_pylist())
-        spec = replace(spec, files=tuple(f for f in spec.files if storage.resolve(f[0])[1][len(root):] in keys))
-    if input_shape is None:
-        input_shape = input_shape_for(spec) if spec.files else (0,)
-    input_shape = tuple(int(d) for d in input_shape)
     columns = None if spec.format == "files" else ["id", spec.column] + (["label"] if spec.has_label else [])
+    tables = iter_tables(spec, columns)
+    if wanted is not None and spec.format == "files":  # the wanted files alone (missing ones: below)
+        keys = wanted.to_pylist()
+        uris = [spec.key_uri(k) for k, ok in zip(keys, image_keys_present(spec, keys)) if ok]
+        spec = replace(spec, rows=len(uris), sample=tuple(uris[:SAMPLED_IMAGES]))
+        tables = _image_tables(uris, 65536)
+    if input_shape is None:
+        input_shape = input_shape_for(spec) if spec.rows else (0,)
+    input_shape = tuple(int(d) for d in input_shape)
     file_index = spec.file_index()
     parts_ids, parts_x, parts_labels, skipped = [], [], [], []
-    for table in iter_tables(spec, columns):
+    for table in tables:
         if wanted is not None and spec.format != "files":
             table = table.filter(pc.is_in(table.column("id"), value_set=wanted))
         good, rejects = decode_batch(table, spec, input_shape, file_index)
@@ -95,9 +103,7 @@ def pool_has_ids(uri: str, candidates) -> set[str]:
     spec = describe_pool(uri)
     candidates = [str(c) for c in candidates]
     if spec.format == "files":
-        root = spec.root.rstrip("/") + "/"
-        keys = {storage.resolve(f)[1][len(root):] for f, _ in spec.files}
-        return {c for c in candidates if c in keys}
+        return {c for c, ok in zip(candidates, image_keys_present(spec, candidates)) if ok}
     value_set = id_utils.parse_keys(candidates, spec.id_type)
     found: set[str] = set()
     for uri, _ in spec.files:  # the id filter goes into the read: row groups it rules out are skipped

@@ -10,17 +10,21 @@ A pool is a prefix (``s3://...`` or a local directory) or a single file holding 
 An optional ``label`` column feeds the simulated oracle; scoring never reads it.
 Marker and hidden files (``_SUCCESS``, ``.DS_Store``, any name starting with ``_`` or
 ``.``) in any pool, and keys that are not images under an image prefix (README.txt,
-manifests), are skipped and listed in ``PoolSpec.skipped``; only a pool with nothing
+manifests), are skipped and counted in ``PoolSpec.skipped_count``; only a pool with nothing
 left is an error. ``describe_pool`` reads the listing and the parquet footers only,
 never the rows; ``input_shape_for`` samples a few images to settle the input size.
+An image prefix may hold millions of keys: its listing is walked once, a page at a
+time, and kept as counts, a sample and the boundaries of runs of it (``ranges``),
+which read tasks list again for themselves, so no process holds the whole listing.
 """
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import ids as id_utils
@@ -34,6 +38,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 IMAGE_CHANNELS = 3   # the default for image pools: any mode becomes RGB
 MIN_IMAGE_SIZE = 8
 SAMPLED_IMAGES = 16
+SKIPPED_NAMES_KEPT = 10      # skipped files named (all are counted)
+FILES_PER_RANGE = 64         # image files: the shortest run of the listing one read task takes
+MAX_RANGES = 4096            # longer runs beyond this many (at most twice as many runs)
 PARQUET_SUFFIX = ".parquet"
 DATA_COLUMNS = ("pixels", "image", "features")
 FORMATS = ("pixels", "image", "features", "files")
@@ -43,7 +50,7 @@ FORMATS = ("pixels", "image", "features", "files")
 class PoolSpec:
     uri: str
     format: str                         # one of FORMATS
-    files: tuple[tuple[str, int], ...]  # (uri, size), sorted by uri
+    files: tuple[tuple[str, int], ...]  # parquet: (uri, size), sorted by uri; image files: () (see ranges)
     id_type: pa.DataType                # int64 or string
     rows: int                           # from parquet footers (image files: one row each)
     shape: tuple[int, ...] | None       # pixels: from the metadata; features: (D,) for fixed-size lists
@@ -52,7 +59,13 @@ class PoolSpec:
     num_classes: int | None = None      # declared in the schema metadata, if any
     max_label: int | None = None        # from parquet statistics, if every row group has them
     row_groups: tuple[tuple[int, ...], ...] = ()  # per parquet file, its row groups' row counts
-    skipped: tuple[str, ...] = ()       # marker/hidden files and non-images under an image prefix
+    skipped: tuple[str, ...] = ()       # the first skipped files: markers, hidden, non-images beside images
+    skipped_count: int = 0              # every skipped file
+    bytes: int = 0                      # the used files' total size
+    # Image files: runs of the listing as (after uri or "", last uri, first file index,
+    # files), in uri order, and the first few files (for the input size).
+    ranges: tuple[tuple[str, str, int, int], ...] = ()
+    sample: tuple[str, ...] = ()
 
     @property
     def column(self) -> str:
@@ -60,8 +73,8 @@ class PoolSpec:
         return "bytes" if self.format == "files" else self.format
 
     def slim(self) -> PoolSpec:
-        """What decode tasks need: everything but the file lists, which can be very long."""
-        return replace(self, files=(), row_groups=(), skipped=())
+        """What decode tasks need: everything but the file lists, which can be long."""
+        return replace(self, files=(), row_groups=(), skipped=(), ranges=(), sample=())
 
     def key_uri(self, key: str) -> str:
         """The URI of an image file from its id."""
@@ -94,41 +107,124 @@ def _kind_of_file(uri: str) -> str:
     return "other"
 
 
-def list_pool_files(uri: str) -> list[tuple[str, int]]:
+class _Ranges:
+    """Cuts a listing of image files, seen once in order, into runs of equal length (a
+    power of two times ``FILES_PER_RANGE``) by keeping each run's last uri; when there
+    are ``2 * MAX_RANGES`` runs, every other boundary goes and runs double, so memory
+    stays bounded however many files the prefix holds."""
+
+    def __init__(self):
+        self.step, self.ends, self.count, self.last = FILES_PER_RANGE, [], 0, None
+
+    def add(self, uri: str) -> None:
+        self.count += 1
+        self.last = uri
+        if self.count % self.step == 0:
+            self.ends.append(uri)
+            if len(self.ends) >= 2 * MAX_RANGES:
+                self.ends, self.step = self.ends[1::2], self.step * 2
+
+    def ranges(self) -> tuple[tuple[str, str, int, int], ...]:
+        ends = self.ends + ([self.last] if self.count % self.step else [])
+        return tuple((ends[i - 1] if i else "", end, i * self.step, min(self.step, self.count - i * self.step))
+                     for i, end in enumerate(ends))
+
+
+@dataclass
+class _Listing:
+    """One pass over a prefix, kept small: parquet files in full (a pool has few),
+    image files as counts, a sample and ranges, skipped files as a count and names."""
+    parquet: list = field(default_factory=list)
+    images: _Ranges = field(default_factory=_Ranges)
+    image_bytes: int = 0
+    sample: list = field(default_factory=list)
+    hidden: list = field(default_factory=list)       # the first few hidden and marker files
+    hidden_count: int = 0
+    others: list = field(default_factory=list)       # the first few files of no pool kind
+    other_count: int = 0
+    unused: list = field(default_factory=list)       # the first few hidden or other files, in order
+
+    def add(self, uri: str, size: int) -> None:
+        kind = _kind_of_file(uri)
+        if kind == "parquet":
+            self.parquet.append((uri, size))
+        elif kind == "image":
+            self.images.add(uri)
+            self.image_bytes += size
+            if len(self.sample) < SAMPLED_IMAGES:
+                self.sample.append(uri)
+        else:
+            if kind == "hidden":
+                self.hidden_count += 1
+                _keep_first(self.hidden, uri)
+            else:
+                self.other_count += 1
+                _keep_first(self.others, uri)
+            _keep_first(self.unused, uri)
+
+
+def _keep_first(names: list, uri: str) -> None:
+    if len(names) < SKIPPED_NAMES_KEPT:
+        names.append(uri)
+
+
+def list_pool(uri: str) -> tuple[str, _Listing]:
+    """``(kind, listing)``: kind is ``parquet`` or ``image``. Hidden and marker files are
+    skipped in any pool, other keys beside image files too; any other file beside
+    parquet files is an error naming it. One pass over the listing, a page at a time."""
+    listing = _Listing()
     try:
-        files = storage.list_files(uri)
-    except (FileNotFoundError, OSError):
-        files = []
-    if not files:
+        for file_uri, size in storage.iter_files(uri):
+            listing.add(file_uri, size)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    parquet, images = len(listing.parquet), listing.images.count
+    if not (parquet or images or listing.hidden_count or listing.other_count):
         raise BadInput(f"no pool at {uri}: the prefix does not exist or holds no files")
-    return files
-
-
-def split_pool_files(uri: str) -> tuple[str, list[tuple[str, int]], list[str]]:
-    """``(kind, used files, skipped uris)``: kind is ``parquet`` or ``image``. Hidden and
-    marker files are skipped in any pool, other keys beside image files too; any other
-    file beside parquet files is an error naming it."""
-    files = list_pool_files(uri)
-    kinds = [_kind_of_file(f) for f, _ in files]
-    if "parquet" in kinds and "image" in kinds:
-        first_image = files[kinds.index("image")][0]
-        raise BadInput(f"{first_image}: mixed formats under {uri}: image files next to parquet files")
-    kind = "parquet" if "parquet" in kinds else "image" if "image" in kinds else None
-    if kind is None:
-        shown = next((f for (f, _), k in zip(files, kinds) if k == "other"), files[0][0])
+    if parquet and images:
+        raise BadInput(f"{listing.sample[0]}: mixed formats under {uri}: image files next to parquet files")
+    if not (parquet or images):
+        shown = (listing.others or listing.hidden)[0]
         raise BadInput(f"{uri}: no parquet or image files (*.parquet, *.png|*.jpg|*.jpeg|*.webp) to use, "
-                       f"{len(files)} skipped (e.g. {shown})")
-    if kind == "parquet" and "other" in kinds:
-        raise BadInput(f"{files[kinds.index('other')][0]}: unknown file type in a parquet pool "
+                       f"{listing.hidden_count + listing.other_count} skipped (e.g. {shown})")
+    if parquet and listing.other_count:
+        raise BadInput(f"{listing.others[0]}: unknown file type in a parquet pool "
                        f"(expected *.parquet; names starting with '_' or '.' are skipped)")
-    used = [f for f, k in zip(files, kinds) if k == kind]
-    skipped = [f for (f, _), k in zip(files, kinds) if k != kind]
-    return kind, used, skipped
+    return ("parquet" if parquet else "image"), listing
 
 
 def is_image_prefix(uri: str) -> bool:
     """True when the pool is image files under a prefix (ids are keys relative to it)."""
-    return split_pool_files(uri)[0] == "image"
+    return list_pool(uri)[0] == "image"
+
+
+def image_files(spec: PoolSpec, start_after: str = "", last: str | None = None):
+    """Yield the pool's image files as ``(uri, size)`` in pool order, listing as it goes:
+    those after ``start_after`` and up to ``last`` (a range of ``spec.ranges``)."""
+    for uri, size in storage.iter_files(spec.uri, start_after or None):
+        if last is not None and uri > last:
+            return
+        if _kind_of_file(uri) == "image":
+            yield uri, size
+
+
+def image_keys_present(spec: PoolSpec, keys) -> list[bool]:
+    """Which of ``keys`` (ids of an image-file pool) are image files in it, asking for
+    those files alone (a few at a time), never listing the prefix."""
+    fs = storage.resolve(spec.uri)[0]
+
+    def present(key: str) -> bool:
+        return _is_image_key(key) and \
+            fs.get_file_info(storage.resolve(spec.key_uri(key))[1]).type == pafs.FileType.File
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(present, [str(k) for k in keys]))
+
+
+def _is_image_key(key: str) -> bool:
+    """A key that names an image file inside the prefix: no empty, '.' or '..' parts."""
+    parts = key.split("/")
+    return bool(key) and not any(p in ("", ".", "..") for p in parts) and _kind_of_file(key) == "image"
 
 
 def _check_parquet_file(uri: str, schema: pa.Schema) -> dict:
@@ -194,14 +290,16 @@ def _read_footer(uri: str):
 
 def describe_pool(uri: str) -> PoolSpec:
     """Detect the pool's format and check every file's schema; reads footers only."""
-    kind, files, skipped = split_pool_files(uri)
+    kind, listing = list_pool(uri)
     if kind == "image":
         _, root = storage.resolve(uri)
-        if len(files) == 1 and storage.resolve(files[0][0])[1] == root:
+        if listing.images.count == 1 and storage.resolve(listing.sample[0])[1] == root:
             root = os.path.dirname(root)  # the pool is one file
-        return PoolSpec(uri, "files", tuple(files), pa.string(), len(files), None, root=root,
-                        skipped=tuple(skipped))
+        return PoolSpec(uri, "files", (), pa.string(), listing.images.count, None, root=root,
+                        skipped=tuple(listing.unused), skipped_count=listing.hidden_count + listing.other_count,
+                        bytes=listing.image_bytes, ranges=listing.images.ranges(), sample=tuple(listing.sample))
 
+    files = listing.parquet
     with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
         footers = list(pool.map(_read_footer, [f for f, _ in files]))
     facts = [_check_parquet_file(f, schema) for (f, _), (schema, _) in zip(files, footers)]
@@ -223,7 +321,8 @@ def describe_pool(uri: str) -> PoolSpec:
         id_type=pa.int64() if first["id_kind"] == "int" else pa.string(),
         rows=sum(meta.num_rows for _, meta in footers), shape=first["shape"],
         has_label=any(fact["label"] for fact in facts),
-        num_classes=max(declared) if declared else None, max_label=max_label, skipped=tuple(skipped),
+        num_classes=max(declared) if declared else None, max_label=max_label,
+        skipped=tuple(listing.hidden), skipped_count=listing.hidden_count, bytes=sum(size for _, size in files),
         row_groups=tuple(tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
                          for _, meta in footers),
     )
@@ -264,7 +363,7 @@ def _sampled_image_sizes(spec: PoolSpec, n: int = SAMPLED_IMAGES) -> list[tuple[
     whose sampled images all fail to decode is reported up front, not as all rejects."""
     if spec.format == "files":
         with ThreadPoolExecutor(max_workers=8) as pool:
-            blobs = list(pool.map(storage.read_bytes, [f for f, _ in spec.files[:n]]))
+            blobs = list(pool.map(storage.read_bytes, spec.sample[:n]))
     else:
         blobs = []
         for uri, _ in spec.files:

@@ -2,7 +2,8 @@
 the pool's files) and ``row`` (position within that file), so duplicates are decided by
 position whatever order the pipeline delivers rows in (DESIGN §2).
 
-The read unit is one parquet row group (image-file pools: a run of files). ``read_unit``
+The read unit is one parquet row group (image-file pools: a run of the listing, which
+the unit lists again for itself: no process holds the whole listing). ``read_unit``
 is a plain function of one unit: Ray Data runs it in fractional-CPU tasks and the
 in-process path calls it in a loop, so both read alike. ``repeated_ids`` is the pre-pass
 that finds the ids occurring more than once, reading the ``id`` column alone.
@@ -18,30 +19,24 @@ import pyarrow.parquet as pq
 
 from . import ids as id_utils
 from . import storage
-from .pool import PoolSpec
+from .errors import BadInput
+from .pool import PoolSpec, image_files
 
-FILES_PER_UNIT = 64          # image files read by one unit
+FILES_PER_TABLE = 64         # image files in one table a unit yields
 READ_THREADS = 8             # image files (or footers) fetched at once
 
 
-def read_units(spec: PoolSpec, max_bytes: int = 64 << 20) -> list[dict]:
-    """The pool's read units, in pool order: ``{"file", "row_group", "uris"}``, one per
-    parquet row group (``uris``: its file) or per run of image files (``uris``: theirs,
-    at most ``FILES_PER_UNIT`` and ``max_bytes`` unless one file is larger; ``file``:
-    the first one's index; ``row_group`` -1)."""
+def read_units(spec: PoolSpec) -> list[dict]:
+    """The pool's read units, in pool order: ``{"file", "row_group", "uris", "rows"}``, one
+    per parquet row group (``uris``: its file) or per range of image files (``uris``: the
+    uri before the range, or "", and its last; ``file``: its first file's index;
+    ``row_group`` -1)."""
     if spec.format == "files":
-        units, start, size = [], 0, 0
-        for i, (_, nbytes) in enumerate(spec.files):
-            if i > start and (i - start >= FILES_PER_UNIT or size + nbytes > max_bytes):
-                units.append({"file": start, "row_group": -1, "uris": [u for u, _ in spec.files[start:i]]})
-                start, size = i, 0
-            size += nbytes
-        if start < len(spec.files):
-            units.append({"file": start, "row_group": -1, "uris": [u for u, _ in spec.files[start:]]})
-        return units
+        return [{"file": first, "row_group": -1, "uris": [after, last], "rows": count}
+                for after, last, first, count in spec.ranges]
     counts = spec.row_groups or _row_group_counts(spec)
-    return [{"file": i, "row_group": g, "uris": [uri]}
-            for i, ((uri, _), groups) in enumerate(zip(spec.files, counts)) for g in range(len(groups))]
+    return [{"file": i, "row_group": g, "uris": [uri], "rows": rows}
+            for i, ((uri, _), groups) in enumerate(zip(spec.files, counts)) for g, rows in enumerate(groups)]
 
 
 def _row_group_counts(spec: PoolSpec) -> tuple[tuple[int, ...], ...]:
@@ -60,16 +55,10 @@ def read_unit(unit: dict, spec: PoolSpec, block_rows: int = 65536, max_bytes: in
     row group's average row size, about ``max_bytes`` (large encoded images): ``id`` and
     the data column (image files: ``bytes`` and ``path``, the id being the key), plus
     ``file`` and ``row``."""
-    first = int(unit["file"])
     if spec.format == "files":
-        uris = list(unit["uris"])
-        with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(uris))) as pool:
-            blobs = list(pool.map(storage.read_bytes, uris))
-        yield pa.table({"bytes": pa.array(blobs, pa.binary()),
-                        "path": pa.array([storage.resolve(u)[1] for u in uris], pa.string()),
-                        "file": pa.array(np.arange(first, first + len(uris), dtype=np.int32)),
-                        "row": pa.array(np.zeros(len(uris), dtype=np.int64))})
+        yield from _read_image_range(unit, spec, max_bytes)
         return
+    first = int(unit["file"])
     fs, path = storage.resolve(unit["uris"][0])
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
@@ -83,6 +72,31 @@ def read_unit(unit: dict, spec: PoolSpec, block_rows: int = 65536, max_bytes: in
             yield pa.Table.from_batches([batch]).append_column("file", pa.array(np.full(n, first, dtype=np.int32))) \
                 .append_column("row", pa.array(np.arange(row, row + n, dtype=np.int64)))
             row += n
+
+
+def _read_image_range(unit: dict, spec: PoolSpec, max_bytes: int):
+    """A range of image files, listed again here, as tables of at most ``FILES_PER_TABLE``
+    files and (unless one file is larger) ``max_bytes``."""
+    after, last = unit["uris"]
+    files = list(image_files(spec, after, last))
+    if len(files) != unit["rows"]:
+        raise BadInput(f"{spec.uri}: the pool changed while it was scored: {len(files)} image files up to "
+                       f"{last}, where {unit['rows']} were listed at the start")
+    first = int(unit["file"])
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        start = 0
+        while start < len(files):
+            stop, size = start, 0
+            while stop < len(files) and stop - start < FILES_PER_TABLE \
+                    and (stop == start or size + files[stop][1] <= max_bytes):
+                size += files[stop][1]
+                stop += 1
+            uris = [uri for uri, _ in files[start:stop]]
+            yield pa.table({"bytes": pa.array(list(pool.map(storage.read_bytes, uris)), pa.binary()),
+                            "path": pa.array([storage.resolve(u)[1] for u in uris], pa.string()),
+                            "file": pa.array(np.arange(first + start, first + stop, dtype=np.int32)),
+                            "row": pa.array(np.zeros(stop - start, dtype=np.int64))})
+            start = stop
 
 
 def read_batches(batch: pa.Table, spec: PoolSpec, block_rows: int = 65536, max_bytes: int = 64 << 20):

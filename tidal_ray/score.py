@@ -47,7 +47,6 @@ MIN_BLOCKS = 8
 IN_FLIGHT_BLOCKS = 16
 BLOCKS_PER_ACTOR = 4
 READ_BLOCK_BYTES = 64 << 20  # encoded bytes per read block (large images: fewer rows)
-SKIPPED_NAMES_SHOWN = 10     # skipped files named in selection.json (all are counted)
 
 
 @dataclass(frozen=True)
@@ -136,7 +135,7 @@ def score_batches_in_process(plan: Plan):
     """The pipeline in this process: read, decode, score, one block at a time."""
     scorer = BatchScorer(**_scorer_kwargs(plan))
     spec, block_rows = plan.spec.slim(), _block_rows(plan)
-    for unit in arrival_order_for_tests(read_units(plan.spec, READ_BLOCK_BYTES)):
+    for unit in arrival_order_for_tests(read_units(plan.spec)):
         for table in read_unit(unit, spec, block_rows, READ_BLOCK_BYTES):
             yield scorer(decode_for_scoring(table, spec, plan.input_shape, {}))
 
@@ -179,7 +178,7 @@ def score_batches_on_ray(plan: Plan, use_gpu: bool | None = None):
     # Our own read, one task per parquet row group (or run of image files), in fractional
     # CPUs: Ray Data 2.60's read_parquet adds a ListFiles task that asks for a whole CPU
     # and hung a 1-CPU node with the scorer actor placed. Every row keeps its position.
-    units = read_units(spec, READ_BLOCK_BYTES)
+    units = read_units(spec)
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
     ds = ds.map_batches(read_batches, batch_size=1, batch_format="pyarrow", num_cpus=DECODE_CPUS,
                         fn_kwargs={"spec": spec.slim(), "block_rows": block_rows,
@@ -205,7 +204,7 @@ def _pool_files(spec: PoolSpec) -> dict:
     """The pool's files for selection.json: each parquet file; for image files (a row
     each, millions in a real pool) their count and bytes only."""
     if spec.format == "files":
-        return {"image_files": len(spec.files), "image_bytes": int(sum(size for _, size in spec.files))}
+        return {"image_files": spec.rows, "image_bytes": spec.bytes}
     return {"files": [{"uri": f, "size": s} for f, s in spec.files]}
 
 
@@ -275,7 +274,7 @@ def score_pool(checkpoint_uri, pool_uri, k, out_uri, strategy="tidal-entropy", e
                  **_pool_files(plan.spec)},
         **accounting,
         # Marker/hidden files and non-images under an image prefix: skipped, not rows.
-        "files_skipped": len(plan.spec.skipped), "files_skipped_names": list(plan.spec.skipped[:SKIPPED_NAMES_SHOWN]),
+        "files_skipped": plan.spec.skipped_count, "files_skipped_names": list(plan.spec.skipped),
         "wall_seconds": round(wall, 3), "rows_per_s": round(reduction.rows_read / max(wall, 1e-9), 1),
         # Start-up (plan, repeated ids, actors, checkpoint load, first block) and the
         # rate from the first batch at the driver to the last.

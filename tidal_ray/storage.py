@@ -22,11 +22,15 @@ def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
-def s3_filesystem() -> pafs.S3FileSystem:
-    """One S3 filesystem per endpoint and region, reused by every call."""
+def _s3_endpoint_and_region() -> tuple[str | None, str]:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return _s3_filesystem(endpoint, region)
+    return endpoint, region
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """One S3 filesystem per endpoint and region, reused by every call."""
+    return _s3_filesystem(*_s3_endpoint_and_region())
 
 
 @functools.lru_cache(maxsize=8)
@@ -107,19 +111,78 @@ def is_hidden(uri: str) -> bool:
 
 def list_files(uri: str) -> list[tuple[str, int]]:
     """Every file under a prefix (recursively), as ``(uri, size)``, sorted by uri;
-    hidden and marker files included (callers decide: see ``is_hidden``)."""
-    fs, path = resolve(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.File:
-        return [(str(uri), info.size)]
-    if info.type == pafs.FileType.NotFound:
+    hidden and marker files included (callers decide: see ``is_hidden``). For short
+    listings: a pool's prefix is walked with ``iter_files``."""
+    files = list(iter_files(uri))
+    if not files and not exists(uri):
         raise FileNotFoundError(f"nothing at {uri}")
-    files = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    prefix = "s3://" if is_s3(uri) else ""
-    return sorted(
-        (prefix + f.path, f.size) for f in files
-        if f.type == pafs.FileType.File
-    )
+    return files
+
+
+def iter_files(uri: str, start_after: str | None = None):
+    """Yield every file under a prefix (recursively; a file's own uri gives itself) as
+    ``(uri, size)`` in uri order, one listing page (or local directory) at a time, so
+    the whole listing is never in memory; with ``start_after`` (a uri), only the files
+    after it. Hidden and marker files included."""
+    if is_s3(uri):
+        yield from _iter_s3(str(uri).rstrip("/"), start_after)
+        return
+    path = os.path.abspath(uri)
+    if os.path.isfile(path):
+        if start_after is None or path > start_after:
+            yield path, os.path.getsize(path)
+    elif os.path.isdir(path):
+        yield from _walk_sorted(path, start_after)
+
+
+def _walk_sorted(directory: str, start_after: str | None):
+    # Entries in the order of their full paths (a directory sorts as "name/"), as S3
+    # lists keys; directories wholly before ``start_after`` are not entered.
+    with os.scandir(directory) as it:
+        entries = sorted((e.name + "/" if e.is_dir() else e.name, e) for e in it)
+    for _, entry in entries:
+        if entry.is_dir():
+            inside = entry.path + "/"
+            if start_after is None or inside >= start_after or start_after.startswith(inside):
+                yield from _walk_sorted(entry.path, start_after)
+        elif entry.is_file() and (start_after is None or entry.path > start_after):
+            yield entry.path, entry.stat().st_size
+
+
+def _iter_s3(uri: str, start_after: str | None):
+    from botocore.exceptions import ClientError
+
+    bucket, key = _bucket_key(uri)
+    client = s3_client()
+    if key:
+        try:
+            size = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+                raise
+        else:
+            if start_after is None or uri > start_after:
+                yield uri, size
+            return
+    request = {"Bucket": bucket, "Prefix": key + "/" if key else ""}
+    if start_after:
+        request["StartAfter"] = _bucket_key(start_after)[1]
+    for page in client.get_paginator("list_objects_v2").paginate(**request):
+        for obj in page.get("Contents", ()):
+            if not obj["Key"].endswith("/"):  # a zero-byte "directory" marker
+                yield f"s3://{bucket}/{obj['Key']}", obj["Size"]
+
+
+def s3_client():
+    """A boto3 S3 client for the same endpoint and region as ``s3_filesystem``."""
+    return _s3_client(*_s3_endpoint_and_region())
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_client(endpoint: str | None, region: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region)
 
 
 def _bucket_key(uri: str) -> tuple[str, str]:
@@ -131,12 +194,11 @@ def put_if_absent(uri: str, data: bytes) -> bool:
     """Create ``uri`` only if nothing is there yet; False if something already was.
     Locally an exclusive create; on S3 a conditional PUT (If-None-Match: *)."""
     if is_s3(uri):
-        import boto3
         from botocore.exceptions import ClientError
 
         bucket, key = _bucket_key(uri)
         try:
-            boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
                 return False

@@ -1,0 +1,129 @@
+"""Listing a prefix without holding it: ``storage.iter_files`` walks a prefix in uri
+order a page at a time (locally and on the loopback S3 server, through boto3), and an
+image pool is kept as ranges of its listing that read tasks list again for themselves."""
+import tracemalloc
+
+import boto3
+import numpy as np
+import pytest
+
+from tidal_ray import pool as pool_module
+from tidal_ray import storage
+from tidal_ray.errors import BadInput
+from tidal_ray.loader import load_rows, pool_has_ids
+from tidal_ray.make_pool import make_pool
+from tidal_ray.pool import describe_pool
+from tidal_ray.read import read_unit, read_units
+
+# Names whose uri order differs from a naive directory-by-directory walk:
+# "a-b" < "a.png" < "a/..." < "a0" (as '-' < '.' < '/' < '0').
+TRICKY = ["a/x.png", "a.png", "a-b.png", "a0.png", "a/b/c.png", "a/b.png", "b.png", "a/_SUCCESS", "z/y/x/w.png"]
+
+
+def _write_local(root, names):
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(name.encode())
+
+
+def test_local_listing_is_in_uri_order_and_resumes_after_any_uri(tmp_path):
+    _write_local(tmp_path / "p", TRICKY)
+    root = str(tmp_path / "p")
+    listed = list(storage.iter_files(root))
+    expected = sorted(f"{root}/{n}" for n in TRICKY)
+    assert [u for u, _ in listed] == expected
+    assert [s for _, s in listed] == [len(u[len(root) + 1:]) for u in expected]
+    for i, after in enumerate(expected):
+        assert [u for u, _ in storage.iter_files(root, start_after=after)] == expected[i + 1:]
+    assert [u for u, _ in storage.iter_files(f"{root}/a.png")] == [f"{root}/a.png"]
+    assert list(storage.iter_files(f"{root}/missing")) == []
+
+
+def test_s3_listing_pages_through_boto3_in_uri_order(s3_bucket):
+    names = TRICKY + [f"many/{i:05d}.png" for i in range(2100)]  # more than two pages of 1000
+    client = boto3.client("s3")
+    bucket = s3_bucket[len("s3://"):]
+    for name in names:
+        client.put_object(Bucket=bucket, Key=f"pool/{name}", Body=name.encode())
+    client.put_object(Bucket=bucket, Key="pool/dir-marker/", Body=b"")
+    client.put_object(Bucket=bucket, Key="pool-other/a.png", Body=b"x")  # beside the prefix, not in it
+    expected = sorted(f"{s3_bucket}/pool/{n}" for n in names)
+    assert [u for u, _ in storage.iter_files(f"{s3_bucket}/pool")] == expected
+    assert [u for u, _ in storage.iter_files(f"{s3_bucket}/pool/", start_after=expected[1500])] == expected[1501:]
+    assert list(storage.iter_files(f"{s3_bucket}/pool/a.png")) == [(f"{s3_bucket}/pool/a.png", 5)]
+
+
+def test_ranges_stay_bounded_and_cover_the_listing_once(monkeypatch):
+    monkeypatch.setattr(pool_module, "FILES_PER_RANGE", 2)
+    monkeypatch.setattr(pool_module, "MAX_RANGES", 4)
+    for n in (1, 2, 3, 7, 8, 16, 17, 100, 1001):
+        uris = [f"s3://b/p/{i:05d}.png" for i in range(n)]
+        ranges = pool_module._Ranges()
+        for uri in uris:
+            ranges.add(uri)
+        runs = ranges.ranges()
+        assert len(runs) <= 2 * 4 and sum(count for *_, count in runs) == n
+        covered = []
+        for after, last, first, count in runs:
+            inside = [u for u in uris if after < u <= last]
+            assert len(inside) == count and uris.index(inside[0]) == first
+            covered += inside
+        assert covered == uris
+
+
+def test_an_image_pool_is_described_by_ranges_and_read_back_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(pool_module, "MAX_RANGES", 2)   # 300 files: runs of 64, then 128
+    make_pool(str(tmp_path / "pool"), "digits", rows=300, fmt="files", shards=3)
+    (tmp_path / "pool" / "README.txt").write_text("not a photo")
+    spec = describe_pool(str(tmp_path / "pool"))
+    assert spec.files == () and spec.rows == 300 and spec.skipped_count == 1
+    assert [count for *_, count in spec.ranges] == [128, 128, 44]
+    assert spec.bytes == sum(p.stat().st_size for p in (tmp_path / "pool").rglob("*.png"))
+
+    rows = [t for unit in read_units(spec) for t in read_unit(unit, spec.slim(), max_bytes=2000)]
+    files = np.concatenate([t.column("file").to_numpy() for t in rows])
+    assert files.tolist() == list(range(300))
+    assert max(t.num_rows for t in rows) <= 64 and min(t.num_rows for t in rows) >= 1
+    paths = [p for t in rows for p in t.column("path").to_pylist()]
+    assert paths == sorted(str(p) for p in (tmp_path / "pool").rglob("*.png"))
+
+    # A file added under the prefix after it was listed is caught, not silently skipped.
+    unit = read_units(spec)[1]
+    (tmp_path / "pool" / "part-00001" / "00000150a.png").write_bytes(b"late")
+    with pytest.raises(BadInput, match="changed while it was scored: 129 image files .* 128 were listed"):
+        list(read_unit(unit, spec.slim()))
+
+
+def test_image_ids_are_looked_up_one_by_one_not_by_listing(tmp_path):
+    make_pool(str(tmp_path / "pool"), "digits", rows=40, fmt="files", shards=2)
+    (tmp_path / "pool" / "part-00000" / ".hidden.png").write_bytes(b"x")
+    uri = str(tmp_path / "pool")
+    present = "part-00001/00000030.png"
+    asked = [present, "part-00000/missing.png", "part-00000/.hidden.png", "../pool/part-00001/00000030.png",
+             "part-00000//00000001.png", ""]
+    assert pool_has_ids(uri, asked) == {present}
+    ids, x, _, shape = load_rows(uri, ids=[present])
+    assert ids.tolist() == [present] and x.shape == (1, *shape)
+    with pytest.raises(BadInput, match="not found"):
+        load_rows(uri, ids=[present, "part-00000/missing.png"])
+
+
+def test_describing_an_image_prefix_does_not_keep_its_listing(tmp_path):
+    """Python allocations while describing 20,000 files are those of 2,000: the listing
+    is walked, not kept (files spread over directories, as listed one at a time)."""
+    def peak(n):
+        root = tmp_path / f"pool{n}"
+        for d in range(n // 100):
+            (root / f"d{d:04d}").mkdir(parents=True)
+            for i in range(100):
+                (root / f"d{d:04d}" / f"{i:03d}-a-longish-photo-name.jpg").touch()
+        tracemalloc.start()
+        spec = describe_pool(str(root))
+        used = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert spec.rows == n
+        return used
+
+    small, large = peak(2_000), peak(20_000)
+    assert large < small + (1 << 20), (small, large)
