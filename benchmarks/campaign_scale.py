@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,14 +32,11 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from common import machine, peak_rss_mb, start_s3, write_results  # noqa: E402  (this folder is on sys.path)
+
 ROWS_PER_FILE = 100_000
 TEST_ROWS = 10_000
 SHAPE = "64"
-
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
 
 
 def child_init(root: str, pool: str, test: str, args) -> dict:
@@ -93,25 +88,6 @@ def run_child(kind: str, root: str, pool: str, test: str, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def start_s3() -> str:
-    """A loopback S3 server in this process; its settings go to the children's environment."""
-    import logging
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
-                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1",
-                       "AWS_EC2_METADATA_DISABLED": "true"})
-    boto3.client("s3").create_bucket(Bucket="campaign-scale")
-    return "s3://campaign-scale"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=200_000, help="N (the other pool has 10N)")
@@ -134,8 +110,7 @@ def main() -> None:
 
     from tidal_ray.make_pool import make_pool
 
-    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                           "load_average_at_start": os.getloadavg()},
+    results = {"machine": machine(),
                "settings": {"n": args.rows, "shape": SHAPE, "rows_per_file": ROWS_PER_FILE, "k": args.k,
                             "initial_labels": args.initial, "epochs": args.epochs, "backbone": "mlp",
                             "test_rows": TEST_ROWS},
@@ -143,7 +118,7 @@ def main() -> None:
     stores = ["local", "s3"] if args.storage == "both" else [args.storage]
     with tempfile.TemporaryDirectory(prefix="campaign-scale-") as local:
         for store in stores:
-            base = start_s3() if store == "s3" else local
+            base = start_s3("campaign-scale") if store == "s3" else local
             test = f"{base}/test"
             make_pool(test, source="synthetic", rows=TEST_ROWS, fmt="features", shape=SHAPE)
             by_size = {}
@@ -175,11 +150,7 @@ def main() -> None:
                 cycle = "not run" if ratio["cycle"] is None else f"{ratio['cycle']:.3f}"
                 print(f"{store} #{repeat}: driver peak RSS 10N / N: init {ratio['init']:.3f}, "
                       f"whole cycle {cycle} (target <= 1.10)", flush=True)
-    results["machine"]["load_average_at_end"] = os.getloadavg()
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.out}")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,7 @@ niceness (``--nice``, default 0), so that other load on a shared machine hits ev
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,6 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from common import machine, write_results  # noqa: E402  (this folder is on sys.path)
 from tidal_ray.checkpoint import save_checkpoint  # noqa: E402
 from tidal_ray.make_pool import make_pool  # noqa: E402
 from tidal_ray.models import build_model, prepare_input  # noqa: E402
@@ -48,17 +47,6 @@ from tidal_ray.scorer import keep_freed_memory  # noqa: E402
 
 DIM, CLASSES, BACKBONE, STRATEGY = 64, 10, "mlp", "tidal-entropy"
 TARGETS = {"in_process_ratio": 0.60, "ray_steady_ratio": 0.40, "ingest_rows_per_s": 1_000_000}
-
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "torch": torch.__version__}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return info
 
 
 def model_only(net, x: torch.Tensor, batch_size: int, passes: int = 3) -> list[float]:
@@ -203,16 +191,13 @@ def main() -> None:
     print(f"load average {load_start[0]:.2f} -> {load_end[0]:.2f}")
 
     result = {
-        "machine": machine(), "backbone": BACKBONE, "dim": DIM, "rows": args.rows, "shards": args.shards,
+        "machine": machine(torch=torch.__version__), "backbone": BACKBONE, "dim": DIM, "rows": args.rows, "shards": args.shards,
         "batch_size": args.batch_size, "torch_threads": args.threads, "ray_cpus": args.cpus, "actors": [low, high],
         "niceness": os.nice(0), "in_process_runs": local_runs, "ray_runs": ray_runs,
         "ingest_rows_per_s": ingest, **ratios, "targets": TARGETS, "same_selection": same,
         "load_average": {"start": load_start, "end": load_end},
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_results(result, args.out)
 
 
 if __name__ == "__main__":

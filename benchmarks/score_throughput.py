@@ -19,9 +19,7 @@ on a quiet machine it changes nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from common import machine, write_results  # noqa: E402  (this folder is on sys.path)
 from tidal_ray.checkpoint import save_checkpoint  # noqa: E402
 from tidal_ray.make_pool import make_pool, synthetic_rows  # noqa: E402
 from tidal_ray.cli import parse_actors  # noqa: E402
@@ -39,19 +38,6 @@ from tidal_ray.score import score_pool  # noqa: E402
 from tidal_ray.scorer import keep_freed_memory  # noqa: E402
 
 SHAPE, CLASSES, BACKBONE = (3, 32, 32), 10, "resnet18"
-
-
-def machine(device: str) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "device": device}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def model_only(net, x: torch.Tensor, batch_size: int, device: str) -> float:
@@ -148,7 +134,8 @@ def main() -> None:
               "(other load on this machine?); rerun on a quiet machine")
 
     result = {
-        "machine": machine(args.device), "backbone": BACKBONE, "shape": list(SHAPE), "rows": args.rows,
+        "machine": machine(torch=torch.__version__, device=args.device,
+                           **({"gpu": torch.cuda.get_device_name(0)} if args.device == "cuda" else {})), "backbone": BACKBONE, "shape": list(SHAPE), "rows": args.rows,
         "model_rows": args.model_rows, "batch_size": args.batch_size, "torch_threads": threads,
         "actors": [low, high], "niceness": os.nice(0), "model_only_rows_per_s": {"before": before, "after": after, "mean": reference},
         "pipeline_rows_per_s": pipeline, "pipeline_wall_seconds": summary["wall_seconds"],
@@ -157,10 +144,7 @@ def main() -> None:
         "driver_cpu_seconds": driver_cpu, "load_average": [load_before, load_after],
         "accounting": {k: summary[k] for k in ("rows_read", "rows_scored", "rows_rejected", "rows_excluded")},
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_results(result, args.out)
 
 
 if __name__ == "__main__":

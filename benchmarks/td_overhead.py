@@ -11,9 +11,7 @@ median epoch times and their ratio; writes benchmarks/out/td_overhead.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from common import machine, write_results  # noqa: E402  (this folder is on sys.path)
 from tidal_ray.dynamics import TDTable  # noqa: E402
 from tidal_ray.models import build_backbone, build_model, prepare_input  # noqa: E402
 from tidal_ray.train import train_step  # noqa: E402
@@ -89,9 +88,7 @@ def main() -> None:
     tidal_s, plain_s = statistics.median(tidal[1:]), statistics.median(plain[1:])
     result = {
         "benchmark": "td_overhead",
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_threads": args.threads, "torch": torch.__version__,
-                    "device": "cpu"},
+        "machine": machine(torch_threads=args.threads, torch=torch.__version__, device="cpu"),
         "model": "resnet18 (CIFAR-style) + TD module", "input": list(SHAPE), "samples": args.samples,
         "batch_size": args.batch_size, "measured_epochs": args.epochs,
         "tidal_epoch_s": tidal_s, "plain_epoch_s": plain_s, "ratio": tidal_s / plain_s, "target_ratio": 1.15,
@@ -99,10 +96,7 @@ def main() -> None:
     }
     print(f"median epoch: tidal {tidal_s:.2f}s, plain CE {plain_s:.2f}s, ratio {tidal_s / plain_s:.3f} "
           f"(target <= 1.15; {args.samples} samples, batch {args.batch_size}, {args.threads} threads)")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_results(result, args.out)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from common import machine, write_results  # noqa: E402  (this folder is on sys.path)
 
 BATCH = 4096
 EXCLUDED = 10_000
@@ -93,7 +94,7 @@ def main() -> None:
         print(json.dumps(child(args.child, args.k, args.ids)))
         return
 
-    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+    results = {"machine": machine(),
                "k": args.k, "batch_rows": BATCH, "excluded_ids": EXCLUDED, "runs": []}
     for ids_kind in (["dense", "sparse"] if args.ids == "both" else [args.ids]):
         small, large = measure(args.rows, args.k, ids_kind), measure(10 * args.rows, args.k, ids_kind)
@@ -104,10 +105,7 @@ def main() -> None:
                   f"(after imports {r['rss_after_imports_mb']:.1f} MB; duplicate check "
                   f"{r['duplicate_check_bytes'] / 2**20:.2f} MB; {r['reduction_rows_per_s']:,.0f} rows/s)")
         print(f"{ids_kind:>6} ids: peak RSS 10N / N = {ratio:.3f} (target <= 1.10)")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.out}")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":
