@@ -158,7 +158,8 @@ def _iter_s3(uri: str, start_after: str | None):
         try:
             size = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+            # Not one object (403 too: a role may list a prefix without reading its name as a key).
+            if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound", "403", "AccessDenied"):
                 raise
         else:
             if start_after is None or uri > start_after:
