@@ -127,3 +127,10 @@ def test_describing_an_image_prefix_does_not_keep_its_listing(tmp_path):
 
     small, large = peak(2_000), peak(20_000)
     assert large < small + (1 << 20), (small, large)
+
+
+def test_a_missing_bucket_or_empty_prefix_is_bad_input_naming_it(s3_bucket):
+    with pytest.raises(BadInput, match="no pool at s3://no-such-bucket-here/pool"):
+        describe_pool("s3://no-such-bucket-here/pool")
+    with pytest.raises(BadInput, match=f"no pool at {s3_bucket}/empty"):
+        describe_pool(f"{s3_bucket}/empty")

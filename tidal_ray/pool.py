@@ -178,6 +178,8 @@ def list_pool(uri: str) -> tuple[str, _Listing]:
             listing.add(file_uri, size)
     except (FileNotFoundError, NotADirectoryError):
         pass
+    except OSError as e:  # no permission, no connection
+        raise BadInput(f"cannot list the pool {uri}: {e}") from None
     parquet, images = len(listing.parquet), listing.images.count
     if not (parquet or images or listing.hidden_count or listing.other_count):
         raise BadInput(f"no pool at {uri}: the prefix does not exist or holds no files")

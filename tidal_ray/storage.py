@@ -168,10 +168,16 @@ def _iter_s3(uri: str, start_after: str | None):
     request = {"Bucket": bucket, "Prefix": key + "/" if key else ""}
     if start_after:
         request["StartAfter"] = _bucket_key(start_after)[1]
-    for page in client.get_paginator("list_objects_v2").paginate(**request):
-        for obj in page.get("Contents", ()):
-            if not obj["Key"].endswith("/"):  # a zero-byte "directory" marker
-                yield f"s3://{bucket}/{obj['Key']}", obj["Size"]
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(**request):
+            for obj in page.get("Contents", ()):
+                if not obj["Key"].endswith("/"):  # a zero-byte "directory" marker
+                    yield f"s3://{bucket}/{obj['Key']}", obj["Size"]
+    except ClientError as e:  # as pyarrow's filesystems say it: an OSError callers can catch
+        code = e.response.get("Error", {}).get("Code")
+        kind = FileNotFoundError if code == "NoSuchBucket" else PermissionError if code in ("403", "AccessDenied") \
+            else OSError
+        raise kind(f"listing {uri}: {e}") from None
 
 
 def s3_client():
