@@ -22,7 +22,10 @@ from .errors import BadInput
 from .pool import SAMPLED_IMAGES, PoolSpec, describe_pool, image_files, image_keys_present, input_shape_for
 
 
-def iter_tables(spec: PoolSpec, columns: list[str] | None = None, batch_rows: int = 65536):
+BATCH_ROWS = 65536
+
+
+def iter_tables(spec: PoolSpec, columns: list[str] | None = None, batch_rows: int = BATCH_ROWS):
     """The pool as tables in pool order, reading only ``columns`` (plus ``path``)."""
     if spec.format == "files":
         yield from _image_tables((uri for uri, _ in image_files(spec)), batch_rows)
@@ -36,7 +39,7 @@ def iter_tables(spec: PoolSpec, columns: list[str] | None = None, batch_rows: in
                 yield table.append_column("path", pa.array([path] * table.num_rows, pa.string()))
 
 
-def _image_tables(uris, batch_rows: int):
+def _image_tables(uris, batch_rows: int = BATCH_ROWS):
     """Image files as tables of ``bytes`` and ``path``, ``batch_rows`` files each."""
     uris = iter(uris)
     while chunk := list(itertools.islice(uris, batch_rows)):
@@ -54,13 +57,14 @@ def load_rows(uri: str, ids=None, input_shape=None):
     duplicate ids the first row wins."""
     spec = describe_pool(uri)
     wanted = None if ids is None else id_utils.from_user(ids, spec.id_type, uri)
-    columns = None if spec.format == "files" else ["id", spec.column] + (["label"] if spec.has_label else [])
-    tables = iter_tables(spec, columns)
     if wanted is not None and spec.format == "files":  # the wanted files alone (missing ones: below)
         keys = wanted.to_pylist()
         uris = [spec.key_uri(k) for k, ok in zip(keys, image_keys_present(spec, keys)) if ok]
         spec = replace(spec, rows=len(uris), sample=tuple(uris[:SAMPLED_IMAGES]))
-        tables = _image_tables(uris, 65536)
+        tables = _image_tables(uris)
+    else:
+        tables = iter_tables(spec, None if spec.format == "files" else
+                             ["id", spec.column] + (["label"] if spec.has_label else []))
     if input_shape is None:
         input_shape = input_shape_for(spec) if spec.rows else (0,)
     input_shape = tuple(int(d) for d in input_shape)
