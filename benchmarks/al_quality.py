@@ -95,7 +95,7 @@ def regime_spec(dataset: str, regime: str, cycles: int | None = None, **override
 
 def load_data(dataset: str, seed: int, imbalance_factor: float | None, data_dir: str | None = None) -> dict:
     """Arrays over every row plus the row indices of the pool and of the test split."""
-    from tidal_ray import datasets
+    from tidal_ray.data import datasets
 
     if dataset == "digits":
         ids, pixels, labels = datasets.load_digits()
@@ -139,7 +139,8 @@ def epochs_for(labeled: int, recipe: dict) -> int:
 
 
 def train(data: dict, rows: np.ndarray, recipe: dict, seed: int):
-    from tidal_ray.train import TrainConfig, train_in_process
+    from tidal_ray.train.config import TrainConfig
+    from tidal_ray.train.loop import train_in_process
 
     config = TrainConfig(num_classes=data["classes"], input_shape=data["shape"], seed=seed,
                          backbone=recipe["backbone"], epochs=epochs_for(len(rows), recipe),
@@ -173,14 +174,14 @@ def score(scorer, data: dict, rows: np.ndarray, columns: list[str]) -> dict:
 def random_selection_scores(data: dict, rows: np.ndarray, seed: int) -> dict:
     # random's column does not depend on the model (a hash of seed and id, as in BatchScorer),
     # so it skips the forward pass.
-    from tidal_ray.uncertainty import random_scores
+    from tidal_ray.method.uncertainty import random_scores
 
     ids = data["ids"][rows]
     return {"id": ids, "predicted_class": np.zeros(len(ids), np.int64), "random": random_scores(ids, seed)}
 
 
 def top_k(scored: dict, column: str, k: int) -> np.ndarray:
-    from tidal_ray.topk import StreamingTopK
+    from tidal_ray.method.topk import StreamingTopK
 
     topk = StreamingTopK(k)
     for s in range(0, len(scored["id"]), SCORE_CHUNK):
@@ -214,9 +215,9 @@ def run_seed(dataset: str, regime: str, strategies: list[str], seed: int, spec: 
     ``on_record`` is called with each strategy's record as soon as it is complete."""
     import torch
 
-    from tidal_ray.checkpoint import save_checkpoint
-    from tidal_ray.datasets import initial_labels
-    from tidal_ray.scorer import BatchScorer
+    from tidal_ray.train.checkpoint import save_checkpoint
+    from tidal_ray.data.datasets import initial_labels
+    from tidal_ray.score.scorer import BatchScorer
 
     torch.set_num_threads(1)
     data = load_data(dataset, seed, spec["imbalance_factor"], data_dir)
@@ -285,7 +286,7 @@ def recipe_check(trials: list[tuple[int, dict]], data_dir: str | None = None, va
     Fashion-MNIST test split is never loaded."""
     import torch
 
-    from tidal_ray import datasets
+    from tidal_ray.data import datasets
 
     torch.set_num_threads(1)
     ids, pixels, labels = datasets.load_fashion_mnist("train", data_dir)

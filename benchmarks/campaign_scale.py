@@ -40,7 +40,7 @@ SHAPE = "64"
 
 
 def child_init(root: str, pool: str, test: str, args) -> dict:
-    from tidal_ray import campaign
+    from tidal_ray.campaign import cycle as campaign
 
     config = campaign.CampaignConfig(pool=pool, test=test, num_classes=10, k=args.k, cycles=1,
                                      backbone="mlp", epochs=args.epochs, batch_size=256, seed=0,
@@ -51,7 +51,7 @@ def child_init(root: str, pool: str, test: str, args) -> dict:
 
 
 def child_cycle(root: str) -> dict:
-    from tidal_ray import campaign
+    from tidal_ray.campaign import cycle as campaign
     from tidal_ray.runtime import init_ray
 
     def log(line):
@@ -108,7 +108,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from tidal_ray.make_pool import make_pool
+    from tidal_ray.data.make_pool import make_pool
 
     results = {"machine": machine(),
                "settings": {"n": args.rows, "shape": SHAPE, "rows_per_file": ROWS_PER_FILE, "k": args.k,

@@ -33,8 +33,8 @@ SHAPE = (3, 8, 8)
 
 
 def child_score(pool: str, checkpoint: str, out: str) -> dict:
-    from tidal_ray.pool import describe_pool
-    from tidal_ray.score import score_pool
+    from tidal_ray.data.pool import describe_pool
+    from tidal_ray.score.pipeline import score_pool
 
     started = time.perf_counter()
     spec = describe_pool(pool)
@@ -46,7 +46,7 @@ def child_score(pool: str, checkpoint: str, out: str) -> dict:
 
 
 def child_hold(pool: str) -> dict:
-    from tidal_ray import storage
+    from tidal_ray.data import storage
 
     started = time.perf_counter()
     files = list(storage.iter_files(pool))
@@ -63,9 +63,10 @@ def run_child(*argv: str) -> dict:
 def train_checkpoint(path: str) -> str:
     import numpy as np
 
-    from tidal_ray.checkpoint import save_checkpoint
-    from tidal_ray.make_pool import synthetic_rows
-    from tidal_ray.train import TrainConfig, train_in_process
+    from tidal_ray.train.checkpoint import save_checkpoint
+    from tidal_ray.data.make_pool import synthetic_rows
+    from tidal_ray.train.config import TrainConfig
+    from tidal_ray.train.loop import train_in_process
 
     ids = np.arange(2000)
     x, labels = synthetic_rows(ids, SHAPE, 10, seed=1)
@@ -85,7 +86,7 @@ def main() -> None:
         print(json.dumps(child_score(*rest) if kind == "score" else child_hold(*rest)))
         return
 
-    from tidal_ray.make_pool import make_pool
+    from tidal_ray.data.make_pool import make_pool
 
     base = start_s3("image-pool-scale")
     results = {"machine": machine(),

@@ -38,12 +38,12 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import machine, write_results  # noqa: E402  (this folder is on sys.path)
-from tidal_ray.checkpoint import save_checkpoint  # noqa: E402
-from tidal_ray.make_pool import make_pool  # noqa: E402
+from tidal_ray.train.checkpoint import save_checkpoint  # noqa: E402
+from tidal_ray.data.make_pool import make_pool  # noqa: E402
 from tidal_ray.models import build_model, prepare_input  # noqa: E402
-from tidal_ray.reduce import Reduction  # noqa: E402
-from tidal_ray.score import score_pool  # noqa: E402
-from tidal_ray.scorer import keep_freed_memory  # noqa: E402
+from tidal_ray.score.reduce import Reduction  # noqa: E402
+from tidal_ray.score.pipeline import score_pool  # noqa: E402
+from tidal_ray.score.scorer import keep_freed_memory  # noqa: E402
 
 DIM, CLASSES, BACKBONE, STRATEGY = 64, 10, "mlp", "tidal-entropy"
 TARGETS = {"in_process_ratio": 0.60, "ray_steady_ratio": 0.40, "ingest_rows_per_s": 1_000_000}

@@ -5,7 +5,7 @@
 Model only: ResNet-18 + TD module (eval) on 3x32x32 uint8 tensors already in memory,
 the same batch size and torch threads as a scorer actor, measured before and after the
 pipeline (their mean is the reference, so drifting background load hits both sides).
-Pipeline: ``tidal_ray.score.score_pool`` on a local parquet pool of the same shape:
+Pipeline: ``tidal_ray.score.pipeline.score_pool`` on a local parquet pool of the same shape:
 Ray Data read -> decode (CPU tasks) -> BatchScorer actors -> driver top-k, timed end to
 end from the call (actor start and checkpoint load included; ``ray.init`` not). Also
 the same work in-process (no Ray) to tell Ray's overhead from the decode's. Prints the
@@ -30,12 +30,12 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import machine, write_results  # noqa: E402  (this folder is on sys.path)
-from tidal_ray.checkpoint import save_checkpoint  # noqa: E402
-from tidal_ray.make_pool import make_pool, synthetic_rows  # noqa: E402
+from tidal_ray.train.checkpoint import save_checkpoint  # noqa: E402
+from tidal_ray.data.make_pool import make_pool, synthetic_rows  # noqa: E402
 from tidal_ray.cli import parse_actors  # noqa: E402
 from tidal_ray.models import build_model, prepare_input  # noqa: E402
-from tidal_ray.score import score_pool  # noqa: E402
-from tidal_ray.scorer import keep_freed_memory  # noqa: E402
+from tidal_ray.score.pipeline import score_pool  # noqa: E402
+from tidal_ray.score.scorer import keep_freed_memory  # noqa: E402
 
 SHAPE, CLASSES, BACKBONE = (3, 32, 32), 10, "resnet18"
 

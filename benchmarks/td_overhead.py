@@ -3,7 +3,7 @@ cross-entropy training of the same backbone, same data, optimiser and threads.
 
     python benchmarks/td_overhead.py [--samples 512] [--epochs 3] [--batch-size 64]
 
-TiDAL epochs run the real step (``tidal_ray.train.train_step``); plain epochs run the
+TiDAL epochs run the real step (``tidal_ray.train.loop.train_step``); plain epochs run the
 backbone alone with ``F.cross_entropy``. The two alternate epoch by epoch so that
 background load hits both alike; one warm-up epoch each is not counted. Prints both
 median epoch times and their ratio; writes benchmarks/out/td_overhead.json.
@@ -23,9 +23,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import machine, write_results  # noqa: E402  (this folder is on sys.path)
-from tidal_ray.dynamics import TDTable  # noqa: E402
+from tidal_ray.method.dynamics import TDTable  # noqa: E402
 from tidal_ray.models import build_backbone, build_model, prepare_input  # noqa: E402
-from tidal_ray.train import train_step  # noqa: E402
+from tidal_ray.train.loop import train_step  # noqa: E402
 
 SHAPE, CLASSES = (3, 32, 32), 10
 

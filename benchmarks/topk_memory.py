@@ -5,7 +5,7 @@
 Each size runs in a fresh process, which feeds scorer-output batches (4,096 rows: id,
 file, row, reason, predicted class, score, as the actors send them) through the driver's
 real duplicate pre-pass (``ids.SeenIds`` over the ids, as ``read.repeated_ids`` does) and
-reduction, ``tidal_ray.reduce.Reduction``: exclusions (10,000 ids),
+reduction, ``tidal_ray.score.reduce.Reduction``: exclusions (10,000 ids),
 streaming exact top-k, row accounting. Ids are either dense (0..N-1, what make-pool and
 most pools use) or sparse (scattered 62-bit integers), since the duplicate check keeps a
 bit per id for the first and 8 bytes per id for the second. Prints peak RSS per size and
@@ -44,9 +44,9 @@ def child(rows: int, k: int, ids_kind: str) -> dict:
     import numpy as np
     import pyarrow as pa
 
-    from tidal_ray.ids import SeenIds
-    from tidal_ray.pool import PoolSpec
-    from tidal_ray.reduce import Reduction
+    from tidal_ray.data.ids import SeenIds
+    from tidal_ray.data.pool import PoolSpec
+    from tidal_ray.score.reduce import Reduction
 
     def ids_at(positions):
         ids = np.asarray(positions, dtype=np.int64)

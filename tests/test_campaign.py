@@ -8,7 +8,8 @@ import sys
 import pytest
 from PIL import Image
 
-from tidal_ray import campaign, storage
+from tidal_ray.campaign import cycle as campaign
+from tidal_ray.data import storage
 from tidal_ray.cli import main
 from tidal_ray.demo import write_digits_split
 
@@ -151,7 +152,7 @@ def test_imports_merge_good_rows_and_list_bad_ones(ray_local, tmp_path, capsys):
 
 
 def _pool_labels(pool, n=None):
-    from tidal_ray.loader import load_rows
+    from tidal_ray.data.loader import load_rows
 
     ids, _, labels, _ = load_rows(pool)
     return ids[:n].tolist(), labels[:n].tolist()
@@ -161,7 +162,7 @@ def test_second_driver_is_refused(s3_bucket, capsys):
     root = f"{s3_bucket}/campaigns/locked"
     storage.write_json(campaign.state_uri(root), {"config": {}, "cycle": 0, "step": "train", "status": "running"})
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom tidal_ray.lock import CampaignLock\n"
+        [sys.executable, "-c", "import sys, time\nfrom tidal_ray.campaign.lock import CampaignLock\n"
          "with CampaignLock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n", root],
         stdout=subprocess.PIPE, text=True)
     try:

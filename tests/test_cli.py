@@ -48,11 +48,12 @@ def test_internal_error_is_exit_1_with_a_debug_hint(tmp_path, capsys):
     import numpy as np
     import pyarrow as pa
 
-    from tidal_ray import storage
-    from tidal_ray.checkpoint import save_checkpoint
-    from tidal_ray.datasets import DIGITS_SHAPE, load_digits
-    from tidal_ray.pool import SHAPE_KEY
-    from tidal_ray.train import TrainConfig, train_in_process
+    from tidal_ray.data import storage
+    from tidal_ray.train.checkpoint import save_checkpoint
+    from tidal_ray.data.datasets import DIGITS_SHAPE, load_digits
+    from tidal_ray.data.pool import SHAPE_KEY
+    from tidal_ray.train.config import TrainConfig
+    from tidal_ray.train.loop import train_in_process
 
     ids, pixels, labels = load_digits()
     _, _, session = train_in_process(TrainConfig(num_classes=10, input_shape=DIGITS_SHAPE, epochs=1),

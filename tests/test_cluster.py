@@ -145,10 +145,11 @@ def _run_scenario(module: str, main: str, args: list[str], log: Path, result_pat
 
 def _make_checkpoint(path: Path, input_shape, epochs: int = 2) -> str:
     """A small trained checkpoint: digits for 1x8x8, class-conditional synthetic data otherwise."""
-    from tidal_ray.checkpoint import save_checkpoint
-    from tidal_ray.datasets import load_digits
-    from tidal_ray.make_pool import synthetic_rows
-    from tidal_ray.train import TrainConfig, train_in_process
+    from tidal_ray.train.checkpoint import save_checkpoint
+    from tidal_ray.data.datasets import load_digits
+    from tidal_ray.data.make_pool import synthetic_rows
+    from tidal_ray.train.config import TrainConfig
+    from tidal_ray.train.loop import train_in_process
 
     if tuple(input_shape) == (1, 8, 8):
         ids, x, y = load_digits()
@@ -337,7 +338,7 @@ def ray_start_head():
 
 @pytest.mark.slow
 def test_ray_job_submit_scores_a_pool_on_a_token_auth_cluster(ray_start_cluster, tmp_path):
-    from tidal_ray.make_pool import make_pool
+    from tidal_ray.data.make_pool import make_pool
 
     cluster = ray_start_cluster
     started = time.monotonic()
@@ -378,7 +379,7 @@ def test_ray_job_submit_scores_a_pool_on_a_token_auth_cluster(ray_start_cluster,
     ids, scores = _check_selection(out, 50, 1797)
 
     # The cluster's selection is the one the same code makes in-process.
-    from tidal_ray.score import score_pool
+    from tidal_ray.score.pipeline import score_pool
 
     score_pool(checkpoint, str(pool), 50, str(tmp_path / "local"), use_ray=False, progress=False)
     local = pq.read_table(tmp_path / "local" / "selection.parquet")
@@ -410,9 +411,9 @@ def factory(num_classes):
 def test_ray_job_submit_runs_a_campaign_step_with_a_user_module(ray_start_head, tmp_path, monkeypatch):
     """The user's directory (their module beside the code) goes up as the job's working_dir:
     the job's driver, its Ray Train worker and its scorer actors all import the module."""
-    from tidal_ray import campaign
-    from tidal_ray.datasets import load_digits
-    from tidal_ray.make_pool import make_pool
+    from tidal_ray.campaign import cycle as campaign
+    from tidal_ray.data.datasets import load_digits
+    from tidal_ray.data.make_pool import make_pool
 
     cluster = ray_start_head
     job_dir = tmp_path / "job"
@@ -457,7 +458,7 @@ def _node_failure_main(pool: str, checkpoint: str, out: str, result_path: str) -
     from ray._private import state
     from ray.cluster_utils import Cluster
 
-    from tidal_ray import score
+    from tidal_ray.score import pipeline as score
 
     fast_failure_detection = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
                               "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
@@ -514,7 +515,7 @@ def _node_failure_main(pool: str, checkpoint: str, out: str, result_path: str) -
 
 @pytest.mark.slow
 def test_scoring_survives_a_worker_node_dying_mid_job(tmp_path):
-    from tidal_ray.make_pool import make_pool
+    from tidal_ray.data.make_pool import make_pool
 
     pool, out, result_path = tmp_path / "pool", tmp_path / "out", tmp_path / "result.json"
     make_pool(str(pool), "synthetic", rows=POOL_ROWS, fmt="pixels", shards=6, shape=SHAPE, seed=1)

@@ -16,7 +16,8 @@ import sys
 import numpy as np
 import pyarrow as pa
 
-from tidal_ray import campaign, storage
+from tidal_ray.campaign import cycle as campaign
+from tidal_ray.data import storage
 
 ROWS, LABELED, DIM = 6144, 4096, 4096
 LABELED_BYTES = LABELED * DIM * 4
@@ -24,7 +25,10 @@ LABELED_BYTES = LABELED * DIM * 4
 DRIVER = r"""
 import json, sys
 import ray, torch  # imported before the baseline: what the step adds is what we measure
-from tidal_ray import campaign, labeled, train_ray, lookup
+from tidal_ray.campaign import cycle as campaign
+from tidal_ray.train import ingest as labeled
+from tidal_ray.train import on_ray as train_ray
+from tidal_ray.data import lookup
 
 def status():
     with open("/proc/self/status") as f:

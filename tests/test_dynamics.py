@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tidal_ray.dynamics import TDTable
+from tidal_ray.method.dynamics import TDTable
 
 
 def random_probs(rng, n, c):

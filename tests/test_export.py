@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tidal_ray import storage
+from tidal_ray.data import storage
 from tidal_ray.errors import BadInput
-from tidal_ray.labeling import read_labels, validate_labels, write_exports
-from tidal_ray.make_pool import make_pool
-from tidal_ray.pool import describe_pool
+from tidal_ray.campaign.labeling import read_labels, validate_labels, write_exports
+from tidal_ray.data.make_pool import make_pool
+from tidal_ray.data.pool import describe_pool
 
 
 def _selection(ids, predicted=(3, 1)):

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tidal_ray import datasets
+from tidal_ray.data import datasets
 from tidal_ray.cli import main as cli_main
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))

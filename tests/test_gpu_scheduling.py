@@ -30,7 +30,7 @@ def _gpu_main(pool: str, checkpoint: str, out: str, result_path: str) -> None:
     from ray._private import state
     from ray.cluster_utils import Cluster
 
-    from tidal_ray.score import score_pool
+    from tidal_ray.score.pipeline import score_pool
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     result: dict = {"head": cluster.head_node.node_id}
@@ -72,8 +72,8 @@ def _gpu_main(pool: str, checkpoint: str, out: str, result_path: str) -> None:
 
 @pytest.mark.slow
 def test_use_gpu_scorer_waits_for_and_lands_on_a_gpu_node_that_joins_later(tmp_path):
-    from tidal_ray.make_pool import make_pool
-    from tidal_ray.score import score_pool
+    from tidal_ray.data.make_pool import make_pool
+    from tidal_ray.score.pipeline import score_pool
 
     pool, out, result_path = tmp_path / "pool", tmp_path / "out", tmp_path / "result.json"
     make_pool(str(pool), "digits", shards=3)

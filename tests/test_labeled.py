@@ -5,10 +5,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tidal_ray import storage
+from tidal_ray.data import storage
 from tidal_ray.errors import BadInput
-from tidal_ray.labeled import labeled_rows
-from tidal_ray.make_pool import make_pool
+from tidal_ray.train.ingest import labeled_rows
+from tidal_ray.data.make_pool import make_pool
 
 DIM = 4
 
@@ -33,7 +33,7 @@ def test_rows_indices_and_labels_match_the_pool(ray_local, s3_bucket):
     assert rows.ids.tolist() == wanted and rows.labels.tolist() == labels and rows.rejected == 0
     got = rows_by_index(rows)
     assert [(r["id"], r["index"], r["label"]) for r in got] == list(zip(wanted, range(5), labels))
-    from tidal_ray.make_pool import synthetic_rows
+    from tidal_ray.data.make_pool import synthetic_rows
 
     pixels, _ = synthetic_rows(np.array(wanted), (DIM,), 10, 0)
     assert np.allclose(np.stack([r["x"] for r in got]), pixels / 255.0)

@@ -7,13 +7,14 @@ import boto3
 import numpy as np
 import pytest
 
-from tidal_ray import pool as pool_module
-from tidal_ray import storage
+from tidal_ray.data import listing
+from tidal_ray.data import storage
 from tidal_ray.errors import BadInput
-from tidal_ray.loader import load_rows, pool_has_ids
-from tidal_ray.make_pool import make_pool
-from tidal_ray.pool import describe_pool
-from tidal_ray.read import read_unit, read_units
+from tidal_ray.data.loader import load_rows
+from tidal_ray.data.lookup import pool_has_ids
+from tidal_ray.data.make_pool import make_pool
+from tidal_ray.data.pool import describe_pool
+from tidal_ray.data.read import read_unit, read_units
 
 # Names whose uri order differs from a naive directory-by-directory walk:
 # "a-b" < "a.png" < "a/..." < "a0" (as '-' < '.' < '/' < '0').
@@ -55,11 +56,11 @@ def test_s3_listing_pages_through_boto3_in_uri_order(s3_bucket):
 
 
 def test_ranges_stay_bounded_and_cover_the_listing_once(monkeypatch):
-    monkeypatch.setattr(pool_module, "FILES_PER_RANGE", 2)
-    monkeypatch.setattr(pool_module, "MAX_RANGES", 4)
+    monkeypatch.setattr(listing, "FILES_PER_RANGE", 2)
+    monkeypatch.setattr(listing, "MAX_RANGES", 4)
     for n in (1, 2, 3, 7, 8, 16, 17, 100, 1001):
         uris = [f"s3://b/p/{i:05d}.png" for i in range(n)]
-        ranges = pool_module._Ranges()
+        ranges = listing._Ranges()
         for uri in uris:
             ranges.add(uri)
         runs = ranges.ranges()
@@ -73,7 +74,7 @@ def test_ranges_stay_bounded_and_cover_the_listing_once(monkeypatch):
 
 
 def test_an_image_pool_is_described_by_ranges_and_read_back_whole(tmp_path, monkeypatch):
-    monkeypatch.setattr(pool_module, "MAX_RANGES", 2)   # 300 files: runs of 64, then 128
+    monkeypatch.setattr(listing, "MAX_RANGES", 2)   # 300 files: runs of 64, then 128
     make_pool(str(tmp_path / "pool"), "digits", rows=300, fmt="files", shards=3)
     (tmp_path / "pool" / "README.txt").write_text("not a photo")
     spec = describe_pool(str(tmp_path / "pool"))

@@ -6,10 +6,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from tidal_ray.errors import BadInput
-from tidal_ray.loader import load_rows
-from tidal_ray.lookup import labels_of, rows_with_ids, sample_labels
-from tidal_ray.make_pool import make_pool
-from tidal_ray.pool import describe_pool
+from tidal_ray.data.loader import load_rows
+from tidal_ray.data.lookup import labels_of, rows_with_ids, sample_labels
+from tidal_ray.data.make_pool import make_pool
+from tidal_ray.data.pool import describe_pool
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +47,50 @@ def test_row_groups_without_a_wanted_id_are_skipped_by_their_statistics(tmp_path
     found = list(rows_with_ids(path, pa.array([251, 250, 5000]), ["id", "label"]))
     assert [t.column("id").to_pylist() for t, _ in found] == [[250, 251], [251]]
     assert [rows.tolist() for _, rows in found] == [[250, 251], [1000]]
+
+
+def test_an_undecodable_earliest_duplicate_loses_everywhere(tmp_path, ray_local):
+    """Id 5 is in the pool twice: first with pixels of the wrong length (label 1), then a
+    good row (label 2). Scoring, the oracle, in-memory loads and training all take the
+    good row, as DESIGN §2 says: the earliest *decodable* row wins."""
+    from tidal_ray.data.pool import SHAPE_KEY
+    from tidal_ray.score.pipeline import score_pool
+    from tidal_ray.train.checkpoint import save_checkpoint
+    from tidal_ray.train.config import TrainConfig
+    from tidal_ray.train.ingest import labeled_rows
+    from tidal_ray.train.loop import train_in_process
+
+    rng = np.random.default_rng(0)
+    good = rng.integers(0, 256, size=(12, 64), dtype=np.uint8)
+    pixels = [good[i].tobytes() for i in range(12)]
+    ids = list(range(12))
+    labels = [i % 3 for i in ids]
+    pixels[5], labels[5] = b"short", 1                     # row 5: id 5, undecodable
+    ids.append(5), pixels.append(good[11].tobytes()), labels.append(2)   # row 12: id 5 again, good
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    table = pa.table({"id": pa.array(ids, pa.int64()), "pixels": pa.array(pixels, pa.binary()),
+                      "label": pa.array(labels, pa.int64())})
+    pq.write_table(table.replace_schema_metadata({SHAPE_KEY: b"1x8x8"}), str(pool / "part-0.parquet"),
+                   row_group_size=5)
+    spec = describe_pool(str(pool))
+
+    got_ids, got_labels = labels_of(spec, [5, 4])
+    assert got_ids.tolist() == [5, 4] and got_labels.tolist() == [2, 1]
+    got_ids, x, got_labels, _ = load_rows(str(pool), ids=[5])
+    assert got_labels.tolist() == [2] and x[0].tobytes() == good[11].tobytes()
+
+    rows = labeled_rows(str(pool), [5, 0], [2, 0], input_shape=(1, 8, 8))
+    batch = rows.dataset.take_all()
+    five = [r for r in batch if r["id"] == 5]
+    assert len(five) == 1 and five[0]["x"].tobytes() == good[11].tobytes() and rows.rejected == 0
+
+    config = TrainConfig(num_classes=3, input_shape=(1, 8, 8), backbone="small_cnn", epochs=1, batch_size=8)
+    x_all = np.stack([g.reshape(1, 8, 8) for g in good[:4]])
+    net, table_td, session = train_in_process(config, [0, 1, 2, 3], x_all, [0, 1, 2, 0])
+    save_checkpoint(session.last_state, str(tmp_path / "ckpt"))
+    summary = score_pool(str(tmp_path / "ckpt"), str(pool), 12, str(tmp_path / "out"), strategy="random",
+                         use_ray=False, progress=False)
+    rejects = pq.read_table(str(tmp_path / "out" / "rejects.parquet")).to_pylist()
+    assert [(r["id"], r["reason"].split(":")[0]) for r in rejects] == [(5, "wrong tensor length")]
+    assert summary["rows_scored"] == 12

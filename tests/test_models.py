@@ -3,10 +3,11 @@ import pytest
 import torch
 from torch import nn
 
-from tidal_ray.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from tidal_ray.datasets import DIGITS_SHAPE, load_digits
+from tidal_ray.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from tidal_ray.data.datasets import DIGITS_SHAPE, load_digits
 from tidal_ray.models import HookedModel, TDModule, TiDALNet, build_backbone, build_model, prepare_input
-from tidal_ray.train import TrainConfig, train_in_process
+from tidal_ray.train.config import TrainConfig
+from tidal_ray.train.loop import train_in_process
 
 
 @pytest.mark.parametrize("name,shape,dims", [

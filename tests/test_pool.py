@@ -8,12 +8,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tidal_ray.datasets import load_digits
-from tidal_ray.make_pool import make_pool
-from tidal_ray.decode import (NOT_FINITE, NULL_ID, UNDECODABLE, WRONG_LENGTH, decode_batch, is_decoded,
+from tidal_ray.data.datasets import load_digits
+from tidal_ray.data.make_pool import make_pool
+from tidal_ray.data.decode import (NOT_FINITE, NULL_ID, UNDECODABLE, WRONG_LENGTH, decode_batch, is_decoded,
                               stream_batch, tensor_rows)
-from tidal_ray.loader import load_rows, pool_has_ids
-from tidal_ray.pool import SHAPE_KEY, check_compatible, describe_pool, is_image_prefix
+from tidal_ray.data.loader import load_rows
+from tidal_ray.data.lookup import pool_has_ids
+from tidal_ray.data.listing import is_image_prefix
+from tidal_ray.data.pool import SHAPE_KEY, check_compatible, describe_pool
 
 FORMATS = ["pixels", "image", "features", "files"]
 

@@ -17,14 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tidal_ray import storage
+from tidal_ray.data import storage
 from tidal_ray.cli import main
-from tidal_ray.decode import augment_batch, decode_image, transform_pixels
+from tidal_ray.data.decode import augment_batch, decode_image, transform_pixels
 from tidal_ray.errors import BadInput
-from tidal_ray.make_pool import make_pool
+from tidal_ray.data.make_pool import make_pool
 from tidal_ray.models import build_model, default_model
-from tidal_ray.models.spec import check_model
-from tidal_ray.pool import describe_pool, input_shape_for
+from tidal_ray.train.config import check_model
+from tidal_ray.data.pool import describe_pool, input_shape_for
 
 # A user's own module, as a user would write it: FACTORY(num_classes) -> logits, with two
 # named layers for the TD module. Tests write it into their directory and run from there.
@@ -174,7 +174,7 @@ def test_marker_hidden_and_non_image_files_are_skipped_and_counted(tmp_path):
 
 
 def test_default_model_follows_the_pool(tmp_path):
-    from tidal_ray.train import resolve_recipe
+    from tidal_ray.train.config import resolve_recipe
 
     assert default_model((64,)) == "mlp"
     assert default_model((3, 32, 32)) == "small_cnn" and default_model((3, 64, 64)) == "small_cnn"
@@ -397,8 +397,9 @@ def test_photos_user_model_and_labelers_end_to_end_on_s3(s3_bucket, tmp_path):
 
 
 def test_a_checkpoint_whose_module_cannot_be_imported_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
-    from tidal_ray.checkpoint import save_checkpoint
-    from tidal_ray.train import TrainConfig, train_in_process
+    from tidal_ray.train.checkpoint import save_checkpoint
+    from tidal_ray.train.config import TrainConfig
+    from tidal_ray.train.loop import train_in_process
 
     module = user_module(tmp_path, monkeypatch)
     x = np.random.default_rng(0).integers(0, 256, size=(8, 3, 16, 16), dtype=np.uint8)

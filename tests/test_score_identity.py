@@ -17,12 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tidal_ray import ids as id_utils
-from tidal_ray import storage
-from tidal_ray.decode import DUPLICATE_ID, UNDECODABLE
-from tidal_ray.make_pool import synthetic_rows
-from tidal_ray.reduce import Reduction
-from tidal_ray.score import score_pool
+from tidal_ray.data import ids as id_utils
+from tidal_ray.data import storage
+from tidal_ray.data.decode import DUPLICATE_ID, UNDECODABLE
+from tidal_ray.data.make_pool import synthetic_rows
+from tidal_ray.score.reduce import Reduction
+from tidal_ray.score.pipeline import score_pool
 
 from test_score_pipeline import SHAPE, train_checkpoint
 
@@ -151,7 +151,7 @@ def test_ray_without_preserve_order_matches_in_process_bit_for_bit(ray_local, s3
 
 
 def test_a_rows_scores_do_not_depend_on_its_batch_bald_included(checkpoint):
-    from tidal_ray.scorer import BatchScorer
+    from tidal_ray.score.scorer import BatchScorer
 
     pixels, _ = synthetic_rows(np.arange(300), SHAPE, 10, seed=3)
     ids = np.arange(1_000, 1_300)
@@ -167,7 +167,7 @@ def test_a_rows_scores_do_not_depend_on_its_batch_bald_included(checkpoint):
 
 
 def test_bf16_precision_scores_close_to_fp32(checkpoint):
-    from tidal_ray.scorer import BatchScorer
+    from tidal_ray.score.scorer import BatchScorer
 
     pixels, _ = synthetic_rows(np.arange(128), SHAPE, 10, seed=3)
     batch = {"id": np.arange(128), "x": pixels}
@@ -178,8 +178,8 @@ def test_bf16_precision_scores_close_to_fp32(checkpoint):
 
 
 def test_read_units_give_every_row_once_with_its_position_in_bounded_blocks(tmp_path):
-    from tidal_ray.pool import describe_pool
-    from tidal_ray.read import read_unit, read_units
+    from tidal_ray.data.pool import describe_pool
+    from tidal_ray.data.read import read_unit, read_units
 
     blobs = [bytes([i]) * 1_000 for i in range(30)]
     for name, ids in [("a", range(30)), ("b", range(100, 130))]:

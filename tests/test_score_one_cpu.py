@@ -7,11 +7,12 @@ import pytest
 
 SCRIPT = textwrap.dedent("""
     import sys, ray
-    from tidal_ray.checkpoint import save_checkpoint
-    from tidal_ray.datasets import DIGITS_SHAPE, load_digits
-    from tidal_ray.make_pool import make_pool
-    from tidal_ray.score import score_pool
-    from tidal_ray.train import TrainConfig, train_in_process
+    from tidal_ray.train.checkpoint import save_checkpoint
+    from tidal_ray.data.datasets import DIGITS_SHAPE, load_digits
+    from tidal_ray.data.make_pool import make_pool
+    from tidal_ray.score.pipeline import score_pool
+    from tidal_ray.train.config import TrainConfig
+    from tidal_ray.train.loop import train_in_process
 
     d = sys.argv[1]
     make_pool(d + "/pool", source="digits", shards=3)

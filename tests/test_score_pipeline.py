@@ -11,16 +11,17 @@ import pyarrow.csv as pacsv
 import pytest
 from PIL import Image
 
-from tidal_ray import storage
-from tidal_ray.checkpoint import save_checkpoint
+from tidal_ray.data import storage
+from tidal_ray.train.checkpoint import save_checkpoint
 from tidal_ray.cli import main
-from tidal_ray.make_pool import make_pool, synthetic_rows
-from tidal_ray.decode import NOT_FINITE, NULL_ID, UNDECODABLE, WRONG_LENGTH
-from tidal_ray.ids import SeenIds
-from tidal_ray.pool import SHAPE_KEY
-from tidal_ray.score import score_pool
-from tidal_ray.scorer import BatchScorer
-from tidal_ray.train import TrainConfig, train_in_process
+from tidal_ray.data.make_pool import make_pool, synthetic_rows
+from tidal_ray.data.decode import NOT_FINITE, NULL_ID, UNDECODABLE, WRONG_LENGTH
+from tidal_ray.data.ids import SeenIds
+from tidal_ray.data.pool import SHAPE_KEY
+from tidal_ray.score.pipeline import score_pool
+from tidal_ray.score.scorer import BatchScorer
+from tidal_ray.train.config import TrainConfig
+from tidal_ray.train.loop import train_in_process
 
 SHAPE = (1, 8, 8)
 
@@ -274,7 +275,7 @@ def test_a_pool_without_a_valid_row_fails_and_writes_nothing(tmp_path, checkpoin
 
 
 def test_scores_are_saved_in_parts_and_stale_parts_go(tmp_path, checkpoint, monkeypatch):
-    import tidal_ray.reduce as reduce
+    import tidal_ray.score.reduce as reduce
 
     pool, out = str(tmp_path / "pool"), tmp_path / "out"
     make_pool(pool, "digits", rows=1000, shards=2)
@@ -292,8 +293,8 @@ def test_scores_are_saved_in_parts_and_stale_parts_go(tmp_path, checkpoint, monk
 
 
 def test_reduction_rejects_non_finite_scores():
-    from tidal_ray.pool import PoolSpec
-    from tidal_ray.reduce import NONFINITE_SCORE, Reduction
+    from tidal_ray.data.pool import PoolSpec
+    from tidal_ray.score.reduce import NONFINITE_SCORE, Reduction
 
     spec = PoolSpec("mem://pool", "pixels", (("mem://pool/a.parquet", 1),), pa.int64(), 4, (1,))
     reduction = Reduction(2, "entropy", 3, pa.int64(), np.array([4]), spec.file_name)
@@ -333,7 +334,7 @@ def test_job_entrypoint_takes_the_cli_arguments():
 
 def test_blocks_are_whole_batches_bounded_in_bytes_and_a_small_pool_spreads_over_several(tmp_path, checkpoint,
                                                                                          monkeypatch):
-    from tidal_ray import score
+    from tidal_ray.score import pipeline as score
 
     pool = str(tmp_path / "pool")
     make_pool(pool, "synthetic", rows=2_000, fmt="pixels", shape=SHAPE)  # one file, one row group
@@ -349,9 +350,9 @@ def test_blocks_are_whole_batches_bounded_in_bytes_and_a_small_pool_spreads_over
 FAULTS_PER_100_BATCHES = """
 import resource, sys
 import numpy as np, torch
-from tidal_ray.checkpoint import save_checkpoint
+from tidal_ray.train.checkpoint import save_checkpoint
 from tidal_ray.models import build_model
-from tidal_ray.scorer import BatchScorer
+from tidal_ray.score.scorer import BatchScorer
 net = build_model("mlp", 10, (64,)).eval()
 uri = save_checkpoint({"model": net.state_dict(),
                        "config": {"backbone": "mlp", "num_classes": 10, "input_shape": [64]}}, sys.argv[2])

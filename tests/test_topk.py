@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tidal_ray.reduce import Reduction
-from tidal_ray.topk import StreamingTopK
+from tidal_ray.score.reduce import Reduction
+from tidal_ray.method.topk import StreamingTopK
 
 
 def sort_topk(ids, scores, classes, k, exclude=(), quota=None):
@@ -85,7 +85,7 @@ def test_nan_score_is_refused():
 
 def test_exclusion_ids_of_another_type_are_an_error_not_ignored():
     from tidal_ray.errors import BadInput
-    from tidal_ray.ids import from_user
+    from tidal_ray.data.ids import from_user
 
     with pytest.raises(BadInput, match="ids must be integers to match the pool"):
         from_user(np.array(["img/1.png", "img/2.png"]), pa.int64(), "exclude_ids")

@@ -7,13 +7,14 @@ import pyarrow as pa
 import pytest
 import torch
 
-from tidal_ray import storage
-from tidal_ray.checkpoint import load_checkpoint, model_from_checkpoint
+from tidal_ray.data import storage
+from tidal_ray.train.checkpoint import load_checkpoint, model_from_checkpoint
 from tidal_ray.cli import main
-from tidal_ray.datasets import DIGITS_SHAPE, load_digits
+from tidal_ray.data.datasets import DIGITS_SHAPE, load_digits
 from tidal_ray.models import prepare_input
-from tidal_ray.train import TrainConfig, train_in_process
-from tidal_ray.train_ray import FAIL_AT_EPOCH_ENV, train_arrays_on_ray
+from tidal_ray.train.config import TrainConfig
+from tidal_ray.train.loop import train_in_process
+from tidal_ray.train.on_ray import FAIL_AT_EPOCH_ENV, train_arrays_on_ray
 
 N, EPOCHS = 128, 8
 

@@ -3,10 +3,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tidal_ray.datasets import DIGITS_SHAPE, load_digits
-from tidal_ray.dynamics import TDTable
+from tidal_ray.data.datasets import DIGITS_SHAPE, load_digits
+from tidal_ray.method.dynamics import TDTable
 from tidal_ray.models import build_model, prepare_input
-from tidal_ray.train import TrainConfig, train_in_process, train_step
+from tidal_ray.train.config import TrainConfig
+from tidal_ray.train.loop import train_in_process, train_step
 
 
 def fixed_batch(n=64):

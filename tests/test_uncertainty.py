@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from tidal_ray import uncertainty as U
+from tidal_ray.method import uncertainty as U
 
 
 def ref_entropy(p):

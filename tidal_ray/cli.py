@@ -11,7 +11,7 @@ import argparse
 import sys
 import traceback
 
-from .errors import BadInput, Refused
+from tidal_ray.errors import BadInput, Refused
 
 TRAIN_DESCRIPTION = """Train the backbone and the TD module (CE + lambda * KL) on Ray Train workers
 (DDP: gloo on CPU, nccl with --use-gpu). The labeled set is parquet with `id`, `label`
@@ -39,8 +39,8 @@ def parse_actors(text: str) -> tuple[int, int]:
 
 
 def cmd_demo(args):
-    from .demo import run_demo
-    from .uncertainty import check_strategy
+    from tidal_ray.demo import run_demo
+    from tidal_ray.method.uncertainty import check_strategy
 
     check_strategy(args.strategy)
     if min(args.initial, args.k, args.cycles, args.epochs) <= 0:
@@ -50,7 +50,7 @@ def cmd_demo(args):
 
 
 def cmd_make_pool(args):
-    from .make_pool import make_pool
+    from tidal_ray.data.make_pool import make_pool
 
     files = make_pool(args.out, source=args.source, rows=args.rows, fmt=args.fmt, shards=args.shards,
                       seed=args.seed, shape=args.shape, num_classes=args.num_classes, data_dir=args.data_dir)
@@ -70,9 +70,9 @@ def parse_layers(text: str | None) -> tuple[str, ...] | None:
 
 
 def cmd_train(args):
-    from .labeled import labeled_rows, read_labeled_set
-    from .train import TrainConfig, resolve_recipe, validate_labels
-    from .train_ray import train_on_ray
+    from tidal_ray.train.ingest import labeled_rows, read_labeled_set
+    from tidal_ray.train.config import TrainConfig, resolve_recipe, validate_labels
+    from tidal_ray.train.on_ray import train_on_ray
 
     # Ids and labels only on this process; the rows' data goes to the workers on Ray Data.
     ids, y, spec = read_labeled_set(args.labeled)
@@ -98,7 +98,7 @@ def cmd_train(args):
 
 
 def cmd_score(args):
-    from .score import score_pool
+    from tidal_ray.score.pipeline import score_pool
 
     summary = score_pool(args.checkpoint, args.pool, args.k, args.out, strategy=args.strategy,
                          exclude_uris=args.exclude, per_class_quota=args.per_class_quota,
@@ -112,7 +112,7 @@ def cmd_score(args):
 
 
 def cmd_campaign(args):
-    from . import campaign
+    from tidal_ray.campaign import cycle as campaign
 
     if args.action == "init":
         config = campaign.CampaignConfig(
@@ -144,7 +144,7 @@ def parse_class_names(text: str | None) -> list[str] | None:
         return None
     import os
 
-    from . import storage
+    from tidal_ray.data import storage
 
     if text.startswith("s3://") or os.path.isfile(text):
         names = [line.strip() for line in storage.read_bytes(text).decode().splitlines()]
@@ -157,7 +157,7 @@ def parse_class_names(text: str | None) -> list[str] | None:
 
 
 def cmd_report(args):
-    from .campaign import write_report
+    from tidal_ray.campaign.cycle import write_report
 
     print(write_report(args.campaign))
 
@@ -193,8 +193,8 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_make_pool_parser(sub) -> None:
-    from .make_pool import DEFAULT_SYNTHETIC_ROWS, SOURCES
-    from .pool import FORMATS
+    from tidal_ray.data.make_pool import DEFAULT_SYNTHETIC_ROWS, SOURCES
+    from tidal_ray.data.pool import FORMATS
 
     p = sub.add_parser("make-pool", help="write a digits, Fashion-MNIST or synthetic pool (any format, sharded, local or s3://)")
     p.add_argument("out", metavar="OUT", help="where to write the pool (local dir or s3://bucket/prefix)")
@@ -235,7 +235,7 @@ def add_train_parser(sub) -> None:
 
 
 def add_score_parser(sub) -> None:
-    from .uncertainty import STRATEGIES
+    from tidal_ray.method.uncertainty import STRATEGIES
 
     p = sub.add_parser("score", help="score a whole pool on Ray Data and select the top k")
     p.add_argument("--checkpoint", required=True, metavar="URI", help="a checkpoint dir (model.pt) or file")
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import runtime
+    from tidal_ray import runtime
 
     parser = build_parser()
     args = parser.parse_args(argv)

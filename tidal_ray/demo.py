@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 
-from . import storage
-from .datasets import DIGITS_CLASSES, DIGITS_SHAPE, load_digits, split_pool_test
-from .make_pool import pool_table
+from tidal_ray.data import storage
+from tidal_ray.data.datasets import DIGITS_CLASSES, DIGITS_SHAPE, load_digits, split_pool_test
+from tidal_ray.data.make_pool import pool_table
 
 
 def write_digits_split(root: str, seed: int = 0, test_size: int = 400) -> tuple[str, str]:
@@ -30,8 +30,8 @@ def write_digits_split(root: str, seed: int = 0, test_size: int = 400) -> tuple[
 
 def run_demo(workdir: str, initial: int = 50, k: int = 50, cycles: int = 5, strategy: str = "tidal-entropy",
              epochs: int = 40, seed: int = 0) -> str:
-    from . import campaign
-    from .campaign import cycle_rows
+    from tidal_ray.campaign import cycle as campaign
+    from tidal_ray.campaign.cycle import cycle_rows
 
     root = storage.join(workdir, "campaign")
     if storage.exists(campaign.state_uri(root)):

@@ -5,13 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import BadInput
+from tidal_ray.errors import BadInput
 
-from .hooked import HookedModel
-from .spec import BUILTINS, build_backbone, default_model
-from .td_module import TDModule
+from tidal_ray.models.hooked import HookedModel
+from tidal_ray.models.spec import build_backbone, default_model
+from tidal_ray.models.td_module import TDModule
 
-BACKBONES = BUILTINS
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NORMALIZE_CHOICES = "none, imagenet or MEAN,STD (one value each, or one per channel)"
 
@@ -76,8 +75,8 @@ class TiDALNet(nn.Module):
     def predict(self, x: torch.Tensor, mc_samples: int = 0, row_keys=None):
         """Eval-mode logits and TD logits, plus ``mc_samples`` MC-dropout passes of the
         classifier head as probabilities ``(T, N, C)`` (None when ``mc_samples`` is 0).
-        With ``row_keys`` (a uint64 ``ids.hash64`` per row) a row's dropout masks come
-        from its key (``ids.row_uniforms``), not from torch's RNG, so its passes are the
+        With ``row_keys`` (a uint64 ``hashing.hash64`` per row) a row's dropout masks come
+        from its key (``hashing.row_uniforms``), not from torch's RNG, so its passes are the
         same whatever batch it is scored in."""
         logits, td_logits = self(x)
         if mc_samples <= 0:
@@ -87,7 +86,7 @@ class TiDALNet(nn.Module):
             raise BadInput("strategy 'bald' needs a built-in backbone with a dropout head")
         embedding, _ = self.backbone.forward_features(self.input_norm(x))
         if row_keys is not None:
-            from ..ids import row_uniforms
+            from tidal_ray.method.hashing import row_uniforms
 
             passes = []
             for t in range(mc_samples):
@@ -130,5 +129,5 @@ def prepare_input(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
 
-__all__ = ["BACKBONES", "HookedModel", "InputNorm", "TDModule", "TiDALNet", "build_backbone", "build_model",
+__all__ = ["HookedModel", "InputNorm", "TDModule", "TiDALNet", "build_backbone", "build_model",
            "default_model", "parse_normalize", "prepare_input"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import BadInput
+from tidal_ray.errors import BadInput
 
 
 class HookedModel(nn.Module):

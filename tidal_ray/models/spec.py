@@ -6,22 +6,20 @@ wrapped in ``HookedModel`` so the named layers (``feature_layers``; default
 ``layer1``..``layer4`` when the module has them) feed the TD module. ``--weights``
 start it from a state_dict (local or ``s3://``, ``weights_only=True``); classifier-head
 tensors whose shape does not fit C stay freshly initialised. Every problem is a
-``BadInput`` naming the culprit, found by ``check_model`` before any data is read.
+``BadInput`` naming the culprit, found by ``train.config.check_model`` before any data is read.
 """
 from __future__ import annotations
 
 import importlib
-import io
 import os
 import sys
 
-import torch
 from torch import nn
 
-from ..errors import BadInput
-from .hooked import HookedModel
-from .resnet import ResNet18
-from .small import MLP, SmallCNN
+from tidal_ray.errors import BadInput
+from tidal_ray.models.hooked import HookedModel
+from tidal_ray.models.resnet import ResNet18
+from tidal_ray.models.small import MLP, SmallCNN
 
 BUILTINS = ("resnet18", "small_cnn", "mlp")
 DEFAULT_LAYERS = ("layer1", "layer2", "layer3", "layer4")  # torchvision's ResNets name their stages so
@@ -37,7 +35,7 @@ def default_model(input_shape) -> str:
     return "small_cnn" if max(input_shape[1:]) <= SMALL_IMAGE_MAX else "resnet18"
 
 
-def _names(names, shown: int = NAMES_SHOWN) -> str:
+def name_list(names, shown: int = NAMES_SHOWN) -> str:
     names = list(names)
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
@@ -94,8 +92,8 @@ def _user_model(spec: str, num_classes: int, input_shape: tuple[int, ...], featu
             raise BadInput(f"--model {spec}: no layer1..layer4 to feed the TD module; name some with --feature-layers")
     unknown = [n for n in layers if n not in dict(module.named_modules())]
     if unknown:
-        raise BadInput(f"--feature-layers: {_names(unknown)} not found in {spec} "
-                       f"(its layers: {_names([n for n, _ in module.named_children()], 12)})")
+        raise BadInput(f"--feature-layers: {name_list(unknown)} not found in {spec} "
+                       f"(its layers: {name_list([n for n, _ in module.named_children()], 12)})")
     try:
         hooked = HookedModel(module, layers, input_shape)
     except BadInput:
@@ -123,24 +121,6 @@ def build_backbone(name: str, num_classes: int, input_shape: tuple[int, ...], fe
     return _builtin(name, num_classes, input_shape)
 
 
-def read_weights(uri: str) -> dict:
-    """A state_dict from a local path or ``s3://`` URI, loaded with ``weights_only=True``."""
-    from .. import storage
-
-    try:
-        data = storage.read_bytes(uri)
-    except (FileNotFoundError, OSError):
-        raise BadInput(f"--weights {uri}: no such file") from None
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BadInput(f"--weights {uri}: not a state_dict that loads with weights_only=True "
-                       f"({type(e).__name__})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BadInput(f"--weights {uri}: expected a state_dict (names -> tensors)")
-    return state
-
-
 def apply_weights(backbone: nn.Module, state: dict, num_classes: int, uri: str) -> list[str]:
     """Load ``state`` into the backbone (the user's module inside a ``HookedModel``).
     Returns the classifier-head keys left freshly initialised (shape does not fit C);
@@ -152,23 +132,9 @@ def apply_weights(backbone: nn.Module, state: dict, num_classes: int, uri: str) 
     misshaped = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     head = [k for k in misshaped if own[k].ndim >= 1 and own[k].shape[0] == num_classes]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in misshaped if k not in head]
-    problems = [f"{what}: {_names(keys)}" for what, keys in
+    problems = [f"{what}: {name_list(keys)}" for what, keys in
                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong)) if keys]
     if problems:
         raise BadInput(f"--weights {uri}: keys do not fit the model ({'; '.join(problems)})")
     target.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
     return head
-
-
-def check_model(name: str, num_classes: int, input_shape, feature_layers=None, weights: str | None = None,
-                log=print) -> None:
-    """Everything about a model spec that can be bad input, before any data is read: the
-    module imports, the factory returns an nn.Module whose logits are (batch, C) on a
-    dummy batch, the feature layers exist, the weights fit (head aside, named in one
-    warning line)."""
-    backbone = build_backbone(name, num_classes, input_shape, feature_layers)
-    if weights:
-        head = apply_weights(backbone, read_weights(weights), num_classes, weights)
-        if head:
-            log(f"warning: --weights {weights}: classifier head {_names(head)} does not fit {num_classes} "
-                f"classes; re-initialised")

@@ -20,8 +20,9 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 import pyarrow as pa
 
-from . import storage
-from .errors import BadInput
+from tidal_ray.data import storage
+from tidal_ray.data.labels import as_label, label_problem
+from tidal_ray.errors import BadInput
 
 ID_FIELD = "tidal-ray-id"
 REFERENCE_COLUMNS = ("uri", "source")   # a feature pool's pointer to the original sample
@@ -46,7 +47,7 @@ def _as_picture(value, spec) -> np.ndarray:
     as they are, image bytes upright (EXIF) in RGB, or grayscale when they are."""
     from PIL import Image
 
-    from .decode import decode_image
+    from tidal_ray.data.decode import decode_image
 
     if spec.format == "pixels":
         return np.frombuffer(value, dtype=np.uint8).reshape(spec.shape)
@@ -60,7 +61,7 @@ def render_samples(selection: pa.Table, spec, out_uri: str) -> dict:
     ``out_uri/samples/``; returns ``{id: uri}``. Only the selected rows are read."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .loader import read_selected
+    from tidal_ray.data.lookup import read_selected
 
     rows = read_selected(spec, selection.column("id").to_pylist(), [spec.column]).to_pylist()
     data = {row["id"]: row[spec.column] for row in rows}
@@ -90,7 +91,7 @@ def sample_refs(selection: pa.Table, spec, out_uri: str) -> list[dict]:
     if spec.format in ("pixels", "image"):
         rendered = render_samples(selection, spec, out_uri)
         return [{IMAGE_NAME: rendered[i]} if i in rendered else {TEXT_NAME: str(i)} for i in ids]
-    from .loader import read_selected
+    from tidal_ray.data.lookup import read_selected
 
     table = read_selected(spec, ids, list(REFERENCE_COLUMNS))
     refs = {name: dict(zip(table.column("id").to_pylist(), table.column(name).to_pylist()))
@@ -245,7 +246,7 @@ def labels_by_name(rows: list[dict], class_names, uri: str) -> list[dict]:
         label = row["label"]
         if isinstance(label, str) and label.strip() in index:
             row["label"] = index[label.strip()]
-        elif label is not None and _as_int(label) is None:
+        elif label is not None and as_label(label) is None:
             unknown.append(str(label))
     if unknown:
         names = sorted(set(unknown))
@@ -292,14 +293,6 @@ def _read_label_rows(uri: str, pool_uri: str | None) -> list[dict]:
     return rows
 
 
-def _as_int(value):
-    try:
-        as_float = float(value)
-    except (TypeError, ValueError):
-        return None
-    return int(as_float) if as_float.is_integer() else None
-
-
 def validate_labels(rows: list[dict], selected_ids, num_classes: int, pool_has_id,
                     id_type: pa.DataType = pa.int64(), already=frozenset()) -> tuple[pa.Table, list[dict]]:
     """Split imported rows into good ``(id, label)`` rows and a list of problems.
@@ -311,7 +304,6 @@ def validate_labels(rows: list[dict], selected_ids, num_classes: int, pool_has_i
     good_ids, good_labels, problems, seen = [], [], [], set()
     for row in rows:
         key = None if row["id"] is None else str(row["id"]).strip()
-        label = _as_int(row["label"])
         reason = row.get("error")
         if reason is None:
             if key is None or key == "":
@@ -322,15 +314,13 @@ def validate_labels(rows: list[dict], selected_ids, num_classes: int, pool_has_i
                 reason = "not selected in this cycle" if pool_has_id(key) else "unknown id"
             elif key in already:
                 reason = "already labeled"
-            elif label is None:
-                reason = f"label {row['label']!r} is not an integer"
-            elif not 0 <= label < num_classes:
-                reason = f"label {label} out of range 0..{num_classes - 1}"
+            else:
+                reason = label_problem(row["label"], num_classes)
         if reason:
             problems.append({"line": row["line"], "id": row["id"], "label": row["label"], "reason": reason})
             continue
         seen.add(key)
         good_ids.append(selected[key])
-        good_labels.append(label)
+        good_labels.append(as_label(row["label"]))
     table = pa.table({"id": pa.array(good_ids, type=id_type), "label": pa.array(good_labels, type=pa.int64())})
     return table, problems

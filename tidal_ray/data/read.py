@@ -17,10 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import ids as id_utils
-from . import storage
-from .errors import BadInput
-from .pool import PoolSpec, image_files
+from tidal_ray.data import ids as id_utils
+from tidal_ray.data import storage
+from tidal_ray.errors import BadInput
+from tidal_ray.data.listing import image_files
+from tidal_ray.data.pool import PoolSpec
 
 FILES_PER_TABLE = 64         # image files in one table a unit yields
 READ_THREADS = 8             # image files (or footers) fetched at once
@@ -34,20 +35,8 @@ def read_units(spec: PoolSpec) -> list[dict]:
     if spec.format == "files":
         return [{"file": first, "row_group": -1, "uris": [after, last], "rows": count}
                 for after, last, first, count in spec.ranges]
-    counts = spec.row_groups or _row_group_counts(spec)
     return [{"file": i, "row_group": g, "uris": [uri], "rows": rows}
-            for i, ((uri, _), groups) in enumerate(zip(spec.files, counts)) for g, rows in enumerate(groups)]
-
-
-def _row_group_counts(spec: PoolSpec) -> tuple[tuple[int, ...], ...]:
-    def footer(uri):
-        fs, path = storage.resolve(uri)
-        with fs.open_input_file(path) as f:
-            meta = pq.ParquetFile(f).metadata
-        return tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
-
-    with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, len(spec.files)))) as pool:
-        return tuple(pool.map(footer, [uri for uri, _ in spec.files]))
+            for i, ((uri, _), groups) in enumerate(zip(spec.files, spec.row_groups)) for g, rows in enumerate(groups)]
 
 
 def read_unit(unit: dict, spec: PoolSpec, block_rows: int = 65536, max_bytes: int = 64 << 20):
@@ -107,20 +96,21 @@ def read_batches(batch: pa.Table, spec: PoolSpec, block_rows: int = 65536, max_b
 
 def repeated_ids(spec: PoolSpec) -> np.ndarray:
     """The ids that occur more than once in the pool (sorted unique), from its ``id``
-    columns alone, a few files fetched at a time. Image-file ids are keys: never repeated."""
+    columns alone, a few row groups fetched at a time (driver memory follows the row
+    group, not the file). Image-file ids are keys: never repeated."""
     if spec.format == "files":
         return id_utils.empty(spec.id_type)
 
-    def ids_of(uri):
-        fs, path = storage.resolve(uri)
+    def ids_of(unit):
+        fs, path = storage.resolve(unit["uris"][0])
         with fs.open_input_file(path) as f:
-            return pq.read_table(f, columns=["id"]).column("id").cast(spec.id_type)
+            return pq.ParquetFile(f).read_row_group(unit["row_group"], columns=["id"]).column("id").cast(spec.id_type)
 
-    def chunks():
-        uris = [uri for uri, _ in spec.files]
-        with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(uris))) as pool:
-            for start in range(0, len(uris), READ_THREADS):
-                yield from pool.map(ids_of, uris[start:start + READ_THREADS])
+    def chunks():  # a row group's ids at a time, a few fetched at once: memory is bounded by row groups
+        units = read_units(spec)
+        with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(units))) as pool:
+            for start in range(0, len(units), READ_THREADS):
+                yield from pool.map(ids_of, units[start:start + READ_THREADS])
 
     return id_utils.repeated_ids(chunks(), spec.id_type)
 

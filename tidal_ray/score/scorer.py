@@ -8,8 +8,8 @@ import os
 
 import numpy as np
 
-from .errors import BadInput
-from .uncertainty import STRATEGIES
+from tidal_ray.errors import BadInput
+from tidal_ray.method.uncertainty import STRATEGIES
 
 BALD_SAMPLES = 20            # MC-dropout passes when bald is scored
 PRECISIONS = ("fp32", "bf16")
@@ -63,7 +63,7 @@ class BatchScorer:
                  precision: str = "fp32"):
         import torch
 
-        from .checkpoint import load_checkpoint, model_from_checkpoint
+        from tidal_ray.train.checkpoint import load_checkpoint, model_from_checkpoint
 
         keep_freed_memory()
         if num_threads:
@@ -86,8 +86,8 @@ class BatchScorer:
     def _forward(self, x: np.ndarray, ids: np.ndarray):
         import torch
 
-        from .ids import hash64
-        from .models import prepare_input
+        from tidal_ray.method.hashing import hash64
+        from tidal_ray.models import prepare_input
 
         keys = hash64(ids, self.seed) if self.mc_samples > 0 else None
         step = self.pad_to or max(len(x), 1)
@@ -122,8 +122,8 @@ class BatchScorer:
         makes it (the pipeline's form). Returns the same kind."""
         import pyarrow as pa
 
-        from .decode import is_decoded, numpy_column, tensor_rows
-        from .uncertainty import score
+        from tidal_ray.data.decode import is_decoded, numpy_column, tensor_rows
+        from tidal_ray.method.uncertainty import score
 
         arrow = isinstance(batch, pa.Table)
         ids = numpy_column(batch, "id")

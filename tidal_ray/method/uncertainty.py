@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import BadInput
-from .ids import hash64
+from tidal_ray.errors import BadInput
+from tidal_ray.method.hashing import hash64
 
 STRATEGIES = ("tidal-entropy", "tidal-margin", "entropy", "margin", "least-confidence", "bald", "random")
 
@@ -51,7 +51,7 @@ def bald(mc_probs: np.ndarray) -> np.ndarray:
 
 
 def random_scores(ids, seed: int) -> np.ndarray:
-    """Uniform [0, 1) from a hash of (seed, id) (``ids.hash64``, top 53 bits): the same
+    """Uniform [0, 1) from a hash of (seed, id) (``hashing.hash64``, top 53 bits): the same
     for an id on any number of shards."""
     return (hash64(np.asarray(ids), seed) >> np.uint64(11)).astype(np.float64) * 2.0**-53
 

@@ -21,14 +21,14 @@ from dataclasses import asdict
 import numpy as np
 import pyarrow as pa
 
-from . import ids as id_utils
-from . import storage
-from .campaign_state import (CampaignConfig, config_of, cycle_label_progress, cycle_uri, delivery_uri,
+from tidal_ray.data import ids as id_utils
+from tidal_ray.data import storage
+from tidal_ray.campaign.state import (CampaignConfig, config_of, cycle_label_progress, cycle_uri, delivery_uri,
                              input_shape_of, labeled_table, labels_uri, load_state, save_state, selected_ids,
                              state_uri)
-from .errors import BadInput
-from .labeling import read_labels, validate_labels, write_exports
-from .lock import CampaignLock
+from tidal_ray.errors import BadInput
+from tidal_ray.campaign.labeling import read_labels, validate_labels, write_exports
+from tidal_ray.campaign.lock import CampaignLock
 
 STEPS = ("train", "select", "export", "wait-for-labels", "merge")
 # Test-only: "CYCLE:STEP" makes the driver SIGKILL itself as that step starts (crash tests).
@@ -46,10 +46,11 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
     metrics_uri = cycle_uri(root, cycle, "metrics.json")
     if storage.exists(metrics_uri):
         return
-    from .evaluate import accuracy
-    from .pool import describe_pool
-    from .train import TrainConfig, train_in_process
-    from .train_ray import train_on_ray
+    from tidal_ray.train.evaluate import accuracy
+    from tidal_ray.data.pool import describe_pool
+    from tidal_ray.train.config import TrainConfig
+    from tidal_ray.train.loop import train_in_process
+    from tidal_ray.train.on_ray import train_on_ray
 
     labels = labeled_table(root)
     ids, y = labels.column("id").to_numpy(zero_copy_only=False), labels.column("label").to_numpy()
@@ -64,7 +65,7 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
     checkpoint_dir = cycle_uri(root, cycle, "checkpoint")
     rejected = 0
     if config.trainer == "ray":
-        from .labeled import labeled_rows
+        from tidal_ray.train.ingest import labeled_rows
 
         # The labeled rows go from the pool to the workers on Ray Data, never through here.
         rows = labeled_rows(config.pool, ids, y, train_config.input_shape, spec)
@@ -74,8 +75,8 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
                               max_failures=config.max_failures, name="train")
         checkpoint, history = result.checkpoint_uri, result.metrics
     else:
-        from .checkpoint import save_checkpoint
-        from .loader import load_rows
+        from tidal_ray.train.checkpoint import save_checkpoint
+        from tidal_ray.data.loader import load_rows
 
         # --trainer local holds the labeled rows in this process: for small campaigns.
         label_of = dict(zip(ids.tolist(), y.tolist()))
@@ -100,7 +101,7 @@ def step_select(root: str, config: CampaignConfig, cycle: int, log) -> None:
     out = cycle_uri(root, cycle)
     if storage.exists(storage.join(out, "selection.json")):
         return
-    from .score import score_pool
+    from tidal_ray.score.pipeline import score_pool
 
     metrics = storage.read_json(cycle_uri(root, cycle, "metrics.json"))
     exclude = sorted(set(labeled_table(root).column("id").to_pylist()) | set(selected_ids(root, cycle)))
@@ -113,7 +114,7 @@ def step_select(root: str, config: CampaignConfig, cycle: int, log) -> None:
 def export(root: str, cycle: int | None = None, out_uri: str | None = None) -> list[str]:
     """Write the labeling-tool manifests of a cycle's selection (default: the current
     cycle, into its ``export/``); returns the files written."""
-    from .pool import describe_pool
+    from tidal_ray.data.pool import describe_pool
 
     state = load_state(root)
     config = config_of(state)
@@ -141,8 +142,8 @@ def step_wait_for_labels(root: str, config: CampaignConfig, cycle: int, log) -> 
             f"{cycle_uri(root, cycle, 'export')}/ and run 'tidal-ray campaign import-labels {root} FILE' "
             f"(partial deliveries add up), then 'tidal-ray campaign run {root}'")
         return False
-    from .lookup import labels_of
-    from .pool import describe_pool
+    from tidal_ray.data.lookup import labels_of
+    from tidal_ray.data.pool import describe_pool
 
     selection = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet"))
     # Only the id and label columns of the selected rows are read, never the data.
@@ -219,7 +220,7 @@ def cycle_rows(root: str) -> list[dict]:
 
 def write_report(root: str) -> str:
     """``report/report.md`` and ``report/learning_curve.png`` of the campaign."""
-    from . import report
+    from tidal_ray.campaign import report
 
     state = load_state(root)
     config = config_of(state)
@@ -239,10 +240,10 @@ def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = Non
     config.check()
     if storage.exists(state_uri(root)):
         raise BadInput(f"a campaign already exists at {root}")
-    from .loader import pool_has_ids
-    from .lookup import sample_labels
-    from .pool import describe_pool
-    from .train import resolve_recipe
+    from tidal_ray.data.lookup import pool_has_ids
+    from tidal_ray.data.lookup import sample_labels
+    from tidal_ray.data.pool import describe_pool
+    from tidal_ray.train.config import resolve_recipe
 
     # Footers, ids and the drawn rows' labels only: the pool's data is never read here.
     spec = describe_pool(config.pool)
@@ -293,7 +294,7 @@ def import_labels(root: str, labels_file: str, log=print) -> dict:
     (``labeled/cycle-NNN-delivery-MMM.parquet``, never rewritten): partial deliveries
     add up, and the cycle moves on once every selected id has a label. Rows that do not
     fit are listed, not merged; unknown class names fail the file (nothing written)."""
-    from .loader import pool_has_ids
+    from tidal_ray.data.lookup import pool_has_ids
 
     state = load_state(root)
     config = config_of(state)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 
-from . import storage
+from tidal_ray.data import storage
 
 
 def _fmt(value, spec=".4f") -> str:

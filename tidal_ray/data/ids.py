@@ -7,15 +7,16 @@ JSON values, exclude files) are converted here, with a one-line error when they 
 fit the pool. Duplicates are decided here: ``SeenIds`` finds the ids seen before (in
 pool order: ``repeated_ids``, the in-memory loader) and ``EarliestRows`` picks, among
 the rows of a repeated id offered in any order, the one at the earliest position.
-``hash64`` is the one vectorised id hash (the random strategy, string-id keys).
+The id hash itself is ``method.hashing.hash64``.
 """
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 
-from . import storage
-from .errors import BadInput
+from tidal_ray.data import storage
+from tidal_ray.errors import BadInput
+from tidal_ray.method.hashing import hash64
 
 
 def kind_of(t: pa.DataType) -> str | None:
@@ -68,7 +69,7 @@ def cast(arr, id_type: pa.DataType, where: str) -> pa.Array:
         raise BadInput(f"{where}: ids are {arr.type} and do not match the pool's {id_type} ids") from None
 
 
-def key(value, id_type: pa.DataType) -> str:
+def as_text(value, id_type: pa.DataType) -> str:
     """The text form under which a person's id matches a pool id ("007" is id 7)."""
     text = str(value).strip()
     if not is_string(id_type):
@@ -102,6 +103,39 @@ def check_unique(ids: np.ndarray, where: str) -> None:
     if len(np.unique(ids)) != len(ids):
         values, counts = np.unique(ids, return_counts=True)
         raise BadInput(f"{where} has duplicate ids (e.g. {values[counts > 1][0]!r})")
+
+
+def is_member(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """For each of ``ids``, whether it is in ``sorted_ids`` (sorted, unique): the one
+    sorted-membership test."""
+    if len(sorted_ids) == 0 or len(ids) == 0:
+        return np.zeros(len(ids), dtype=bool)
+    pos = np.searchsorted(sorted_ids, ids).clip(max=len(sorted_ids) - 1)
+    return sorted_ids[pos] == ids
+
+
+def find(have: np.ndarray, wanted: np.ndarray, where: str) -> np.ndarray:
+    """Indices into ``have`` (unique ids) of each of ``wanted``, in ``wanted``'s order;
+    BadInput naming the first one that is not there."""
+    order = np.argsort(have, kind="stable")
+    at = np.searchsorted(have[order], wanted).clip(max=max(len(have) - 1, 0))
+    found = have[order][at] == wanted if len(have) else np.zeros(len(wanted), dtype=bool)
+    if not found.all():
+        raise BadInput(f"{int((~found).sum())} requested id(s) not found in {where} "
+                       f"(e.g. {wanted[~found].tolist()[0]!r})")
+    return order[at]
+
+
+def earliest_rows(ids: np.ndarray, positions: np.ndarray, good: np.ndarray | None = None) -> np.ndarray:
+    """Which of several rows with one id wins (DESIGN §2): the index of each id's row at
+    the smallest ``position`` (file, then row) among the ``good`` (decodable) rows, in
+    position order. Ids without a good row have none. ``EarliestRows`` is the same rule
+    for rows that arrive one batch at a time, ``SeenIds`` for rows read in pool order."""
+    candidates = np.arange(len(ids)) if good is None else np.flatnonzero(good)
+    by_id = candidates[np.lexsort((positions[candidates], ids[candidates]))]
+    _, first = np.unique(ids[by_id], return_index=True)
+    winners = by_id[first]
+    return winners[np.argsort(positions[winners], kind="stable")]
 
 
 def read_id_files(uris, id_type: pa.DataType, option: str = "--exclude") -> list[pa.Array]:
@@ -142,52 +176,6 @@ def read_id_files(uris, id_type: pa.DataType, option: str = "--exclude") -> list
     return found
 
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a bijection of uint64 that spreads every input bit."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * _MIX[0]
-    x = x ^ (x >> np.uint64(27))
-    x = x * _MIX[1]
-    return x ^ (x >> np.uint64(31))
-
-
-def hash64(ids: np.ndarray, seed: int = 0) -> np.ndarray:
-    """A 64-bit hash of each id with ``seed``, vectorised (no per-row Python): integer
-    ids through splitmix64; string ids word by word over their UCS-4 code points, each
-    word folded in only while the string lasts, so a string hashes alike in any batch."""
-    ids = np.asarray(ids)
-    key = _mix64(np.array([int(seed) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) + _GOLDEN)
-    if ids.dtype.kind in "iub":
-        return _mix64(ids.astype(np.int64).view(np.uint64) * _GOLDEN + key)
-    ids = np.ascontiguousarray(ids.astype(str))
-    width = ids.dtype.itemsize // 4
-    lengths = np.char.str_len(ids) if len(ids) else np.zeros(0, dtype=np.int64)
-    h = _mix64(lengths.astype(np.uint64) + key)
-    if width == 0 or len(ids) == 0:
-        return h
-    points = ids.view(np.uint32).reshape(len(ids), width)
-    if width % 2:
-        points = np.concatenate([points, np.zeros((len(ids), 1), dtype=np.uint32)], axis=1)
-    # One copy into word-major order, so each fold step reads a contiguous row.
-    words = np.ascontiguousarray(points.view(np.uint64).T)
-    for j, word in enumerate(words):
-        h = np.where(lengths > 2 * j, _mix64(h ^ word), h)
-    return h
-
-
-def row_uniforms(keys: np.ndarray, stream: int, width: int) -> np.ndarray:
-    """``(len(keys), width)`` float32 uniforms in [0, 1), each a function of its row's key
-    (a ``hash64``), ``stream`` and its column alone: per-row randomness that does not
-    depend on the batch a row lands in."""
-    columns = _mix64(np.arange(stream * width, (stream + 1) * width, dtype=np.uint64) + _GOLDEN)
-    mixed = _mix64(np.asarray(keys, dtype=np.uint64)[:, None] ^ columns[None, :])
-    return (mixed >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
-
-
 def repeated_ids(id_chunks, id_type: pa.DataType) -> np.ndarray:
     """The ids that occur more than once across ``id_chunks`` (Arrow or NumPy id arrays,
     nulls ignored), sorted unique. Memory: a ``SeenIds`` and the repeats."""
@@ -211,10 +199,7 @@ class EarliestRows:
 
     def candidates(self, ids: np.ndarray) -> np.ndarray:
         """Which of ``ids`` are repeated ids, whose rows must go through ``offer``."""
-        if len(self.repeated) == 0 or len(ids) == 0:
-            return np.zeros(len(ids), dtype=bool)
-        pos = np.searchsorted(self.repeated, ids).clip(max=len(self.repeated) - 1)
-        return self.repeated[pos] == ids
+        return is_member(self.repeated, ids)
 
     def offer(self, sample_id, position, payload):
         """Keep this row if it is the earliest of its id so far; returns the payload that
@@ -275,8 +260,7 @@ class SeenIds:
             k = keys[mapped]
             found[mapped] = (self._bits[k >> 3] >> (k & 7).astype(np.uint8)) & 1 == 1
         for run in self._runs:
-            pos = np.searchsorted(run, keys).clip(max=len(run) - 1)
-            found |= run[pos] == keys
+            found |= is_member(run, keys)
         return found
 
     def _add(self, keys: np.ndarray) -> None:

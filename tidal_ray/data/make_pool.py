@@ -8,10 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from . import storage
-from .decode import format_shape, parse_shape
-from .errors import BadInput
-from .pool import CLASSES_KEY, FORMATS, SHAPE_KEY
+from tidal_ray.data import storage
+from tidal_ray.data.decode import format_shape, parse_shape
+from tidal_ray.errors import BadInput
+from tidal_ray.data.pool import CLASSES_KEY, FORMATS, SHAPE_KEY
 
 SOURCES = ("digits", "fashion-mnist", "synthetic")
 REAL_SOURCES = ("digits", "fashion-mnist")
@@ -20,7 +20,7 @@ DEFAULT_SYNTHETIC_ROWS = 10_000
 
 def _real(source: str, rows: int | None, data_dir: str | None):
     """``(ids, pixels, labels, shape, num_classes)`` of a real data set, the first ``rows``."""
-    from . import datasets
+    from tidal_ray.data import datasets
 
     if source == "digits":
         (ids, pixels, labels), shape, classes = datasets.load_digits(), datasets.DIGITS_SHAPE, datasets.DIGITS_CLASSES

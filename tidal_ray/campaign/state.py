@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from . import storage
-from .errors import BadInput
+from tidal_ray.data import storage
+from tidal_ray.errors import BadInput
 
 
 @dataclass
@@ -44,7 +44,7 @@ class CampaignConfig:
     presign: int | None = None    # seconds: Label Studio tasks get presigned HTTPS URLs
 
     def check(self) -> None:
-        from .uncertainty import check_strategy
+        from tidal_ray.method.uncertainty import check_strategy
 
         check_strategy(self.strategy)
         if self.class_names is not None and len(self.class_names) != self.num_classes:
@@ -87,7 +87,6 @@ def save_state(root: str, state: dict) -> None:
 
 def config_of(state: dict) -> CampaignConfig:
     config = dict(state["config"])
-    config.pop("extra", None)  # written by 0.1, always empty
     config["actors"] = tuple(config["actors"])
     if config.get("feature_layers"):
         config["feature_layers"] = tuple(config["feature_layers"])
@@ -96,7 +95,7 @@ def config_of(state: dict) -> CampaignConfig:
 
 def input_shape_of(config: CampaignConfig) -> tuple[int, ...]:
     """The campaign's input, settled from its pool and recipe the same way every cycle."""
-    from .pool import describe_pool, input_shape_for
+    from tidal_ray.data.pool import describe_pool, input_shape_for
 
     return input_shape_for(describe_pool(config.pool), config.image_size, config.channels)
 

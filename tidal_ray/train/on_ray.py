@@ -18,10 +18,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import storage
-from .checkpoint import load_checkpoint, save_checkpoint
-from .errors import BadInput
-from .train import TrainConfig, join_single_row_tail, run_training, validate_labeled, validate_labels
+from tidal_ray.data import storage
+from tidal_ray.train.checkpoint import load_checkpoint, save_checkpoint
+from tidal_ray.errors import BadInput
+from tidal_ray.train.config import TrainConfig, validate_labeled, validate_labels
+from tidal_ray.train.loop import join_single_row_tail, run_training
 
 FAIL_AT_EPOCH_ENV = "TIDAL_RAY_TEST_FAIL_AT_EPOCH"
 
@@ -180,7 +181,7 @@ def train_arrays_on_ray(config: TrainConfig, ids, x, y, storage_uri: str, num_wo
     """``train_on_ray`` for a small labeled set held as arrays (``x`` uint8 pixels
     (N, C, H, W) or float32 features (N, D)); tests and benchmarks."""
     ids, x, y = validate_labeled(config, ids, x, y, num_workers)
-    from .runtime import init_ray
+    from tidal_ray.runtime import init_ray
 
     init_ray()
     return train_on_ray(config, ids, y, arrays_dataset(ids, x, y), storage_uri, num_workers=num_workers, **kwargs)
@@ -208,7 +209,7 @@ def train_on_ray(config: TrainConfig, ids, labels, dataset, storage_uri: str, nu
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .runtime import init_ray, ray_log_level
+    from tidal_ray.runtime import init_ray, ray_log_level
 
     init_ray()
     name = name or time.strftime("train-%Y%m%d-%H%M%S")

@@ -6,9 +6,9 @@ import io
 
 import torch
 
-from . import storage
-from .errors import BadInput
-from .models import TiDALNet, build_model
+from tidal_ray.data import storage
+from tidal_ray.errors import BadInput
+from tidal_ray.models import TiDALNet, build_model
 
 CHECKPOINT_FILE = "model.pt"
 
@@ -41,7 +41,7 @@ def load_checkpoint(uri: str) -> dict:
 def check_model_importable(state: dict) -> None:
     """A ``MODULE:FACTORY`` checkpoint needs MODULE importable in this process (and in
     the workers that rebuild it); a one-line BadInput naming it otherwise."""
-    from .models.spec import import_factory
+    from tidal_ray.models.spec import import_factory
 
     if ":" in str(state["config"]["backbone"]):
         import_factory(state["config"]["backbone"], f"the checkpoint's model {state['config']['backbone']}")
@@ -56,3 +56,19 @@ def model_from_checkpoint(state: dict) -> TiDALNet:
                       tuple(layers) if layers else None, config.get("normalize", "none"))
     net.load_state_dict(state["model"])
     return net.eval()
+
+
+def read_weights(uri: str) -> dict:
+    """A state_dict from a local path or ``s3://`` URI, loaded with ``weights_only=True``."""
+    try:
+        data = storage.read_bytes(uri)
+    except (FileNotFoundError, OSError):
+        raise BadInput(f"--weights {uri}: no such file") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BadInput(f"--weights {uri}: not a state_dict that loads with weights_only=True "
+                       f"({type(e).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BadInput(f"--weights {uri}: expected a state_dict (names -> tensors)")
+    return state

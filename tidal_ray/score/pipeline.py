@@ -16,15 +16,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ids as id_utils
-from . import storage
-from .decode import decode_for_scoring, format_shape
-from .errors import BadInput
-from .pool import PoolSpec, check_compatible, describe_pool
-from .read import arrival_order_for_tests, read_batches, read_unit, read_units, repeated_ids
-from .reduce import Progress, Reduction, ScoresWriter
-from .scorer import BALD_SAMPLES, PRECISIONS, BatchScorer
-from .uncertainty import STRATEGIES, check_strategy
+from tidal_ray.data import ids as id_utils
+from tidal_ray.data import storage
+from tidal_ray.data.decode import decode_for_scoring, format_shape
+from tidal_ray.errors import BadInput
+from tidal_ray.data.pool import PoolSpec, check_compatible, describe_pool
+from tidal_ray.data.read import arrival_order_for_tests, read_batches, read_unit, read_units, repeated_ids
+from tidal_ray.score.reduce import Progress, Reduction, ScoresWriter
+from tidal_ray.score.scorer import BALD_SAMPLES, PRECISIONS, BatchScorer
+from tidal_ray.method.uncertainty import STRATEGIES, check_strategy
 
 # CPUs per scorer actor on CPU-only clusters: the largest step that leaves the read
 # tasks room (DESIGN §5). None equals DECODE_CPUS: Ray Data fuses map stages with equal
@@ -86,7 +86,7 @@ def plan_scoring(checkpoint_uri, pool_uri, k, strategy="tidal-entropy", exclude_
                  per_class_quota=False, save_scores=False, batch_size=256, actors=(1, 1), seed=0,
                  precision="fp32") -> Plan:
     """Every check that can fail on bad input, before any work starts."""
-    from .checkpoint import check_model_importable, load_checkpoint
+    from tidal_ray.train.checkpoint import check_model_importable, load_checkpoint
 
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
         raise BadInput(f"k must be a positive integer, got {k!r}")
@@ -155,7 +155,7 @@ def score_batches_on_ray(plan: Plan, use_gpu: bool | None = None):
     import ray
     from ray.data import ActorPoolStrategy, ExecutionResources
 
-    from .runtime import init_ray
+    from tidal_ray.runtime import init_ray
 
     init_ray()
     gpus, node_cpus = _cluster_shape(ray)

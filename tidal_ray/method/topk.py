@@ -10,15 +10,7 @@ import math
 
 import numpy as np
 
-from .errors import BadInput
-
-
-def is_member(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """For each of ``ids``, whether it is in ``sorted_ids`` (sorted, unique)."""
-    if len(sorted_ids) == 0 or len(ids) == 0:
-        return np.zeros(len(ids), dtype=bool)
-    pos = np.searchsorted(sorted_ids, ids).clip(max=len(sorted_ids) - 1)
-    return sorted_ids[pos] == ids
+from tidal_ray.errors import BadInput
 
 
 def rank_order(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -51,7 +43,7 @@ class _Best:
 class StreamingTopK:
     """The exact top k of every row added (ids, scores, predicted classes), in O(k).
     Rows that must not be selected (labeled, pending) are left out by the caller
-    (``reduce.Reduction``), using ``is_member``."""
+    (``reduce.Reduction``)."""
 
     def __init__(self, k: int, per_class_quota: bool = False, num_classes: int | None = None):
         if int(k) <= 0:

@@ -14,10 +14,11 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
-from . import ids as id_utils
-from . import storage
-from .decode import DUPLICATE_ID, NULL_ID, is_decoded, numpy_column, reason_kind
-from .topk import StreamingTopK, is_member
+from tidal_ray.data import ids as id_utils
+from tidal_ray.data import storage
+from tidal_ray.data.decode import DUPLICATE_ID, NULL_ID, is_decoded, numpy_column, reason_kind
+from tidal_ray.data.ids import is_member
+from tidal_ray.method.topk import StreamingTopK
 
 PROGRESS_SECONDS = 5.0
 SCORES_ROWS_PER_PART = 1_000_000

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from .errors import BadInput
+from tidal_ray.errors import BadInput
 
 DIGITS_SHAPE = (1, 8, 8)
 DIGITS_CLASSES = 10

@@ -23,15 +23,16 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from . import ids as id_utils
-from . import storage
-from .decode import decode_batch
-from .errors import BadInput
-from .lookup import rows_with_ids
-from .pool import PoolSpec, describe_pool, image_keys_present
+from tidal_ray.data import ids as id_utils
+from tidal_ray.data import storage
+from tidal_ray.data.decode import decode_batch
+from tidal_ray.errors import BadInput
+from tidal_ray.data.lookup import rows_with_ids
+from tidal_ray.data.listing import image_keys_present
+from tidal_ray.data.pool import PoolSpec, describe_pool
 
 READ_CPUS = 0.25      # read + decode tasks, fractional so training workers keep room
-ROW_BITS = 40         # a row's key is file << ROW_BITS | row within the file
+ROW_BITS = 40         # a row's position is file << ROW_BITS | row within the file
 
 
 @dataclass
@@ -45,16 +46,16 @@ class LabeledRows:
 
 
 def _decoded(table: pa.Table, rows: np.ndarray, file: int, spec: PoolSpec, input_shape) -> dict:
-    """Good rows and rejects of one read table: ``id, x, key, reason`` ("" when good)."""
+    """Good rows and rejects of one read table: ``id, x, position, reason`` ("" when good)."""
     good, rejects = decode_batch(table, spec, input_shape, {})
     bad = len(rejects["id"])
     string = id_utils.is_string(spec.id_type)
     bad_ids = np.array([("" if string else 0) if i is None else i for i in rejects["id"]],
                        dtype=str if string else np.int64)
     x = np.concatenate([good["x"], np.zeros((bad, *input_shape), good["x"].dtype)]) if bad else good["x"]
-    good_keys = (np.int64(file) << ROW_BITS) | rows[good["row"]].astype(np.int64)
+    good_positions = (np.int64(file) << ROW_BITS) | rows[good["row"]].astype(np.int64)
     return {"id": np.concatenate([good["id"], bad_ids]), "x": x,
-            "key": np.concatenate([good_keys, np.full(bad, -1, np.int64)]),
+            "position": np.concatenate([good_positions, np.full(bad, -1, np.int64)]),
             "reason": np.concatenate([np.full(len(good["id"]), "", dtype=object),
                                       rejects["reason"].astype(object)]).astype(str)}
 
@@ -93,20 +94,19 @@ def _read_dataset(spec: PoolSpec, wanted: pa.Array, input_shape):
                                         "input_shape": input_shape})
 
 
-def _attach_index_and_label(batch: dict, keys: np.ndarray, index: np.ndarray, labels: np.ndarray) -> dict:
-    """Keep the rows that stand for their id (``keys``, sorted) and give them their TD
-    index and label."""
-    at = np.searchsorted(keys, batch["key"]).clip(max=max(len(keys) - 1, 0))
-    keep = (batch["reason"] == "") & (keys[at] == batch["key"]) if len(keys) else np.zeros(len(at), bool)
-    at = at[keep]
+def _attach_index_and_label(batch: dict, positions: np.ndarray, index: np.ndarray, labels: np.ndarray) -> dict:
+    """Keep the rows that stand for their id (at ``positions``, sorted) and give them
+    their TD index and label."""
+    keep = (batch["reason"] == "") & id_utils.is_member(positions, batch["position"])
+    at = np.searchsorted(positions, batch["position"][keep])
     return {"id": batch["id"][keep], "index": index[at], "label": labels[at], "x": batch["x"][keep]}
 
 
 def labeled_rows(pool_uri: str, ids, labels, input_shape=None, spec: PoolSpec | None = None) -> LabeledRows:
     """The rows of ``ids`` in the pool as a training dataset (``labels`` aligned with
     ``ids``; ``input_shape`` defaults to the pool's own)."""
-    from .pool import input_shape_for
-    from .runtime import init_ray
+    from tidal_ray.data.pool import input_shape_for
+    from tidal_ray.runtime import init_ray
 
     spec = spec or describe_pool(pool_uri)
     wanted = id_utils.from_user(ids, spec.id_type, pool_uri)
@@ -120,23 +120,20 @@ def labeled_rows(pool_uri: str, ids, labels, input_shape=None, spec: PoolSpec | 
     read = read.materialize() if read is not None else None
     # What the driver sees of the read: ids, positions and reasons, no data.
     tables = [] if read is None or read.count() == 0 else \
-        list(read.select_columns(["id", "key", "reason"]).iter_batches(batch_size=None, batch_format="pyarrow"))
+        list(read.select_columns(["id", "position", "reason"]).iter_batches(batch_size=None, batch_format="pyarrow"))
     tables = [t for t in tables if t.num_rows]
     found = pa.concat_tables(tables) if tables else pa.table({"id": pa.array([], spec.id_type),
-                                                              "key": pa.array([], pa.int64()),
+                                                              "position": pa.array([], pa.int64()),
                                                               "reason": pa.array([], pa.string())})
     found_ids = id_utils.to_numpy(found.column("id"), spec.id_type)
-    key = found.column("key").to_numpy()
+    position = found.column("position").to_numpy()
     reason = found.column("reason").to_numpy(zero_copy_only=False).astype(str)
     missing = ~np.isin(ids, found_ids)
     if missing.any():
         raise BadInput(f"{int(missing.sum())} labeled id(s) not found in {pool_uri} (e.g. {ids[missing].tolist()[0]!r})")
 
-    good = reason == ""
-    order = np.argsort(key[good], kind="stable")               # file order, then row order
-    good_ids, good_keys = found_ids[good][order], key[good][order]
-    unique_ids, first = np.unique(good_ids, return_index=True)  # the earliest good row of each id
-    kept = np.isin(ids, unique_ids)
+    winners = id_utils.earliest_rows(found_ids, position, reason == "")  # the earliest good row of each id
+    kept = id_utils.is_member(np.sort(found_ids[winners]), ids)
     rejected = ids[~kept]
     first_rejected = None
     if len(rejected):
@@ -147,11 +144,11 @@ def labeled_rows(pool_uri: str, ids, labels, input_shape=None, spec: PoolSpec | 
     ids, labels = ids[kept], labels[kept]
     if len(ids) == 0:
         raise BadInput(f"none of the labeled rows in {pool_uri} can be decoded (e.g. {first_rejected})")
-    winner = good_keys[first[np.searchsorted(unique_ids, ids)]]
-    by_key = np.argsort(winner)
+    winner = position[winners][id_utils.find(found_ids[winners], ids, pool_uri)]  # aligned with ids
+    by_position = np.argsort(winner)
     dataset = read.map_batches(_attach_index_and_label, batch_format="numpy", num_cpus=READ_CPUS,
-                               fn_kwargs={"keys": winner[by_key], "index": by_key.astype(np.int64),
-                                          "labels": labels[by_key]})
+                               fn_kwargs={"positions": winner[by_position], "index": by_position.astype(np.int64),
+                                          "labels": labels[by_position]})
     return LabeledRows(ids, labels, input_shape, dataset, len(rejected), first_rejected)
 
 
@@ -159,7 +156,7 @@ def read_labeled_set(uri: str) -> tuple[np.ndarray, np.ndarray, PoolSpec]:
     """A labeled set's ``id`` and ``label`` columns only (for ``train --labeled``):
     ``(ids, labels, spec)``, the first row of a repeated id winning, a null label as -1
     (refused later as out of range); rows with a null id are left out."""
-    from .loader import iter_tables
+    from tidal_ray.data.loader import iter_tables
 
     if not storage.exists(uri):
         raise BadInput(f"labeled set not found: {uri}")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
-from . import ids as id_utils
-from .checkpoint import load_checkpoint, model_from_checkpoint
-from .decode import column_array, decode_batch
-from .errors import BadInput
-from .loader import iter_tables
-from .models import prepare_input
-from .pool import describe_pool
+from tidal_ray.data import ids as id_utils
+from tidal_ray.train.checkpoint import load_checkpoint, model_from_checkpoint
+from tidal_ray.data.decode import column_array, decode_batch
+from tidal_ray.errors import BadInput
+from tidal_ray.data.loader import iter_tables
+from tidal_ray.models import prepare_input
+from tidal_ray.data.pool import describe_pool
 
 
 def accuracy(checkpoint_uri: str, test_uri: str | None) -> float | None:

@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import ids as id_utils
-from .errors import BadInput
+from tidal_ray.data import ids as id_utils
+from tidal_ray.errors import BadInput
 
 # Reject reasons. Details may follow after ": " (grouping uses the part before it).
 NULL_ID = "null id"

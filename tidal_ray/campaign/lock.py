@@ -8,8 +8,8 @@ import socket
 import time
 import uuid
 
-from . import storage
-from .errors import Refused
+from tidal_ray.data import storage
+from tidal_ray.errors import Refused
 
 
 class CampaignLocked(Refused):

@@ -1,0 +1,217 @@
+"""Rows of a pool found by id or by position, without reading the pool: the one way to
+read rows by id (oracle labels, exports, in-memory loads, existence checks, training).
+
+Only the columns asked for are read, and only from the row groups that can hold a
+wanted row: for integer ids the row group's min/max statistics (found by the Parquet
+column path ``id``, not by field index: a struct column before ``id`` shifts the leaf
+columns) rule most out before any byte of it is read, and the ``id`` column decides
+for the rest. Memory stays within one row group's worth of the asked columns plus the
+wanted ids, so the driver can use these and Ray tasks can too.
+
+Of several rows with one id, the earliest decodable one wins (``ids.earliest_rows``), as
+in scoring: ``winning_rows`` decodes the rows of repeated ids to find it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tidal_ray.data import ids as id_utils
+from tidal_ray.data import storage
+from tidal_ray.data.decode import decode_batch
+from tidal_ray.data.listing import image_keys_present
+from tidal_ray.data.pool import PoolSpec, describe_pool, input_shape_for
+from tidal_ray.errors import BadInput
+
+BATCH_ROWS = 65536
+
+
+def id_leaf_index(metadata: pq.FileMetaData) -> int | None:
+    """The index of the ``id`` leaf column among a file's Parquet columns (by path)."""
+    if metadata.num_row_groups == 0:
+        return None
+    group = metadata.row_group(0)
+    for j in range(group.num_columns):
+        if group.column(j).path_in_schema == "id":
+            return j
+    return None
+
+
+def _may_hold(metadata: pq.FileMetaData, group: int, id_leaf: int | None, wanted_sorted: np.ndarray | None) -> bool:
+    """False only when the row group's id statistics prove that no wanted id is in it."""
+    if wanted_sorted is None or id_leaf is None:
+        return True
+    stats = metadata.row_group(group).column(id_leaf).statistics
+    if stats is None or not stats.has_min_max:
+        return True
+    low = np.searchsorted(wanted_sorted, stats.min, side="left")
+    high = np.searchsorted(wanted_sorted, stats.max, side="right")
+    return bool(high > low)
+
+
+def rows_with_ids(uri: str, wanted: pa.Array, columns: list[str], batch_rows: int = BATCH_ROWS):
+    """Yield ``(table, rows)``: the rows of one parquet file whose id is in ``wanted``
+    (``columns`` only, ``id`` included) and their positions in the file, in file order."""
+    fs, path = storage.resolve(uri)
+    wanted_sorted = np.sort(wanted.to_numpy(zero_copy_only=False)) if pa.types.is_integer(wanted.type) else None
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        meta = pf.metadata
+        id_leaf = id_leaf_index(meta)
+        columns = [c for c in dict.fromkeys(["id", *columns]) if c in pf.schema_arrow.names]
+        first_row = 0
+        for g in range(meta.num_row_groups):
+            group_rows = meta.row_group(g).num_rows
+            start, first_row = first_row, first_row + group_rows
+            if not _may_hold(meta, g, id_leaf, wanted_sorted):
+                continue
+            group_ids = pf.read_row_group(g, columns=["id"]).column("id")
+            hit = pc.is_in(group_ids.cast(wanted.type), value_set=wanted).fill_null(False)
+            if not pc.any(hit).as_py():
+                continue
+            offset = start
+            for rb in pf.iter_batches(batch_size=batch_rows, row_groups=[g], columns=columns):
+                table = pa.Table.from_batches([rb])
+                mask = pc.is_in(table.column("id").cast(wanted.type), value_set=wanted).fill_null(False)
+                where = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+                if len(where):
+                    yield table.take(pa.array(where)), offset + where
+                offset += table.num_rows
+
+
+def read_rows(spec: PoolSpec, ids, columns: list[str]) -> pa.Table:
+    """Every row of a parquet pool whose id is among ``ids`` (all rows of a repeated id),
+    in pool order: ``id`` (the pool's type), ``columns`` (those a file lacks are left
+    out), ``file`` (index into ``spec.files``) and ``row`` (position in the file)."""
+    wanted = id_utils.from_user(list(ids), spec.id_type, spec.uri)
+    parts = []
+    for file, (uri, _) in enumerate(spec.files):
+        for table, rows in rows_with_ids(uri, wanted, columns):
+            table = table.set_column(0, "id", table.column("id").cast(spec.id_type))
+            parts.append(table.append_column("file", pa.array(np.full(len(rows), file, np.int32)))
+                         .append_column("row", pa.array(rows.astype(np.int64))))
+    if not parts:
+        return pa.table({"id": pa.array([], spec.id_type), "file": pa.array([], pa.int32()),
+                         "row": pa.array([], pa.int64())})
+    return pa.concat_tables(parts, promote_options="permissive")
+
+
+def positions(table: pa.Table) -> np.ndarray:
+    """One sortable int64 per row of ``read_rows``: file, then row within the file."""
+    return (table.column("file").to_numpy().astype(np.int64) << 40) | table.column("row").to_numpy()
+
+
+def decodable(table: pa.Table, spec: PoolSpec, input_shape) -> np.ndarray:
+    """Which rows of a table holding ``id`` and the data column decode to ``input_shape``."""
+    good, _ = decode_batch(table, spec, input_shape)
+    mask = np.zeros(table.num_rows, dtype=bool)
+    mask[good["row"]] = True
+    return mask
+
+
+def winning_rows(table: pa.Table, spec: PoolSpec, input_shape=None) -> pa.Table:
+    """One row per id of a ``read_rows`` table: the earliest decodable row (DESIGN §2).
+    Only rows of ids that occur more than once are decoded; an id none of whose rows
+    decodes keeps its earliest row (callers that need the data decode it and reject it)."""
+    if table.num_rows == 0:
+        return table
+    ids = id_utils.to_numpy(table.column("id"), spec.id_type)
+    _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    good = np.ones(len(ids), dtype=bool)
+    repeated = counts[inverse] > 1
+    if repeated.any() and spec.column in table.column_names:
+        good[repeated] = decodable(table.filter(pa.array(repeated)), spec, input_shape or input_shape_for(spec))
+        has_good = np.bincount(inverse, weights=good, minlength=len(counts)) > 0
+        good |= ~has_good[inverse]
+    return table.take(pa.array(id_utils.earliest_rows(ids, positions(table), good)))
+
+
+def in_given_order(table: pa.Table, spec: PoolSpec, ids) -> pa.Table:
+    """The rows of ``table`` (one per id) in the order of ``ids``; BadInput naming the
+    first id that is not there."""
+    wanted = id_utils.to_numpy(id_utils.from_user(list(ids), spec.id_type, spec.uri), spec.id_type)
+    return table.take(pa.array(id_utils.find(id_utils.to_numpy(table.column("id"), spec.id_type), wanted, spec.uri)))
+
+
+def pool_has_ids(uri: str, candidates) -> set[str]:
+    """Which of ``candidates`` (as strings) are ids in the pool; reads the ids only."""
+    spec = describe_pool(uri)
+    candidates = [str(c) for c in candidates]
+    if spec.format == "files":
+        return {c for c, ok in zip(candidates, image_keys_present(spec, candidates)) if ok}
+    found = read_rows(spec, id_utils.parse_keys(candidates, spec.id_type).to_pylist(), [])
+    present = {str(v) for v in found.column("id").to_pylist()}
+    return {c for c in candidates if id_utils.as_text(c, spec.id_type) in present}
+
+
+def read_selected(spec: PoolSpec, ids, columns: list[str], input_shape=None) -> pa.Table:
+    """The winning row of each of ``ids`` from a parquet pool, ``columns`` only (plus
+    ``id``, ``file``, ``row``), in pool order."""
+    data = [spec.column] if spec.column not in columns else []
+    table = winning_rows(read_rows(spec, ids, [*columns, *data]), spec, input_shape)
+    return table.drop_columns(data) if data else table
+
+
+def labels_of(spec: PoolSpec, ids, input_shape=None) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, labels)`` for ``ids`` in the order given, from the winning row of each id
+    (the earliest decodable, as scoring decides). BadInput when an id is not in the pool
+    or its row has no label."""
+    if spec.format == "files" or not spec.has_label:
+        raise BadInput(f"the oracle needs a 'label' column in the pool {spec.uri}")
+    table = in_given_order(read_selected(spec, ids, ["label"], input_shape), spec, ids)
+    labels = table.column("label").cast(pa.int64())
+    if labels.null_count:
+        first = int(np.flatnonzero(labels.is_null().to_numpy(zero_copy_only=False))[0])
+        raise BadInput(f"the pool {spec.uri} has no label for id {table.column('id')[first].as_py()!r}")
+    return id_utils.to_numpy(table.column("id"), spec.id_type), labels.to_numpy()
+
+
+def _file_row_counts(spec: PoolSpec) -> np.ndarray:
+    return np.array([sum(groups) for groups in spec.row_groups], dtype=np.int64)
+
+
+def rows_at(uri: str, positions: np.ndarray, columns: list[str]) -> pa.Table:
+    """Rows at sorted ``positions`` of one parquet file (``columns`` only), reading just
+    the row groups that hold them."""
+    fs, path = storage.resolve(uri)
+    parts = []
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        start = 0
+        for g in range(pf.metadata.num_row_groups):
+            stop = start + pf.metadata.row_group(g).num_rows
+            inside = positions[(positions >= start) & (positions < stop)]
+            if len(inside):
+                parts.append(pf.read_row_group(g, columns=columns).take(pa.array(inside - start)))
+            start = stop
+    return pa.concat_tables(parts) if parts else pf.schema_arrow.empty_table().select(columns)
+
+
+def sample_labels(spec: PoolSpec, n: int, seed: int) -> pa.Table:
+    """``n`` rows drawn uniformly at random from the pool's rows (by position, from the
+    parquet footers' row counts), as ``id, label``, reading only those rows' two columns.
+
+    Rows with a null id or label, and repeats of an id already drawn, are left out, so
+    the table may hold fewer than ``n`` rows. For a pool without such rows the draw is
+    ``default_rng(seed).choice(rows, n, replace=False)`` over the rows in pool order."""
+    if spec.format == "files" or not spec.has_label:
+        raise BadInput(f"the oracle needs a 'label' column in the pool {spec.uri}")
+    if n > spec.rows:
+        raise BadInput(f"--initial-labels {n} is more than the pool's {spec.rows} rows")
+    chosen = np.sort(np.random.default_rng(seed).choice(spec.rows, size=n, replace=False))
+    ends = np.cumsum(_file_row_counts(spec))
+    starts = np.concatenate([[0], ends[:-1]])
+    parts = []
+    for i, (uri, _) in enumerate(spec.files):
+        inside = chosen[(chosen >= starts[i]) & (chosen < ends[i])]
+        if len(inside):
+            table = rows_at(uri, inside - starts[i], ["id", "label"])
+            parts.append(pa.table({"id": id_utils.cast(table.column("id"), spec.id_type, uri),
+                                   "label": table.column("label").cast(pa.int64())}))
+    table = pa.concat_tables(parts) if parts else pa.table({"id": pa.array([], spec.id_type),
+                                                            "label": pa.array([], pa.int64())})
+    table = table.filter(pc.and_(pc.is_valid(table.column("id")), pc.is_valid(table.column("label"))))
+    first = id_utils.SeenIds().first_seen(id_utils.to_numpy(table.column("id"), spec.id_type))
+    return table.filter(pa.array(first))
