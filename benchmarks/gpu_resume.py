@@ -7,10 +7,14 @@ where only torch, numpy, pyarrow and Pillow are installed:
 Three runs of the same seeded config on synthetic 3x32x32 images: one uninterrupted; one
 killed right after its checkpoint at --resume-at; one resumed on the device from that
 checkpoint (saved and loaded with weights_only=True, map_location="cpu", as a checkpoint
-file is). Before the fix the resumed run failed at its first step on CUDA (Adam's moments
-left on the CPU). PASS when the resumed epochs' losses equal the uninterrupted run's (to
---rtol; on CUDA some kernels are not bitwise deterministic) and the final weights agree.
-Prints the figures and one line PASS/FAIL; exit 0 on PASS, 1 on FAIL.
+file is). By default torch runs deterministic algorithms only, and PASS means the resumed
+epochs' losses equal the uninterrupted run's to --rtol (0: bitwise). With --nondeterministic
+(cuDNN's and cuBLAS's fastest kernels, torch's default) runs differ from each other: a
+second uninterrupted run is made and both differences are printed, and PASS means only
+that the resumed run trained its epochs on the device (the differences compound from the
+killed run's first epochs on, so no tolerance holds them). Measured on an H200 (torch
+2.11): deterministic, bitwise equal for small_cnn and resnet18; before the fix, the resume
+failed at its first step (RuntimeError: tensors on cuda:0 and cpu). Prints the figures and one line PASS/FAIL; exit 0 on PASS, 1 on FAIL.
 """
 from __future__ import annotations
 
@@ -19,6 +23,10 @@ import io
 import json
 import sys
 import time
+
+import os
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts: deterministic cuBLAS
 
 import numpy as np
 import torch
@@ -67,21 +75,21 @@ def main(argv=None) -> int:
     p.add_argument("--resume-at", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=5)
-    p.add_argument("--rtol", type=float, default=1e-4)
-    p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
+    p.add_argument("--rtol", type=float, default=0.0)
+    p.add_argument("--nondeterministic", action="store_true", help="allow nondeterministic kernels (the default in torch)")
     p.add_argument("--out", help="write the figures as JSON here")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("FAIL: torch has no CUDA here")
         return 1
-    if args.deterministic:
+    if not args.nondeterministic:
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
 
     config = TrainConfig(num_classes=10, input_shape=(3, 32, 32), backbone=args.backbone, epochs=args.epochs,
                          batch_size=args.batch_size, seed=args.seed, checkpoint_every=args.resume_at, augment=True)
     data = synthetic(args.rows, config.num_classes, args.seed)
     whole, whole_session, whole_s = run(config, data, args.device)
+    repeat = run(config, data, args.device)[1] if args.nondeterministic else whole_session
     _, killed, killed_s = run(config, data, args.device, kill_at=args.resume_at)
     buf = io.BytesIO()
     torch.save(killed.last_state, buf)
@@ -94,7 +102,7 @@ def main(argv=None) -> int:
 
     figures = {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
                "torch": torch.__version__, "backbone": args.backbone, "rows": args.rows, "epochs": args.epochs,
-               "resume_at": args.resume_at, "deterministic": args.deterministic,
+               "resume_at": args.resume_at, "deterministic": not args.nondeterministic,
                "uninterrupted_loss": [m["loss"] for m in whole_session.history],
                "killed_loss": [m["loss"] for m in killed.history],
                "seconds": {"uninterrupted": round(whole_s, 2), "killed": round(killed_s, 2),
@@ -103,15 +111,18 @@ def main(argv=None) -> int:
     if ok:
         mine = np.array([m["loss"] for m in resumed_session.history])
         theirs = np.array(figures["uninterrupted_loss"][args.resume_at:])
+        again = np.array([m["loss"] for m in repeat.history][args.resume_at:])
         weights = max(float((whole.state_dict()[k].double() - v.double()).abs().max())
                       for k, v in resumed.state_dict().items() if v.is_floating_point())
         figures.update({"resumed_loss": mine.tolist(),
                         "resumed_epochs": [m["epoch"] for m in resumed_session.history],
                         "loss_max_rel_diff": float(np.max(np.abs(mine - theirs) / np.abs(theirs))),
                         "losses_bitwise_equal": bool(np.array_equal(mine, theirs)),
+                        "repeat_loss_max_rel_diff": float(np.max(np.abs(again - theirs) / np.abs(theirs))),
                         "weights_max_abs_diff": weights})
         ok = (figures["resumed_epochs"] == list(range(args.resume_at + 1, args.epochs + 1))
-              and figures["loss_max_rel_diff"] <= args.rtol)
+              and bool(np.isfinite(mine).all())
+              and (args.nondeterministic or figures["loss_max_rel_diff"] <= args.rtol))
     print(json.dumps(figures, indent=1))
     if args.out:
         with open(args.out, "w") as f:
