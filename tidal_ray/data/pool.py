@@ -148,7 +148,8 @@ def _read_footer(uri: str):
             pf = pq.ParquetFile(f)
             return pf.schema_arrow, pf.metadata
     except (pa.ArrowInvalid, OSError) as e:
-        raise BadInput(f"{uri}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+        raise BadInput(storage.access_problem(e, uri)
+                       or f"{uri}: not a readable parquet file ({str(e).splitlines()[0]})") from None
 
 
 def describe_pool(uri: str) -> PoolSpec:
