@@ -25,6 +25,20 @@ def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
+DEFAULT_MAX_ATTEMPTS = 10  # AWS's own default is 3 (standard mode): too few for a day-long campaign
+_retries = {"boto3": 0}    # retries botocore made in this process (pyarrow's are not exposed)
+
+
+def max_attempts() -> int:
+    """Attempts per S3 request, retries included: ``AWS_MAX_ATTEMPTS`` as the AWS SDKs read it."""
+    return int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_MAX_ATTEMPTS)
+
+
+def s3_retries() -> int:
+    """How many S3 requests botocore retried in this process so far."""
+    return _retries["boto3"]
+
+
 def _s3_endpoint_and_region() -> tuple[str | None, str]:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
@@ -33,12 +47,13 @@ def _s3_endpoint_and_region() -> tuple[str | None, str]:
 
 def s3_filesystem() -> pafs.S3FileSystem:
     """One S3 filesystem per endpoint and region, reused by every call."""
-    return _s3_filesystem(*_s3_endpoint_and_region())
+    return _s3_filesystem(*_s3_endpoint_and_region(), max_attempts())
 
 
 @functools.lru_cache(maxsize=8)
-def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
-    kwargs = {"region": region}
+def _s3_filesystem(endpoint: str | None, region: str, attempts: int) -> pafs.S3FileSystem:
+    # Throttling (503 SlowDown), 5xx and dropped connections are retried with backoff.
+    kwargs = {"region": region, "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)}
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
@@ -226,14 +241,22 @@ def _iter_s3(uri: str, start_after: str | None):
 
 def s3_client():
     """A boto3 S3 client for the same endpoint and region as ``s3_filesystem``."""
-    return _s3_client(*_s3_endpoint_and_region())
+    return _s3_client(*_s3_endpoint_and_region(), max_attempts(), os.environ.get("AWS_RETRY_MODE") or "standard")
 
 
 @functools.lru_cache(maxsize=8)
-def _s3_client(endpoint: str | None, region: str):
+def _s3_client(endpoint: str | None, region: str, attempts: int, mode: str):
     import boto3
+    from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name=region,
+                          config=Config(retries={"mode": mode, "max_attempts": attempts}))
+    client.meta.events.register("after-call.s3", _count_retries)
+    return client
+
+
+def _count_retries(http_response=None, parsed=None, **_) -> None:
+    _retries["boto3"] += int((parsed or {}).get("ResponseMetadata", {}).get("RetryAttempts", 0))
 
 
 def _bucket_key(uri: str) -> tuple[str, str]:
