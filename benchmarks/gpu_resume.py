@@ -14,7 +14,8 @@ second uninterrupted run is made and both differences are printed, and PASS mean
 that the resumed run trained its epochs on the device (the differences compound from the
 killed run's first epochs on, so no tolerance holds them). Measured on an H200 (torch
 2.11): deterministic, bitwise equal for small_cnn and resnet18; before the fix, the resume
-failed at its first step (RuntimeError: tensors on cuda:0 and cpu). Prints the figures and one line PASS/FAIL; exit 0 on PASS, 1 on FAIL.
+failed at its first step (RuntimeError: tensors on cuda:0 and cpu). Prints the figures
+and one line PASS/FAIL; exit 0 on PASS, 1 on FAIL.
 """
 from __future__ import annotations
 

@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-import pyarrow as pa
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -113,6 +113,8 @@ def test_worker_failure_resumes_from_the_last_checkpoint(ray_local, s3_bucket, c
     assert f"checkpoint: {out}/crash/epoch-0004" in capsys.readouterr().out
 
     assert storage.exists(f"{out}/crash/fault-markers/failed-at-epoch-2")  # the failure did happen
+    # Ray said a worker raised (not that it was lost): a failure, not a preemption.
+    assert storage.read_json(f"{out}/crash/interruptions.json") == {"failures": 1, "preemptions": 0}
     history = storage.read_json(f"{out}/crash/metrics.json")
     assert [m["epoch"] for m in history] == [1, 2, 3, 4]  # no epoch trained twice
     assert [m["resumed_from_epoch"] for m in history] == [0, 0, 2, 2]

@@ -188,6 +188,26 @@ class TrainResult:
     metrics: list[dict]  # one dict per epoch, over all attempts of the run
     history_uri: str  # metrics.json of the run
     run_uri: str  # Ray Train's directory for the run
+    failures: int = 0     # restarts after a worker raised
+    preemptions: int = 0  # restarts after a worker's process or node was lost
+
+
+def _interruptions_counter(uri: str):
+    """A Ray Train callback (it runs on the controller, its own process) that counts the
+    worker group's interruptions into ``uri`` (JSON), told apart as Ray tells them: a
+    worker whose actor died (``RayActorError``: its process or node was lost, a preemption)
+    against one that raised (the training code's error)."""
+    import ray.exceptions
+    from ray.train import UserCallback
+
+    class InterruptionsCounter(UserCallback):
+        def after_exception(self, run_context, worker_exceptions):
+            lost = any(isinstance(e, ray.exceptions.RayActorError) for e in worker_exceptions.values())
+            counts = storage.read_json(uri) if storage.exists(uri) else {"failures": 0, "preemptions": 0}
+            counts["preemptions" if lost else "failures"] += 1
+            storage.write_json(uri, counts)
+
+    return InterruptionsCounter()
 
 
 def arrays_dataset(ids: np.ndarray, x: np.ndarray, y: np.ndarray):
@@ -240,6 +260,7 @@ def train_on_ray(config: TrainConfig, ids, labels, dataset, storage_uri: str, nu
     init_ray()
     name = name or time.strftime("train-%Y%m%d-%H%M%S")
     run_uri = storage.join(storage_uri, name)
+    interruptions_uri = storage.join(run_uri, "interruptions.json")
     fs, path = storage.resolve(storage_uri)
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
@@ -249,6 +270,7 @@ def train_on_ray(config: TrainConfig, ids, labels, dataset, storage_uri: str, nu
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=max_failures),
+                             callbacks=[_interruptions_counter(interruptions_uri)],
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              logging_config=LoggingConfig(log_level=ray_log_level())),
         datasets={"train": dataset},
@@ -261,4 +283,6 @@ def train_on_ray(config: TrainConfig, ids, labels, dataset, storage_uri: str, nu
     metrics = storage.read_json(storage.join(checkpoint_uri, "metrics.json"))
     history_uri = storage.join(run_uri, "metrics.json")
     storage.write_json(history_uri, metrics)
-    return TrainResult(checkpoint_uri, metrics, history_uri, run_uri)
+    counts = storage.read_json(interruptions_uri) if storage.exists(interruptions_uri) else {}
+    return TrainResult(checkpoint_uri, metrics, history_uri, run_uri, counts.get("failures", 0),
+                       counts.get("preemptions", 0))
