@@ -94,3 +94,53 @@ def test_an_undecodable_earliest_duplicate_loses_everywhere(tmp_path, ray_local)
     rejects = pq.read_table(str(tmp_path / "out" / "rejects.parquet")).to_pylist()
     assert [(r["id"], r["reason"].split(":")[0]) for r in rejects] == [(5, "wrong tensor length")]
     assert summary["rows_scored"] == 12
+
+
+def test_id_statistics_are_found_by_column_path_after_a_struct_column(tmp_path):
+    """A struct column of two leaves comes before ``id``: by Arrow field index, ``id`` would
+    be leaf 1 (the struct's second leaf, whose values are far from every id), so the row
+    groups holding the wanted ids would be skipped and the ids "not found"."""
+    ids = np.arange(1000)
+    meta = pa.StructArray.from_arrays([pa.array(ids + 10**6), pa.array(ids + 2 * 10**6)], ["a", "b"])
+    features = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(2000, np.float32)), 2)
+    (tmp_path / "pool").mkdir()
+    pq.write_table(pa.table({"meta": meta, "id": ids, "label": ids % 7, "features": features}),
+                   str(tmp_path / "pool" / "part-0.parquet"), row_group_size=100)
+    spec = describe_pool(str(tmp_path / "pool"))
+    wanted = [950, 3, 420]
+    got_ids, got_labels = labels_of(spec, wanted)
+    assert got_ids.tolist() == wanted and got_labels.tolist() == [950 % 7, 3 % 7, 420 % 7]
+    found = list(rows_with_ids(str(tmp_path / "pool" / "part-0.parquet"), pa.array([420, 3]), ["id", "label"]))
+    assert [t.column("id").to_pylist() for t, _ in found] == [[3], [420]]
+
+
+def test_repeated_id_pre_pass_holds_a_few_row_groups_not_the_file(tmp_path):
+    """Driver memory of ``read.repeated_ids`` on one file of 400k rows in row groups of
+    1000: Arrow's peak (a pool of its own) and Python's (tracemalloc: NumPy and the seen-id
+    set) stay far under the file's id column (3.2 MB), which the earlier pre-pass read whole."""
+    import tracemalloc
+
+    from tidal_ray.data.read import repeated_ids
+
+    rows = 400_000
+    ids = np.concatenate([np.arange(rows - 1), [123]])  # one id repeated, in the last row group
+    features = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(2 * rows, np.float32)), 2)
+    (tmp_path / "pool").mkdir()
+    pq.write_table(pa.table({"id": ids, "features": features}), str(tmp_path / "pool" / "big.parquet"),
+                   row_group_size=1000)
+    spec = describe_pool(str(tmp_path / "pool"))
+    column_bytes = ids.nbytes
+
+    arrow = pa.proxy_memory_pool(pa.default_memory_pool())
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(arrow)
+    tracemalloc.start()
+    try:
+        repeated = repeated_ids(spec)
+        _, python_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        pa.set_memory_pool(previous)
+    assert repeated.tolist() == [123]
+    assert arrow.max_memory() < column_bytes / 4, arrow.max_memory()
+    assert python_peak < column_bytes / 4, python_peak

@@ -73,3 +73,41 @@ def test_in_process_training_learns_digits():
     with torch.no_grad():
         logits, _ = net.eval()(prepare_input(torch.from_numpy(pixels[300:600])))
     assert (logits.argmax(1).numpy() == labels[300:600]).mean() > 0.8
+
+
+
+def test_resumed_run_continues_exactly_as_the_uninterrupted_run():
+    import io
+
+    from tidal_ray.train.loop import LocalSession, run_training
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_epoch_2(metrics):
+        if metrics["epoch"] == 2:
+            raise Killed  # right after the epoch-2 checkpoint
+
+    ids, pixels, labels = load_digits()
+    ids, pixels, labels = ids[:200], pixels[:200], labels[:200]
+    config = TrainConfig(num_classes=10, input_shape=DIGITS_SHAPE, epochs=4, batch_size=32, seed=3,
+                         checkpoint_every=2, augment=True)
+    whole, _, whole_session = train_in_process(config, ids, pixels, labels)
+
+    killed = LocalSession(ids, pixels, labels, config.batch_size, config.seed, on_epoch=kill_at_epoch_2)
+    try:
+        run_training(config, killed)
+    except Killed:
+        pass
+    buf = io.BytesIO()  # the checkpoint as a file gives it back: a copy, loaded as load_checkpoint does
+    torch.save(killed.last_state, buf)
+    state = torch.load(io.BytesIO(buf.getvalue()), map_location="cpu", weights_only=True)
+    assert state["epoch"] == 2 and [m["epoch"] for m in killed.history] == [1, 2]
+
+    resumed, _, resumed_session = train_in_process(config, ids, pixels, labels, resume=state)
+    assert [m["epoch"] for m in resumed_session.history] == [3, 4]
+    for mine, uninterrupted in zip(resumed_session.history, whole_session.history[2:]):
+        assert (mine["loss"], mine["ce"], mine["kl"]) == (uninterrupted["loss"], uninterrupted["ce"],
+                                                          uninterrupted["kl"])
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name

@@ -23,7 +23,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tidal_ray.data import ids as id_utils
@@ -31,6 +33,8 @@ from tidal_ray.data import storage
 from tidal_ray.data.decode import decode_image, format_shape, parse_shape
 from tidal_ray.data.listing import SAMPLED_IMAGES, list_pool
 from tidal_ray.errors import BadInput
+
+SAMPLED_FEATURE_ROWS = 1000  # rows whose lengths give a list<float> pool its dimension
 
 SHAPE_KEY = b"tidal_ray.shape"
 CLASSES_KEY = b"tidal_ray.num_classes"
@@ -47,7 +51,7 @@ class PoolSpec:
     files: tuple[tuple[str, int], ...]  # parquet: (uri, size), sorted by uri; image files: () (see ranges)
     id_type: pa.DataType                # int64 or string
     rows: int                           # from parquet footers (image files: one row each)
-    shape: tuple[int, ...] | None       # pixels: from the metadata; features: (D,) for fixed-size lists
+    shape: tuple[int, ...] | None       # pixels: from the metadata; features: (D,), inferred for list<float>
     root: str = ""                      # filesystem path that image-file ids are relative to
     has_label: bool = False
     num_classes: int | None = None      # declared in the schema metadata, if any
@@ -148,7 +152,8 @@ def _read_footer(uri: str):
             pf = pq.ParquetFile(f)
             return pf.schema_arrow, pf.metadata
     except (pa.ArrowInvalid, OSError) as e:
-        raise BadInput(f"{uri}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+        raise BadInput(storage.access_problem(e, uri)
+                       or f"{uri}: not a readable parquet file ({str(e).splitlines()[0]})") from None
 
 
 def describe_pool(uri: str) -> PoolSpec:
@@ -182,13 +187,37 @@ def describe_pool(uri: str) -> PoolSpec:
     return PoolSpec(
         uri=uri, format=first["format"], files=tuple(files),
         id_type=pa.int64() if first["id_kind"] == "int" else pa.string(),
-        rows=sum(meta.num_rows for _, meta in footers), shape=first["shape"],
+        rows=sum(meta.num_rows for _, meta in footers),
+        shape=_feature_length(files) if first["format"] == "features" and first["shape"] is None else first["shape"],
         has_label=any(fact["label"] for fact in facts),
         num_classes=max(declared) if declared else None, max_label=max_label,
         skipped=tuple(listing.hidden), skipped_count=listing.hidden_count, bytes=sum(size for _, size in files),
         row_groups=tuple(tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
                          for _, meta in footers),
     )
+
+
+def _feature_length(files, n: int = SAMPLED_FEATURE_ROWS) -> tuple[int]:
+    """``(D,)`` of a pool whose ``features`` are variable-length lists (what pandas and
+    ``pa.array(list_of_lists)`` write): the most common length among the first ``n``
+    rows. Rows of another length are rejects when decoded (a reason each), as with
+    fixed-size lists of the wrong length."""
+    lengths = np.empty(0, np.int64)
+    for uri, _ in files:
+        fs, path = storage.resolve(uri)
+        with fs.open_input_file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=n, columns=["features"]):
+                found = pc.list_value_length(batch.column("features")).drop_null().to_numpy()
+                lengths = np.concatenate([lengths, found[found > 0]])[:n]
+                if len(lengths) >= n:
+                    break
+        if len(lengths) >= n:
+            break
+    if not len(lengths):
+        raise BadInput(f"{files[0][0]}: every 'features' list in the pool's first rows is empty or null; "
+                       f"cannot tell the dimension")
+    values, counts = np.unique(lengths, return_counts=True)
+    return (int(values[np.argmax(counts)]),)
 
 
 def _is_image_shape(shape) -> bool:

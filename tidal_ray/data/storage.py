@@ -6,6 +6,7 @@ credentials. Writes are atomic: write-then-rename locally, one PUT on S3.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -17,9 +18,25 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from tidal_ray.errors import BadInput
+
 
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
+
+
+DEFAULT_MAX_ATTEMPTS = 10  # AWS's own default is 3 (standard mode): too few for a day-long campaign
+_retries = {"boto3": 0}    # retries botocore made in this process (pyarrow's are not exposed)
+
+
+def max_attempts() -> int:
+    """Attempts per S3 request, retries included: ``AWS_MAX_ATTEMPTS`` as the AWS SDKs read it."""
+    return int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_MAX_ATTEMPTS)
+
+
+def s3_retries() -> int:
+    """How many S3 requests botocore retried in this process so far."""
+    return _retries["boto3"]
 
 
 def _s3_endpoint_and_region() -> tuple[str | None, str]:
@@ -30,16 +47,55 @@ def _s3_endpoint_and_region() -> tuple[str | None, str]:
 
 def s3_filesystem() -> pafs.S3FileSystem:
     """One S3 filesystem per endpoint and region, reused by every call."""
-    return _s3_filesystem(*_s3_endpoint_and_region())
+    return _s3_filesystem(*_s3_endpoint_and_region(), max_attempts())
 
 
 @functools.lru_cache(maxsize=8)
-def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
-    kwargs = {"region": region}
+def _s3_filesystem(endpoint: str | None, region: str, attempts: int) -> pafs.S3FileSystem:
+    # Throttling (503 SlowDown), 5xx and dropped connections are retried with backoff.
+    kwargs = {"region": region, "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)}
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
     return pafs.S3FileSystem(**kwargs)
+
+
+CONFIGURE = ("configure AWS_PROFILE (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY), AWS_REGION, "
+             "and AWS_ENDPOINT_URL for S3-compatible storage")
+_DENIED = ("AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+           "ACCESS_DENIED", "HTTP status 403")
+_EXPIRED = ("ExpiredToken", "RequestExpired", "TokenRefreshRequired", "EXPIRED_TOKEN")
+
+
+def access_problem(error: BaseException, uri: str) -> str | None:
+    """The one line for a credentials or permission error on ``uri`` (botocore's or
+    pyarrow's), naming the URI and what to configure, never a secret; None for any other
+    error. The code is matched, never the message echoed: it could hold a key id."""
+    try:
+        from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+    except ImportError:  # pyarrow's S3 without boto3: only its OSErrors can come
+        ClientError = NoCredentialsError = PartialCredentialsError = type("_Never", (Exception,), {})
+    if isinstance(error, (NoCredentialsError, PartialCredentialsError)):
+        return f"{uri}: no AWS credentials found; {CONFIGURE}"
+    code = error.response.get("Error", {}).get("Code", "") if isinstance(error, ClientError) else \
+        str(error) if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) else ""
+    if any(name in code for name in _EXPIRED):
+        return f"{uri}: the AWS credentials have expired; renew them (e.g. aws sso login) or {CONFIGURE}"
+    if any(name in code for name in _DENIED):
+        return f"{uri}: access denied (403) with the AWS credentials in use; grant them access to it or {CONFIGURE}"
+    return None
+
+
+@contextlib.contextmanager
+def s3_access(uri: str):
+    """Turn a credentials or permission error on an ``s3://`` URI into BadInput (exit 2)."""
+    try:
+        yield
+    except Exception as e:
+        line = access_problem(e, uri) if is_s3(uri) else None
+        if line is None:
+            raise
+        raise BadInput(line) from None
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -56,13 +112,14 @@ def join(uri: str, *parts: str) -> str:
 
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    with s3_access(uri):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     try:
-        with fs.open_input_stream(path) as f:
+        with s3_access(uri), fs.open_input_stream(path) as f:
             return f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"no such file: {uri}") from None
@@ -71,7 +128,7 @@ def read_bytes(uri: str) -> bytes:
 def write_bytes(uri: str, data: bytes) -> None:
     fs, path = resolve(uri)
     if is_s3(uri):
-        with fs.open_output_stream(path) as f:
+        with s3_access(uri), fs.open_output_stream(path) as f:
             f.write(data)
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -101,7 +158,8 @@ def write_parquet(uri: str, table: pa.Table) -> None:
 
 def read_parquet(uri: str) -> pa.Table:
     fs, path = resolve(uri)
-    return pq.read_table(path, filesystem=fs)
+    with s3_access(uri):
+        return pq.read_table(path, filesystem=fs)
 
 
 def is_hidden(uri: str) -> bool:
@@ -125,7 +183,8 @@ def iter_files(uri: str, start_after: str | None = None):
     the whole listing is never in memory; with ``start_after`` (a uri), only the files
     after it. Hidden and marker files included."""
     if is_s3(uri):
-        yield from _iter_s3(str(uri).rstrip("/"), start_after)
+        with s3_access(uri):
+            yield from _iter_s3(str(uri).rstrip("/"), start_after)
         return
     path = os.path.abspath(uri)
     if os.path.isfile(path):
@@ -174,22 +233,30 @@ def _iter_s3(uri: str, start_after: str | None):
                 if not obj["Key"].endswith("/"):  # a zero-byte "directory" marker
                     yield f"s3://{bucket}/{obj['Key']}", obj["Size"]
     except ClientError as e:  # as pyarrow's filesystems say it: an OSError callers can catch
-        code = e.response.get("Error", {}).get("Code")
-        kind = FileNotFoundError if code == "NoSuchBucket" else PermissionError if code in ("403", "AccessDenied") \
-            else OSError
+        if access_problem(e, uri):
+            raise
+        kind = FileNotFoundError if e.response.get("Error", {}).get("Code") == "NoSuchBucket" else OSError
         raise kind(f"listing {uri}: {e}") from None
 
 
 def s3_client():
     """A boto3 S3 client for the same endpoint and region as ``s3_filesystem``."""
-    return _s3_client(*_s3_endpoint_and_region())
+    return _s3_client(*_s3_endpoint_and_region(), max_attempts(), os.environ.get("AWS_RETRY_MODE") or "standard")
 
 
 @functools.lru_cache(maxsize=8)
-def _s3_client(endpoint: str | None, region: str):
+def _s3_client(endpoint: str | None, region: str, attempts: int, mode: str):
     import boto3
+    from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name=region,
+                          config=Config(retries={"mode": mode, "max_attempts": attempts}))
+    client.meta.events.register("after-call.s3", _count_retries)
+    return client
+
+
+def _count_retries(http_response=None, parsed=None, **_) -> None:
+    _retries["boto3"] += int((parsed or {}).get("ResponseMetadata", {}).get("RetryAttempts", 0))
 
 
 def _bucket_key(uri: str) -> tuple[str, str]:
@@ -205,7 +272,8 @@ def put_if_absent(uri: str, data: bytes) -> bool:
 
         bucket, key = _bucket_key(uri)
         try:
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            with s3_access(uri):
+                s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
                 return False
@@ -225,6 +293,7 @@ def put_if_absent(uri: str, data: bytes) -> bool:
 def delete(uri: str) -> None:
     fs, path = resolve(uri)
     try:
-        fs.delete_file(path)
+        with s3_access(uri):
+            fs.delete_file(path)
     except FileNotFoundError:
         pass

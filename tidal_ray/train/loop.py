@@ -77,24 +77,31 @@ def build_for_training(config: TrainConfig) -> TiDALNet:
 def run_training(config: TrainConfig, session) -> tuple[TiDALNet, TDTable]:
     torch.manual_seed(config.seed)
     net = build_for_training(config)
-    augment_rng = np.random.default_rng([config.seed, 7]) if config.augment else None
     table = TDTable(session.num_samples, config.num_classes)
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
     start_epoch = 0
     resumed = session.restore()
     if resumed is not None:
         net.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
         table = TDTable.from_state_dict(resumed["td_table"])
         start_epoch = int(resumed["epoch"])
     model = session.prepare(net)
     device = session.device
     table.to(device)
+    # Built and restored only now that the network is on its device: load_state_dict puts
+    # Adam's moments beside their parameters, so a resume on a GPU steps on the GPU.
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+    rank = getattr(session, "rank", 0)
 
     for epoch in range(start_epoch, config.epochs):
         model.train()
+        # Random state set by (seed, epoch, rank), not carried over from earlier epochs, so
+        # a run resumed at this epoch draws what an uninterrupted run draws.
+        torch.manual_seed(config.seed * 100_003 + epoch)
+        augment_rng = np.random.default_rng([config.seed, 7, epoch, rank]) if config.augment else None
         started = time.perf_counter()
         totals = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "correct": 0.0, "n": 0.0}
         for x, y, index in session.batches(epoch):
@@ -124,7 +131,7 @@ class LocalSession:
     """Runs ``run_training`` in this process over in-memory arrays (one rank, no Ray)."""
 
     def __init__(self, ids, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0,
-                 device: str = "cpu", on_epoch=None):
+                 device: str = "cpu", on_epoch=None, resume: dict | None = None):
         self.ids = list(np.asarray(ids).tolist())
         self.x, self.y = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.asarray(y, np.int64))
         self.batch_size, self.seed = batch_size, seed
@@ -133,6 +140,7 @@ class LocalSession:
         self.history: list[dict] = []
         self.last_state: dict | None = None
         self.on_epoch = on_epoch
+        self.resume = resume  # a checkpoint state to resume from (as torch.load gives it)
 
     def batches(self, epoch: int):
         order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
@@ -145,7 +153,7 @@ class LocalSession:
         return net.to(self.device)
 
     def restore(self):
-        return None
+        return self.resume
 
     def report(self, metrics: dict, state: dict | None) -> None:
         self.history.append(metrics)
@@ -155,9 +163,10 @@ class LocalSession:
             self.on_epoch(metrics)
 
 
-def train_in_process(config: TrainConfig, ids, x, y, device: str = "cpu", on_epoch=None):
+def train_in_process(config: TrainConfig, ids, x, y, device: str = "cpu", on_epoch=None, resume: dict | None = None):
     """Train on in-memory arrays; returns ``(net, table, session)`` (the session holds
-    the per-epoch history and the last checkpoint state)."""
-    session = LocalSession(ids, x, y, config.batch_size, config.seed, device, on_epoch)
+    the per-epoch history and the last checkpoint state). ``resume``: a checkpoint state
+    to go on from (its epoch onwards)."""
+    session = LocalSession(ids, x, y, config.batch_size, config.seed, device, on_epoch, resume)
     net, table = run_training(config, session)
     return net, table, session

@@ -1,6 +1,6 @@
 """Training on Ray Train: ``RayTrainSession`` (the session ``train.run_training`` talks
 to on each DDP worker) and ``train_on_ray``, which launches a ``TorchTrainer`` with the
-labeled set as a sharded Ray Dataset: read out of the pool on Ray tasks
+labeled set as a Ray Dataset: read out of the pool on Ray tasks
 (``labeled.labeled_rows``), or, for small in-memory sets, ``arrays_dataset``.
 
 Test-only fault injection: with ``TIDAL_RAY_TEST_FAIL_AT_EPOCH=E`` in the driver's
@@ -55,16 +55,23 @@ def _epoch_line(metrics: dict) -> str:
 class RayTrainSession:
     """Runs ``run_training`` on one Ray Train worker (built inside the worker).
 
-    The labeled set arrives as this worker's shard of the ``"train"`` dataset, rows
-    ``{id, index, label, x}`` where ``index`` is the sample's row in the TD table
-    (its position in ``ids``). ``batch_size`` is global (samples per optimiser step
-    over all workers, as in-process); each worker takes its share of it.
+    Every worker sees the whole ``"train"`` dataset (rows ``{id, index, label, x}``, where
+    ``index`` is the sample's row in the TD table, its position in ``ids``) and keeps its
+    shard in memory: the indices a seeded permutation gives its rank, ordered by index.
+    Each epoch it goes through them in a permutation seeded by (seed, epoch, rank). So
+    shards and batches are a function of the seed and the ids, never of the order in
+    which Ray Data's tasks deliver rows, and a seeded run repeats itself on CPU.
+    ``batch_size`` is global (samples per optimiser step over all workers, as
+    in-process); each worker takes its share of it.
     Rank 0 writes the checkpoint (``model.pt`` + ``metrics.json``, the history so far).
 
     ``fail_at_epoch`` (test-only) is armed on the last rank alone, so exactly one worker
-    raises there."""
+    raises there, after a barrier: every rank's report of the epoch before is queued by
+    then, so its checkpoint is the one the restart resumes from (without the barrier, the
+    failure could beat rank 0's upload and the restart would go back one checkpoint more)."""
 
-    def __init__(self, ids, batch_size: int, fail_at_epoch: int | None = None, fault_marker_dir: str | None = None):
+    def __init__(self, ids, batch_size: int, seed: int = 0, fail_at_epoch: int | None = None,
+                 fault_marker_dir: str | None = None):
         import ray.train
         import ray.train.torch
 
@@ -74,34 +81,53 @@ class RayTrainSession:
         self.num_samples = len(self.ids)
         self.device = ray.train.torch.get_device()
         self.batch_size = -(-batch_size // self.world_size)
-        self.fail_at_epoch = fail_at_epoch if self.rank == self.world_size - 1 else None
+        self.seed = seed
+        self.shard: dict | None = None
+        self.fail_at_epoch = fail_at_epoch
         self.fault_marker_dir = fault_marker_dir
         self.history: list[dict] = []
         self.resumed_from_epoch = 0
 
-    def _shard_batches(self):
+    def _load_shard(self) -> dict:
         import ray.train
 
-        shard = ray.train.get_dataset_shard("train")
-        batches = shard.iter_batches(batch_size=self.batch_size, batch_format="numpy")
-        return join_single_row_tail({key: b[key] for key in ("x", "label", "index")} for b in batches)
+        split = np.random.default_rng([self.seed, 11]).permutation(self.num_samples)
+        mine = np.zeros(self.num_samples, bool)
+        mine[split[self.rank::self.world_size]] = True
+        parts = []
+        for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=1024, batch_format="numpy"):
+            keep = mine[batch["index"]]
+            parts.append({key: batch[key][keep] for key in ("x", "label", "index")})
+        shard = {key: np.concatenate([part[key] for part in parts]) for key in ("x", "label", "index")}
+        by_index = np.argsort(shard["index"], kind="stable")
+        return {key: value[by_index] for key, value in shard.items()}
+
+    def _shard_batches(self, epoch: int):
+        if self.shard is None:
+            self.shard = self._load_shard()
+        order = np.random.default_rng([self.seed, epoch, self.rank]).permutation(len(self.shard["index"]))
+        chunks = ({key: value[order[i:i + self.batch_size]] for key, value in self.shard.items()}
+                  for i in range(0, len(order), self.batch_size))
+        return join_single_row_tail(chunks)
 
     def batches(self, epoch: int):
-        maybe_fail_for_test(self.fail_at_epoch, epoch, self.fault_marker_dir)
-        # Ray's split (equal=True) gives every rank the same number of rows, hence of
-        # batches. Agreeing on "one more batch?" each step costs one tiny all-reduce and
-        # turns any mismatch into a shorter epoch on one rank instead of a DDP hang.
-        local = self._shard_batches()
+        if self.fail_at_epoch == epoch:
+            if self.world_size > 1:
+                dist.barrier()
+            if self.rank == self.world_size - 1:
+                maybe_fail_for_test(self.fail_at_epoch, epoch, self.fault_marker_dir)
+        # Shards differ by at most one row, so the ranks' batch counts can differ by one.
+        # Agreeing on "one more batch?" each step costs one tiny all-reduce and turns a
+        # mismatch into a shorter epoch on one rank instead of a DDP hang.
+        local = self._shard_batches(epoch)
         while True:
             batch = next(local, None)
             more = torch.tensor([batch is not None], dtype=torch.int32, device=self.device)
             if self.world_size > 1:
                 dist.all_reduce(more, op=dist.ReduceOp.MIN)
             if not more.item():
-                for _ in local:  # finish this epoch's stream so the next epoch can start
-                    pass
                 return
-            yield (torch.from_numpy(np.array(batch["x"])),  # a writable copy of Arrow's buffer
+            yield (torch.from_numpy(np.array(batch["x"])),  # a writable copy
                    torch.from_numpy(batch["label"].astype(np.int64)),
                    torch.from_numpy(batch["index"].astype(np.int64)))
 
@@ -151,7 +177,7 @@ class RayTrainSession:
 
 def _train_worker(loop_config: dict) -> None:
     config = TrainConfig(**loop_config["config"])
-    session = RayTrainSession(loop_config["ids"], config.batch_size, loop_config["fail_at_epoch"],
+    session = RayTrainSession(loop_config["ids"], config.batch_size, config.seed, loop_config["fail_at_epoch"],
                               loop_config["fault_marker_dir"])
     run_training(config, session)
 
@@ -162,6 +188,26 @@ class TrainResult:
     metrics: list[dict]  # one dict per epoch, over all attempts of the run
     history_uri: str  # metrics.json of the run
     run_uri: str  # Ray Train's directory for the run
+    failures: int = 0     # restarts after a worker raised
+    preemptions: int = 0  # restarts after a worker's process or node was lost
+
+
+def _interruptions_counter(uri: str):
+    """A Ray Train callback (it runs on the controller, its own process) that counts the
+    worker group's interruptions into ``uri`` (JSON), told apart as Ray tells them: a
+    worker whose actor died (``RayActorError``: its process or node was lost, a preemption)
+    against one that raised (the training code's error)."""
+    import ray.exceptions
+    from ray.train import UserCallback
+
+    class InterruptionsCounter(UserCallback):
+        def after_exception(self, run_context, worker_exceptions):
+            lost = any(isinstance(e, ray.exceptions.RayActorError) for e in worker_exceptions.values())
+            counts = storage.read_json(uri) if storage.exists(uri) else {"failures": 0, "preemptions": 0}
+            counts["preemptions" if lost else "failures"] += 1
+            storage.write_json(uri, counts)
+
+    return InterruptionsCounter()
 
 
 def arrays_dataset(ids: np.ndarray, x: np.ndarray, y: np.ndarray):
@@ -194,7 +240,8 @@ def train_on_ray(config: TrainConfig, ids, labels, dataset, storage_uri: str, nu
 
     ``dataset``: a Ray Dataset of ``{id, index, label, x}`` rows, where ``index`` is the
     row's position in ``ids`` (its TD-table row) and ``labels`` are aligned with ``ids``
-    (checked here before anything starts). Each worker streams its shard of it. The run
+    (checked here before anything starts). Each worker keeps its seeded shard of it
+    (``RayTrainSession``). The run
     lives at ``storage_uri/name`` (local dir or ``s3://``); a checkpoint every
     ``config.checkpoint_every`` epochs and after the last (the last two kept),
     ``metrics.json`` beside them.
@@ -205,8 +252,7 @@ def train_on_ray(config: TrainConfig, ids, labels, dataset, storage_uri: str, nu
     ids, labels = validate_labels(config, ids, labels, num_workers)
     if cpus_per_worker <= 0:
         raise BadInput(f"cpus per worker must be positive, got {cpus_per_worker}")
-    from ray.data import RandomSeedConfig
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from tidal_ray.runtime import init_ray, ray_log_level
@@ -214,11 +260,8 @@ def train_on_ray(config: TrainConfig, ids, labels, dataset, storage_uri: str, nu
     init_ray()
     name = name or time.strftime("train-%Y%m%d-%H%M%S")
     run_uri = storage.join(storage_uri, name)
+    interruptions_uri = storage.join(run_uri, "interruptions.json")
     fs, path = storage.resolve(storage_uri)
-    # A new shuffle every epoch (reseeded per execution), reproducible from the seed; it also
-    # moves the <num_workers rows that the equal split leaves out to other samples each epoch.
-    dataset = dataset.random_shuffle(
-        seed=RandomSeedConfig(seed=config.seed, reseed_after_execution=True))
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         _train_worker,
@@ -227,9 +270,11 @@ def train_on_ray(config: TrainConfig, ids, labels, dataset, storage_uri: str, nu
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=max_failures),
+                             callbacks=[_interruptions_counter(interruptions_uri)],
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              logging_config=LoggingConfig(log_level=ray_log_level())),
         datasets={"train": dataset},
+        dataset_config=DataConfig(datasets_to_split=[]),  # each worker takes its seeded shard itself
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -238,4 +283,6 @@ def train_on_ray(config: TrainConfig, ids, labels, dataset, storage_uri: str, nu
     metrics = storage.read_json(storage.join(checkpoint_uri, "metrics.json"))
     history_uri = storage.join(run_uri, "metrics.json")
     storage.write_json(history_uri, metrics)
-    return TrainResult(checkpoint_uri, metrics, history_uri, run_uri)
+    counts = storage.read_json(interruptions_uri) if storage.exists(interruptions_uri) else {}
+    return TrainResult(checkpoint_uri, metrics, history_uri, run_uri, counts.get("failures", 0),
+                       counts.get("preemptions", 0))
