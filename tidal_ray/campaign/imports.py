@@ -2,6 +2,9 @@
 cycle's selection, merged under the campaign's lease."""
 from __future__ import annotations
 
+import os
+import time
+
 import pyarrow as pa
 
 from tidal_ray.campaign.labeling import read_labels, validate_labels
@@ -13,6 +16,9 @@ from tidal_ray.errors import BadInput
 
 # Seconds an import waits for a driver that holds the lease (a `run` that only looks).
 LEASE_WAIT_S = 60
+# Test-only: seconds an import pauses between reading what is merged and writing its
+# delivery, so that two imports started together overlap there (race tests).
+PAUSE_ENV = "TIDAL_RAY_TEST_IMPORT_PAUSE"
 
 
 def _write_delivery(uri_of, table: pa.Table) -> None:
@@ -46,6 +52,7 @@ def import_labels(root: str, labels_file: str, log=print) -> dict:
         table, problems = validate_labels(rows, selection.column("id").to_pylist(), config.num_classes,
                                           lambda key: key in in_pool, selection.schema.field("id").type, already,
                                           skips, already_skipped)
+        time.sleep(float(os.environ.get(PAUSE_ENV, 0)))
         for p in problems:
             log(f"not merged: line {p['line']}: id {p['id']!r} label {p['label']!r}: {p['reason']}")
         if table.num_rows:
