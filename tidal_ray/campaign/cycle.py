@@ -8,8 +8,9 @@ and after the last selection cycle one more ``train`` measures the final model. 
 state lives under one URI (a local dir or ``s3://``), laid out as DESIGN.md §2 says.
 Every step first looks for its own finished output and moves on if it is there, so a
 driver killed anywhere can simply ``run`` again. Labels are never rewritten: each
-cycle's arrive in their own files under ``labeled/`` (``campaign_state.py``: the
-config, the layout, the labels that arrived).
+cycle's arrive in their own files under ``labeled/``, skips (samples nobody could
+label) beside them (``state.py``: the config, the layout, the labels that arrived;
+``imports.py``: a person's deliveries; ``lock.py``: the one driver's lease).
 """
 from __future__ import annotations
 
