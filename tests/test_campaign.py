@@ -5,10 +5,14 @@ import signal
 import subprocess
 import sys
 
+import pyarrow as pa
 import pytest
 from PIL import Image
 
 from tidal_ray.campaign import cycle as campaign
+from tidal_ray.campaign import state as campaign_state
+from tidal_ray.campaign.labeling import read_labels, validate_labels
+from tidal_ray.campaign.lock import read_lease
 from tidal_ray.data import storage
 from tidal_ray.cli import main
 from tidal_ray.demo import write_digits_split
@@ -52,7 +56,9 @@ def test_three_oracle_cycles_on_s3(ray_local, s3_bucket, capsys):
         f.write(png)
     with Image.open(local_png) as image:
         assert image.format == "PNG" and image.size[0] > 100
-    assert not storage.exists(f"{root}/lock.json")                       # released
+    assert read_lease(root)["holder"] is None                            # released
+    assert campaign.run(root)["status"] == "done"                        # a rerun finds it finished
+    assert campaign.load_state(root)["status"] == "done"
 
 
 def run_driver(root, kill_at=None):
@@ -75,7 +81,7 @@ def test_driver_killed_at_two_steps_resumes_without_duplicates(tmp_path):
     first = run_driver(root, kill_at="1:select")
     assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
     assert campaign.load_state(root)["cycle"] == 1 and campaign.load_state(root)["step"] == "select"
-    assert storage.exists(f"{root}/lock.json")                           # left behind by the killed driver
+    assert read_lease(root)["holder"] is not None                        # left behind by the killed driver
 
     second = run_driver(root, kill_at="2:wait-for-labels")
     assert second.returncode == -signal.SIGKILL, second.stderr[-2000:]
@@ -100,8 +106,17 @@ def test_imports_merge_good_rows_and_list_bad_ones(ray_local, tmp_path, capsys):
     assert main(["campaign", "init", root, "--pool", pool, "--num-classes", "10", "--k", "10", "--cycles", "2",
                  "--epochs", "4", "--trainer", "local", "--initial-labels-file", str(initial)]) == 0
 
+    # A step that raises leaves `failed` with the step and the error; the next run retries it.
+    os.rename(pool, pool + ".away")
+    assert main(["campaign", "run", root]) == 2
+    state = campaign.load_state(root)
+    assert state["status"] == "failed" and state["error"]["step"] == "train" and state["error"]["cycle"] == 0
+    assert "pool.away" not in state["error"]["message"] and "pool" in state["error"]["message"]
+    assert read_lease(root)["holder"] is None
+    os.rename(pool + ".away", pool)
     assert main(["campaign", "run", root]) == 0
-    assert campaign.load_state(root)["status"] == "waiting-for-labels"
+    state = campaign.load_state(root)
+    assert state["status"] == "waiting-for-labels" and "error" not in state
     selected = storage.read_parquet(campaign.cycle_uri(root, 0, "selection.parquet")).column("id").to_pylist()
     truth = dict(zip(*_pool_labels(pool)))
 
@@ -115,15 +130,18 @@ def test_imports_merge_good_rows_and_list_bad_ones(ray_local, tmp_path, capsys):
     capsys.readouterr()
     assert main(["campaign", "import-labels", root, str(output)]) == 0
     out = capsys.readouterr().out
-    assert "merged 9 labels for cycle 0 (9 of 10 selected samples labeled); 1 rows not merged; 1 still to label" in out
+    assert (f"merged 9 labels and 0 skips for cycle 0 (9 of 10 selected samples labeled, 0 skipped; waiting for 1: "
+            f"{selected[9]}); 1 rows not merged; 1 still to label") in out
     assert main(["campaign", "run", root]) == 0                          # a partial delivery: still waiting
-    assert "waiting for labels (9 of 10 selected samples labeled)" in capsys.readouterr().out
+    assert "waiting for labels (9 of 10 selected samples labeled, 0 skipped; waiting for 1" in capsys.readouterr().out
+    assert campaign.status(root)["waiting_for"] == {"count": 1, "first": [selected[9]], "selected": 10,
+                                                    "labeled": 9, "skipped": 0}
     assert campaign.load_state(root)["cycle"] == 0
     last = tmp_path / "last.csv"
     last.write_text(f"id,label\n{selected[0]},{truth[selected[0]]}\n{selected[9]},{truth[selected[9]]}\n")
     assert main(["campaign", "import-labels", root, str(last)]) == 0
     out = capsys.readouterr().out
-    assert "already labeled" in out and "merged 1 labels" in out and "(10 of 10 selected samples labeled)" in out
+    assert "already labeled" in out and "merged 1 labels" in out and "(10 of 10 selected samples labeled" in out
     assert main(["campaign", "run", root]) == 0
     assert campaign.load_state(root)["cycle"] == 1
 
@@ -143,12 +161,33 @@ def test_imports_merge_good_rows_and_list_bad_ones(ray_local, tmp_path, capsys):
     assert "999999" in out and "unknown id" in out
     assert "label out of range 0..9" in out.replace("label 10 out", "label out")
     assert "not selected in this cycle" in out
-    merged = storage.read_parquet(campaign.delivery_uri(root, 2, 0)).to_pylist()
+    merged = storage.read_parquet(campaign_state.delivery_uri(root, 2, 0)).to_pylist()
     assert merged == [{"id": i, "label": truth[i]} for i in selected1[:8]]
     assert main(["campaign", "import-labels", root, str(labels_csv)]) == 0  # the same delivery again
     assert "merged 0 labels" in capsys.readouterr().out
-    assert not storage.exists(campaign.delivery_uri(root, 2, 1))          # nothing new, nothing rewritten
-    assert storage.read_parquet(campaign.delivery_uri(root, 2, 0)).to_pylist() == merged
+    assert not storage.exists(campaign_state.delivery_uri(root, 2, 1))    # nothing new, nothing rewritten
+    assert storage.read_parquet(campaign_state.delivery_uri(root, 2, 0)).to_pylist() == merged
+
+    # The last two nobody can label: a skip column, and a Ground Truth failure record.
+    skips = tmp_path / "skips.jsonl"
+    skips.write_text(json.dumps({"id": selected1[8], "skip": True, "reason": "blurry"}) + "\n"
+                     + json.dumps({"source": str(selected1[9]), "tidal-ray-id": selected1[9],
+                                   "digits-job-metadata": {"failure-reason": "ClientError: no worker response",
+                                                           "type": "groundtruth/image-classification"}}) + "\n")
+    assert main(["campaign", "import-labels", root, str(skips)]) == 0
+    out = capsys.readouterr().out
+    assert "merged 0 labels and 2 skips for cycle 1 (8 of 10 selected samples labeled, 2 skipped; waiting for 0)" in out
+    assert storage.read_parquet(campaign_state.skips_uri(root, 2, 0)).to_pylist() == [
+        {"id": selected1[8], "reason": "blurry"}, {"id": selected1[9], "reason": "ClientError: no worker response"}]
+    assert campaign.status(root)["waiting_for"]["count"] == 0
+    assert main(["campaign", "run", root]) == 0                          # moves on: every id labeled or skipped
+    state = campaign.load_state(root)
+    assert state["status"] == "done" and state["cycle"] == 2
+    metrics = storage.read_json(campaign.cycle_uri(root, 2, "metrics.json"))
+    assert metrics["skipped"] == 2 and metrics["labeled"] == 30 + 10 + 8
+    assert campaign.status(root)["skipped"] == 2 and campaign.status(root)["cycles"][-1]["skipped"] == 2
+    assert "| 2 | 48 | 2 |" in storage.read_bytes(f"{root}/report/report.md").decode()
+    assert main(["campaign", "run", root]) == 0 and campaign.load_state(root)["status"] == "done"
 
 
 def _pool_labels(pool, n=None):
@@ -173,3 +212,67 @@ def test_second_driver_is_refused(s3_bucket, capsys):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_skip_rows_in_every_label_format(tmp_path):
+    csv_file = tmp_path / "labels.csv"
+    csv_file.write_text("id,label,skip\n1,3,\n2,,true\n3,,1\n4,5,false\n5,2,1\n")
+    jsonl = tmp_path / "labels.jsonl"
+    jsonl.write_text('{"id": 1, "label": 3}\n{"id": 2, "skip": true}\n'
+                     '{"source-ref": "s3://b/p/3", "job-metadata": {"failure-reason": "timed out"}}\n'
+                     '{"source-ref": "s3://b/p/4", "job": 1, "job-metadata": {"class-name": "1"}}\n')
+    parquet = tmp_path / "labels.parquet"
+    storage.write_parquet(str(parquet), pa.table({"id": [1, 2], "label": [3, None], "skip": [False, True]}))
+
+    def view(rows):
+        return [(str(r["id"]), r["label"], bool(r.get("skip"))) for r in rows]
+
+    assert view(read_labels(str(csv_file))) == [("1", "3", False), ("2", None, True), ("3", None, True),
+                                                ("4", "5", False), ("5", "2", True)]
+    assert view(read_labels(str(jsonl), pool_uri="s3://b/p")) == [("1", 3, False), ("2", None, True),
+                                                                  ("3", None, True), ("4", 1, False)]
+    assert view(read_labels(str(parquet))) == [("1", 3, False), ("2", None, True)]
+
+    skips = []
+    table, problems = validate_labels(read_labels(str(csv_file)), [1, 2, 3, 4, 5], 10, lambda _: True,
+                                      skips=skips, already_skipped={"3"})
+    assert table.to_pylist() == [{"id": 1, "label": 3}, {"id": 4, "label": 5}]
+    assert skips == [{"id": 2, "reason": "skipped"}]
+    assert [(p["id"], p["reason"]) for p in problems] == [("3", "already skipped"), ("5", "both a label and skip")]
+    _, problems = validate_labels(read_labels(str(parquet)), [1, 2], 10, lambda _: True)   # initial labels
+    assert [p["reason"] for p in problems] == ["a skip is not a label here"]
+
+
+IMPORTER = [sys.executable, "-m", "tidal_ray.cli", "campaign", "import-labels"]
+
+
+def test_two_imports_at_once_merge_each_id_once(tmp_path):
+    pool, _ = write_digits_split(str(tmp_path / "data"))
+    root = str(tmp_path / "campaign")
+    ids, labels = _pool_labels(pool, 60)
+    initial = tmp_path / "initial.csv"
+    initial.write_text("id,label\n" + "".join(f"{i},{label}\n" for i, label in zip(ids[:20], labels[:20])))
+    assert main(["campaign", "init", root, "--pool", pool, "--num-classes", "10", "--k", "40", "--cycles", "1",
+                 "--trainer", "local", "--initial-labels-file", str(initial)]) == 0
+    # The state `run` leaves when it waits for cycle 0's labels (no training needed for this test).
+    selected = ids[20:60]
+    storage.write_parquet(campaign.cycle_uri(root, 0, "selection.parquet"),
+                          pa.table({"rank": list(range(40)), "id": selected, "score": [1.0] * 40}))
+    state = campaign.load_state(root)
+    state.update(step="wait-for-labels", status="waiting-for-labels")
+    campaign_state.save_state(root, state)
+    truth = dict(zip(ids, labels))
+    files = []
+    for name, part in (("a", selected[:30]), ("b", selected[10:])):     # 20 ids in both deliveries
+        files.append(tmp_path / f"{name}.csv")
+        files[-1].write_text("id,label\n" + "".join(f"{i},{truth[i]}\n" for i in part))
+
+    env = dict(os.environ, TIDAL_RAY_TEST_IMPORT_PAUSE="2")   # each import holds its merge open for 2 s
+    importers = [subprocess.Popen(IMPORTER + [root, str(f)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env) for f in files]
+    outs = [p.communicate(timeout=300) for p in importers]
+    assert [p.returncode for p in importers] == [0, 0], [err[-2000:] for _, err in outs]
+    merged = campaign.labeled_table(root).column("id").to_pylist()
+    assert len(merged) == len(set(merged)) == 20 + 40                     # each id merged once
+    assert sorted(out.count("already labeled") for out, _ in outs) == [0, 20]
+    assert campaign_state.cycle_label_progress(root, 0)["waiting"] == []

@@ -135,7 +135,9 @@ def cmd_campaign(args):
         for uri in campaign.export(args.campaign, args.cycle, args.out):
             print(uri)
     elif args.action == "import-labels":
-        campaign.import_labels(args.campaign, args.labels)
+        from tidal_ray.campaign.imports import import_labels
+
+        import_labels(args.campaign, args.labels)
 
 
 def parse_class_names(text: str | None) -> list[str] | None:

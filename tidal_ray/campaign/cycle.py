@@ -8,8 +8,9 @@ and after the last selection cycle one more ``train`` measures the final model. 
 state lives under one URI (a local dir or ``s3://``), laid out as DESIGN.md §2 says.
 Every step first looks for its own finished output and moves on if it is there, so a
 driver killed anywhere can simply ``run`` again. Labels are never rewritten: each
-cycle's arrive in their own files under ``labeled/`` (``campaign_state.py``: the
-config, the layout, the labels that arrived).
+cycle's arrive in their own files under ``labeled/``, skips (samples nobody could
+label) beside them (``state.py``: the config, the layout, the labels that arrived;
+``imports.py``: a person's deliveries; ``lock.py``: the one driver's lease).
 """
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ import pyarrow as pa
 
 from tidal_ray.data import ids as id_utils
 from tidal_ray.data import storage
-from tidal_ray.campaign.state import (CampaignConfig, config_of, cycle_label_progress, cycle_uri, delivery_uri,
+from tidal_ray.campaign.state import (CampaignConfig, config_of, cycle_label_progress, cycle_uri,
                              input_shape_of, labeled_table, labels_uri, load_state, save_state, selected_ids,
-                             state_uri)
+                             progress_line, skipped_table, state_uri)
 from tidal_ray.errors import BadInput
 from tidal_ray.campaign.labeling import read_labels, validate_labels, write_exports
-from tidal_ray.campaign.lock import CampaignLock
+from tidal_ray.campaign.lock import CampaignLock, holder_line, is_free, read_lease
 
 STEPS = ("train", "select", "export", "wait-for-labels", "merge")
 # Test-only: "CYCLE:STEP" makes the driver SIGKILL itself as that step starts (crash tests).
@@ -90,7 +91,8 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
     log(f"cycle {cycle}: trained in {train_seconds:.1f}s; test accuracy "
         + ("n/a (no test set)" if accuracy is None else f"{accuracy:.4f}"))
     storage.write_json(metrics_uri, {
-        "cycle": cycle, "labeled": len(ids), "labeled_rejected": rejected, "checkpoint": checkpoint,
+        "cycle": cycle, "labeled": len(ids), "labeled_rejected": rejected, "skipped": skipped_table(root).num_rows,
+        "checkpoint": checkpoint,
         "test_accuracy": accuracy, "td_kl": history[-1]["kl"] if history else None,
         "train_seconds": train_seconds, "train_history": history,
         "label_counts": np.bincount(y, minlength=config.num_classes).tolist(),
@@ -104,7 +106,8 @@ def step_select(root: str, config: CampaignConfig, cycle: int, log) -> None:
     from tidal_ray.score.pipeline import score_pool
 
     metrics = storage.read_json(cycle_uri(root, cycle, "metrics.json"))
-    exclude = sorted(set(labeled_table(root).column("id").to_pylist()) | set(selected_ids(root, cycle)))
+    exclude = sorted(set(labeled_table(root).column("id").to_pylist()) | set(skipped_table(root).column("id").to_pylist())
+                     | set(selected_ids(root, cycle)))
     log(f"cycle {cycle}: scoring the pool, selecting {config.k} by {config.strategy} ({len(exclude)} excluded)")
     score_pool(metrics["checkpoint"], config.pool, config.k, out, strategy=config.strategy,
                exclude_ids=exclude, per_class_quota=config.per_class_quota, actors=config.actors,
@@ -135,12 +138,13 @@ def step_wait_for_labels(root: str, config: CampaignConfig, cycle: int, log) -> 
     if storage.exists(target):
         return True
     if not config.oracle:
-        selected, labeled = cycle_label_progress(root, cycle)
-        if labeled == selected:
+        progress = cycle_label_progress(root, cycle)
+        if not progress["waiting"]:
             return True
-        log(f"cycle {cycle}: waiting for labels ({labeled} of {selected} selected samples labeled). Label "
+        log(f"cycle {cycle}: waiting for labels ({progress_line(progress)}). Label "
             f"{cycle_uri(root, cycle, 'export')}/ and run 'tidal-ray campaign import-labels {root} FILE' "
-            f"(partial deliveries add up), then 'tidal-ray campaign run {root}'")
+            f"(partial deliveries add up; a sample nobody can label comes back as a skip), "
+            f"then 'tidal-ray campaign run {root}'")
         return False
     from tidal_ray.data.lookup import labels_of
     from tidal_ray.data.pool import describe_pool
@@ -154,42 +158,71 @@ def step_wait_for_labels(root: str, config: CampaignConfig, cycle: int, log) -> 
 
 
 def run(root: str, log=print) -> dict:
-    """Advance the campaign as far as it can go; returns the final state."""
-    with CampaignLock(root):
+    """Advance the campaign as far as it can go; returns the final state. A step that
+    raises leaves status ``failed`` with the step and the error; the next run retries it."""
+    load_state(root)  # no campaign: said before any lease is written
+    with CampaignLock(root) as lease:
         state = load_state(root)
-        config = config_of(state)
-        state["status"] = "running"
-        save_state(root, state)
-        while True:
-            cycle, step = state["cycle"], state["step"]
-            _maybe_kill_for_test(cycle, step)
-            if step == "train":
-                step_train(root, config, cycle, log)
-                if cycle >= config.cycles:
-                    state.update(step="done", status="done")
-                    save_state(root, state)
-                    break
-            elif step == "select":
-                step_select(root, config, cycle, log)
-            elif step == "export":
-                step_export(root, config, cycle, log)
-            elif step == "wait-for-labels":
-                if not step_wait_for_labels(root, config, cycle, log):
-                    state["status"] = "waiting-for-labels"
-                    save_state(root, state)
-                    return state
-            elif step == "merge":
-                merged = cycle_label_progress(root, cycle)[1]
-                log(f"cycle {cycle}: merged {merged} new labels; {labeled_table(root).num_rows} labeled in all")
-                state.update(cycle=cycle + 1, step="train")
+        if state["step"] == "done":
+            if state["status"] != "done":
+                state["status"] = "done"
                 save_state(root, state)
-                continue
-            elif step == "done":
-                break
-            state["step"] = STEPS[STEPS.index(step) + 1]
-            save_state(root, state)
+            write_report(root)
+            return state
+        state["status"] = "running"
+        state.pop("error", None)
+        save_state(root, state)
+        try:
+            _advance(root, state, lease, log)
+        except (Exception, KeyboardInterrupt) as e:
+            if not lease.lost:  # a driver that lost its lease leaves the state to the one that took it
+                state.update(status="failed", error={
+                    "cycle": state["cycle"], "step": state["step"], "message": f"{type(e).__name__}: {_one_line(e)}",
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                save_state(root, state)
+            raise
         write_report(root)
         return state
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:500]
+
+
+def _advance(root: str, state: dict, lease: CampaignLock, log) -> None:
+    config = config_of(state)
+
+    def save():
+        lease.check()
+        save_state(root, state)
+
+    while True:
+        cycle, step = state["cycle"], state["step"]
+        _maybe_kill_for_test(cycle, step)
+        if step == "train":
+            step_train(root, config, cycle, log)
+            if cycle >= config.cycles:
+                state.update(step="done", status="done")
+                save()
+                return
+        elif step == "select":
+            step_select(root, config, cycle, log)
+        elif step == "export":
+            step_export(root, config, cycle, log)
+        elif step == "wait-for-labels":
+            if not step_wait_for_labels(root, config, cycle, log):
+                state["status"] = "waiting-for-labels"
+                save()
+                return
+        elif step == "merge":
+            progress = cycle_label_progress(root, cycle)
+            log(f"cycle {cycle}: merged {progress['labeled']} new labels, {progress['skipped']} skipped; "
+                f"{labeled_table(root).num_rows} labeled in all")
+            state.update(cycle=cycle + 1, step="train")
+            save()
+            continue
+        state["step"] = STEPS[STEPS.index(step) + 1]
+        save()
 
 
 # ---- report ---------------------------------------------------------------------------------
@@ -203,7 +236,8 @@ def cycle_rows(root: str) -> list[dict]:
         if not storage.exists(metrics_uri):
             break
         m = storage.read_json(metrics_uri)
-        row = {"cycle": c, "labeled": m["labeled"], "test_accuracy": m["test_accuracy"], "td_kl": m["td_kl"],
+        row = {"cycle": c, "labeled": m["labeled"], "skipped": m.get("skipped", 0),
+               "test_accuracy": m["test_accuracy"], "td_kl": m["td_kl"],
                "train_seconds": m["train_seconds"], "label_counts": m.get("label_counts")}
         selection_json = cycle_uri(root, c, "selection.json")
         if storage.exists(selection_json):
@@ -232,7 +266,7 @@ def write_report(root: str) -> str:
     return report.write_report(storage.join(root, "report"), heading, cycle_rows(root), title)
 
 
-# ---- init, status, import -------------------------------------------------------------------
+# ---- init, status -------------------------------------------------------------------
 
 def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = None, log=print) -> dict:
     """Create the campaign: every check (recipe and model spec first, before any row is
@@ -277,6 +311,8 @@ def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = Non
 
 
 def status(root: str) -> dict:
+    """Where the campaign is; while it waits for labels, how many ids and the first few;
+    when a step failed, the step and the error; and the driver holding the lease, if any."""
     state = load_state(root)
     config = config_of(state)
     cycles = []
@@ -284,42 +320,18 @@ def status(root: str) -> dict:
         uri = cycle_uri(root, c, "metrics.json")
         if storage.exists(uri):
             m = storage.read_json(uri)
-            cycles.append({"cycle": c, "labeled": m["labeled"], "test_accuracy": m["test_accuracy"]})
-    return {"uri": root, "status": state["status"], "cycle": state["cycle"], "of_cycles": config.cycles,
-            "step": state["step"], "labeled": labeled_table(root).num_rows, "cycles": cycles}
-
-
-def import_labels(root: str, labels_file: str, log=print) -> dict:
-    """Merge a person's labels for the current cycle's selection, as one more delivery
-    (``labeled/cycle-NNN-delivery-MMM.parquet``, never rewritten): partial deliveries
-    add up, and the cycle moves on once every selected id has a label. Rows that do not
-    fit are listed, not merged; unknown class names fail the file (nothing written)."""
-    from tidal_ray.data.lookup import pool_has_ids
-
-    state = load_state(root)
-    config = config_of(state)
-    cycle = state["cycle"]
-    if state["step"] not in ("wait-for-labels",) or state["status"] != "waiting-for-labels":
-        raise BadInput(f"cycle {cycle} is at step {state['step']!r}, not waiting for labels")
-    if storage.exists(labels_uri(root, cycle + 1)):
-        raise BadInput(f"labels for cycle {cycle} were already imported ({labels_uri(root, cycle + 1)})")
-    selection = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet"))
-    rows = read_labels(labels_file, config.pool, config.class_names)
-    candidates = [str(r["id"]) for r in rows if r["id"] is not None]
-    in_pool = pool_has_ids(config.pool, candidates)
-    already = {str(i) for i in labeled_table(root).column("id").to_pylist()}
-    table, problems = validate_labels(rows, selection.column("id").to_pylist(), config.num_classes,
-                                      lambda key: key in in_pool, selection.schema.field("id").type, already)
-    for p in problems:
-        log(f"not merged: line {p['line']}: id {p['id']!r} label {p['label']!r}: {p['reason']}")
-    if table.num_rows:
-        delivery = 0
-        while not storage.put_if_absent(delivery_uri(root, cycle + 1, delivery), storage.parquet_bytes(table)):
-            delivery += 1
-    selected, labeled = cycle_label_progress(root, cycle)
-    left = (f"run 'tidal-ray campaign run {root}' to continue" if labeled == selected
-            else f"{selected - labeled} still to label")
-    log(f"merged {table.num_rows} labels for cycle {cycle} ({labeled} of {selected} selected samples labeled); "
-        f"{len(problems)} rows not merged; {left}")
-    return {"merged": table.num_rows, "problems": problems, "labeled": labeled, "selected": selected}
-
+            cycles.append({"cycle": c, "labeled": m["labeled"], "skipped": m.get("skipped", 0),
+                           "test_accuracy": m["test_accuracy"]})
+    out = {"uri": root, "status": state["status"], "cycle": state["cycle"], "of_cycles": config.cycles,
+           "step": state["step"], "labeled": labeled_table(root).num_rows, "skipped": skipped_table(root).num_rows,
+           "cycles": cycles}
+    if state.get("error"):
+        out["error"] = state["error"]
+    if state["step"] == "wait-for-labels" and storage.exists(cycle_uri(root, state["cycle"], "selection.parquet")):
+        progress = cycle_label_progress(root, state["cycle"])
+        out["waiting_for"] = {"count": len(progress["waiting"]), "first": progress["waiting"][:10],
+                              "selected": progress["selected"], "labeled": progress["labeled"],
+                              "skipped": progress["skipped"]}
+    lease = read_lease(root)
+    out["driver"] = None if is_free(lease, time.time()) else holder_line(lease)
+    return out

@@ -185,6 +185,23 @@ def write_exports(selection: pa.Table, spec, out_uri: str, class_names=None, pre
 
 # ---- labels coming back -------------------------------------------------------------------
 
+def is_skip(value) -> bool:
+    """A ``skip`` column's value: true/1 (any case) marks a sample nobody could label."""
+    return value is True or str(value).strip().lower() in ("true", "1")
+
+
+def _ground_truth_failure(entry: dict) -> str | None:
+    """Why a Ground Truth output line carries no label: its ``<job>-metadata`` names a
+    failure, or the metadata is there without the label; None for a labeled line."""
+    for key, value in entry.items():
+        if key.endswith("-metadata") and isinstance(value, dict):
+            if value.get("failure-reason"):
+                return str(value["failure-reason"])
+            if key[: -len("-metadata")] not in entry:
+                return "no label in the Ground Truth output"
+    return None
+
+
 def _ground_truth_label(entry: dict):
     """A Ground Truth output line keeps the input fields and adds ``<job>`` (the class
     index) next to ``<job>-metadata``."""
@@ -258,25 +275,39 @@ def labels_by_name(rows: list[dict], class_names, uri: str) -> list[dict]:
 def read_labels(uri: str, pool_uri: str | None = None, class_names=None) -> list[dict]:
     """Rows ``{"id", "label", "line"}`` from CSV, JSON Lines (plain or Ground Truth output),
     a JSON array (Label Studio's export) or parquet; class names become indices. Values
-    are otherwise kept as read; validation happens in ``validate_labels``."""
+    are otherwise kept as read; validation happens in ``validate_labels``. A row may
+    carry ``"skip": True`` (and a ``"reason"``): a ``skip`` column of true/1 in CSV,
+    JSON Lines or parquet, or a Ground Truth failure record; read it with ``row.get``."""
     return labels_by_name(_read_label_rows(uri, pool_uri), class_names, uri)
+
+
+def _csv_row(row: dict, line: int) -> dict:
+    skip = is_skip(row.get("skip"))
+    label = row.get("label")
+    return {"id": row["id"], "label": (label or None) if skip else label, "line": line, "skip": skip,
+            "reason": row.get("reason") or None}
 
 
 def _read_label_rows(uri: str, pool_uri: str | None) -> list[dict]:
     if uri.endswith(".parquet"):
         table = storage.read_parquet(uri)
+        if "label" not in table.column_names and "skip" in table.column_names:
+            table = table.append_column("label", pa.nulls(table.num_rows, pa.int64()))
         missing = {"id", "label"} - set(table.column_names)
         if missing:
-            raise BadInput(f"{uri}: missing column(s) {sorted(missing)}; need id,label")
-        return [{"id": r["id"], "label": r["label"], "line": i + 1} for i, r in enumerate(table.select(["id", "label"]).to_pylist())]
+            raise BadInput(f"{uri}: missing column(s) {sorted(missing)}; need id,label (or id,skip)")
+        extra = [c for c in ("skip", "reason") if c in table.column_names]
+        return [{"id": r["id"], "label": r["label"], "line": i + 1, "skip": is_skip(r.get("skip")),
+                 "reason": r.get("reason")} for i, r in enumerate(table.select(["id", "label", *extra]).to_pylist())]
     text = storage.read_bytes(uri).decode()
     if text.lstrip().startswith("["):
         return _read_json_array(text, uri)
     if uri.endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text))
-        if not reader.fieldnames or not {"id", "label"} <= set(reader.fieldnames):
-            raise BadInput(f"{uri}: a labels CSV needs a header with id,label")
-        return [{"id": r["id"], "label": r["label"], "line": i + 2} for i, r in enumerate(reader)]
+        fields = set(reader.fieldnames or ())
+        if "id" not in fields or not fields & {"label", "skip"}:
+            raise BadInput(f"{uri}: a labels CSV needs a header with id,label (and optionally skip)")
+        return [_csv_row(r, i + 2) for i, r in enumerate(reader)]
     rows = []
     for i, line in enumerate(text.splitlines()):
         if not line.strip():
@@ -286,20 +317,26 @@ def _read_label_rows(uri: str, pool_uri: str | None) -> list[dict]:
         except json.JSONDecodeError:
             rows.append({"id": None, "label": None, "line": i + 1, "error": "not valid JSON"})
             continue
-        if "label" in entry and "id" in entry:
-            rows.append({"id": entry["id"], "label": entry["label"], "line": i + 1})
+        if "id" in entry and ("label" in entry or "skip" in entry):
+            rows.append({"id": entry["id"], "label": entry.get("label"), "line": i + 1,
+                         "skip": is_skip(entry.get("skip")), "reason": entry.get("reason")})
         else:
-            rows.append({"id": _id_from_ground_truth(entry, pool_uri), "label": _ground_truth_label(entry), "line": i + 1})
+            failure = _ground_truth_failure(entry)
+            rows.append({"id": _id_from_ground_truth(entry, pool_uri), "label": _ground_truth_label(entry),
+                         "line": i + 1, "skip": failure is not None, "reason": failure})
     return rows
 
 
 def validate_labels(rows: list[dict], selected_ids, num_classes: int, pool_has_id,
-                    id_type: pa.DataType = pa.int64(), already=frozenset()) -> tuple[pa.Table, list[dict]]:
+                    id_type: pa.DataType = pa.int64(), already=frozenset(), skips: list | None = None,
+                    already_skipped=frozenset()) -> tuple[pa.Table, list[dict]]:
     """Split imported rows into good ``(id, label)`` rows and a list of problems.
 
     ``selected_ids``: ids this cycle sent out for labeling (same type as pool ids).
     ``pool_has_id``: callable telling whether an id exists in the pool. ``already``:
-    keys (``str(id)``) labeled by an earlier delivery, not merged again."""
+    keys (``str(id)``) labeled by an earlier delivery, not merged again. Rows marked
+    ``skip`` (no label) are appended to ``skips`` as ``{"id", "reason"}``, or are
+    problems when ``skips`` is None; ``already_skipped``: keys skipped before."""
     selected = {str(i): i for i in selected_ids}
     good_ids, good_labels, problems, seen = [], [], [], set()
     for row in rows:
@@ -314,12 +351,20 @@ def validate_labels(rows: list[dict], selected_ids, num_classes: int, pool_has_i
                 reason = "not selected in this cycle" if pool_has_id(key) else "unknown id"
             elif key in already:
                 reason = "already labeled"
+            elif key in already_skipped:
+                reason = "already skipped"
+            elif row.get("skip"):
+                reason = ("a skip is not a label here" if skips is None
+                          else "both a label and skip" if row["label"] not in (None, "") else None)
             else:
                 reason = label_problem(row["label"], num_classes)
         if reason:
             problems.append({"line": row["line"], "id": row["id"], "label": row["label"], "reason": reason})
             continue
         seen.add(key)
+        if row.get("skip"):
+            skips.append({"id": selected[key], "reason": str(row.get("reason") or "skipped")})
+            continue
         good_ids.append(selected[key])
         good_labels.append(as_label(row["label"]))
     table = pa.table({"id": pa.array(good_ids, type=id_type), "label": pa.array(good_labels, type=pa.int64())})

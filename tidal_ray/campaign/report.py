@@ -40,14 +40,14 @@ def write_report(out_uri: str, heading: str, rows: list[dict], title: str) -> st
     lines = [
         heading,
         "",
-        "| cycle | labeled | test accuracy | TD-module KL | train s | selected | score min / median / max | score s | rejected |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| cycle | labeled | skipped | test accuracy | TD-module KL | train s | selected | score min / median / max | score s | rejected |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for r in rows:
         spread = (f"{_fmt(r.get('score_min'))} / {_fmt(r.get('score_median'))} / {_fmt(r.get('score_max'))}"
                   if "selected" in r else "—")
         lines.append(
-            f"| {r['cycle']} | {r['labeled']} | {_fmt(r['test_accuracy'])} | {_fmt(r['td_kl'])} | "
+            f"| {r['cycle']} | {r['labeled']} | {r.get('skipped', 0)} | {_fmt(r['test_accuracy'])} | {_fmt(r['td_kl'])} | "
             f"{_fmt(r['train_seconds'], '.1f')} | {r.get('selected', '—')} | {spread} | "
             f"{_fmt(r.get('score_seconds'), '.1f')} | {r.get('rows_rejected', '—')} |"
         )

@@ -102,22 +102,53 @@ def input_shape_of(config: CampaignConfig) -> tuple[int, ...]:
 
 # ---- labels ---------------------------------------------------------------------------------
 
-def labeled_table(root: str) -> pa.Table:
-    """Every label that has arrived, in arrival order."""
+SKIPS_PREFIX = "skips-"
+
+
+def _label_files(root: str, skips: bool) -> list[str]:
     prefix = storage.join(root, "labeled")
     files = [uri for uri, _ in storage.list_files(prefix)] if storage.exists(prefix) else []
-    tables = [storage.read_parquet(uri).select(["id", "label"]) for uri in files
-              if uri.endswith(".parquet") and not storage.is_hidden(uri)]
+    return [uri for uri in files if uri.endswith(".parquet") and not storage.is_hidden(uri)
+            and uri.rsplit("/", 1)[-1].startswith(SKIPS_PREFIX) == skips]
+
+
+def labeled_table(root: str) -> pa.Table:
+    """Every label that has arrived, in arrival order."""
+    tables = [storage.read_parquet(uri).select(["id", "label"]) for uri in _label_files(root, skips=False)]
     if not tables:
         return pa.table({"id": pa.array([], pa.int64()), "label": pa.array([], pa.int64())})
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def cycle_label_progress(root: str, cycle: int) -> tuple[int, int]:
-    """``(selected, labeled)``: how many of the cycle's selected ids have a label."""
-    selection = set(storage.read_parquet(cycle_uri(root, cycle, "selection.parquet")).column("id").to_pylist())
+def skipped_table(root: str) -> pa.Table:
+    """Every selected id that came back as a skip (nobody could label it), with the reason."""
+    tables = [storage.read_parquet(uri).select(["id", "reason"]) for uri in _label_files(root, skips=True)]
+    if not tables:
+        return pa.table({"id": pa.array([], pa.int64()), "reason": pa.array([], pa.string())})
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def cycle_label_progress(root: str, cycle: int) -> dict:
+    """How far the cycle's selection is: ``selected``, ``labeled``, ``skipped``, and
+    ``waiting``, the ids with neither, in selection order."""
+    selection = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet")).column("id").to_pylist()
     labeled = set(labeled_table(root).column("id").to_pylist())
-    return len(selection), len(selection & labeled)
+    skipped = set(skipped_table(root).column("id").to_pylist()) - labeled
+    return {"selected": len(selection), "labeled": len(labeled.intersection(selection)),
+            "skipped": len(skipped.intersection(selection)),
+            "waiting": [i for i in selection if i not in labeled and i not in skipped]}
+
+
+def progress_line(progress: dict) -> str:
+    waiting = progress["waiting"]
+    first = ", ".join(map(str, waiting[:5])) + (", ..." if len(waiting) > 5 else "")
+    return (f"{progress['labeled']} of {progress['selected']} selected samples labeled, {progress['skipped']} skipped; "
+            f"waiting for {len(waiting)}" + (f": {first}" if waiting else ""))
+
+
+def skips_uri(root: str, cycle: int, delivery: int) -> str:
+    """Ids of a cycle's selection that came back unlabelable, one file per delivery, never rewritten."""
+    return storage.join(root, "labeled", f"{SKIPS_PREFIX}cycle-{cycle:03d}-delivery-{delivery:03d}.parquet")
 
 
 def delivery_uri(root: str, cycle: int, delivery: int) -> str:

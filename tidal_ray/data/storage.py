@@ -266,28 +266,55 @@ def _bucket_key(uri: str) -> tuple[str, str]:
 
 def put_if_absent(uri: str, data: bytes) -> bool:
     """Create ``uri`` only if nothing is there yet; False if something already was.
-    Locally an exclusive create; on S3 a conditional PUT (If-None-Match: *)."""
+    Locally an exclusive create (a reader never sees it half written); on S3 a
+    conditional PUT (If-None-Match: *)."""
     if is_s3(uri):
-        from botocore.exceptions import ClientError
-
-        bucket, key = _bucket_key(uri)
-        try:
-            with s3_access(uri):
-                s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
-                return False
-            raise
-        return True
+        return put_conditional(uri, data, None) is not None
     path = os.path.abspath(uri)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return False
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    try:
+        os.link(tmp, path)  # like O_EXCL, fails if the name exists; the file appears whole
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
     return True
+
+
+def read_with_etag(uri: str) -> tuple[bytes, str] | None:
+    """An S3 object's bytes and its ETag (the version a conditional PUT compares), or None."""
+    from botocore.exceptions import ClientError
+
+    bucket, key = _bucket_key(uri)
+    try:
+        response = s3_client().get_object(Bucket=bucket, Key=key)
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+            return None
+        raise
+    return response["Body"].read(), response["ETag"]
+
+
+def put_conditional(uri: str, data: bytes, etag: str | None) -> str | None:
+    """A compare-and-swap PUT on S3: create (``etag`` None: If-None-Match: *) or replace
+    the version ``etag`` (If-Match); returns the new ETag, or None if the object was
+    not in the state expected (someone else wrote first)."""
+    from botocore.exceptions import ClientError
+
+    bucket, key = _bucket_key(uri)
+    condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+    try:
+        with s3_access(uri):
+            return s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+    except ClientError as e:
+        # 409 ConditionalRequestConflict: a concurrent conditional write to the key won.
+        if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412",
+                                                       "409", "NoSuchKey"):
+            return None
+        raise
 
 
 def delete(uri: str) -> None:
