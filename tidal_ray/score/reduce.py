@@ -157,33 +157,27 @@ class Reduction:
     def _admit(self, ids, files, columns) -> None:
         """Decoded rows, each the only row of its id: non-finite scores are rejected,
         the excluded counted, the rest go to the top-k (and the scores writer)."""
-        score = columns[self.strategy]
-        finite = np.isfinite(score)  # e.g. features that overflow the model
+        finite = np.isfinite(columns[self.strategy])  # e.g. features that overflow the model
         if not finite.all():
             self._reject(ids[~finite], files[~finite], np.full((~finite).sum(), NONFINITE_SCORE))
             ids, files = ids[finite], files[finite]
             columns = {name: v[finite] for name, v in columns.items()}
-            score = columns[self.strategy]
         excluded = is_member(self.exclude, ids)
         keep = ~excluded
         self.rows_excluded += int(excluded.sum())
         self.rows_scored += int(keep.sum())
-        predicted = columns["predicted_class"]
-        if not keep.all():
-            ids_kept, score, predicted_kept = ids[keep], score[keep], predicted[keep]
-            cluster = columns["cluster"][keep] if self.batch.mode == "cluster" else None
-        else:
-            ids_kept, predicted_kept = ids, predicted
-            cluster = columns.get("cluster")
+        rows = ids if keep.all() else ids[keep]
+        kept = columns if keep.all() else {name: v[keep] for name, v in columns.items()}
+        score, predicted = kept[self.strategy], kept["predicted_class"]
         if self.batch.mode == "power":
-            keys = batch_modes.power_keys(self.strategy, score, ids_kept, self.batch.beta, self.seed, self.cycle)
-            self.topk.add(ids_kept, keys, predicted_kept, {"score": score})
+            keys = batch_modes.power_keys(self.strategy, score, rows, self.batch.beta, self.seed, self.cycle)
+            self.topk.add(rows, keys, predicted, {"score": score})
         elif self.batch.mode == "cluster":
-            self.topk.add(ids_kept, score, predicted_kept, {"cluster": np.asarray(cluster, np.int64)})
+            self.topk.add(rows, score, predicted, {"cluster": kept["cluster"].astype(np.int64)})
         else:
-            self.topk.add(ids_kept, score, predicted_kept)
+            self.topk.add(rows, score, predicted)
         if self.scores is not None:
-            self.scores.add({"id": ids, "predicted_class": predicted, "excluded": excluded,
+            self.scores.add({"id": ids, "predicted_class": columns["predicted_class"], "excluded": excluded,
                              **{s: columns[s] for s in self.scores.strategies}})
 
     def _reject(self, ids, files, reasons) -> None:
