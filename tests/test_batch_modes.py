@@ -210,3 +210,31 @@ def test_campaign_init_stores_the_batch_mode_and_refuses_bad_flags(tmp_path, cap
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err, err
         assert not (tmp_path / "bad").exists()
+
+
+def test_the_centroids_sample_is_the_smallest_hashes_earliest_rows_in_any_order():
+    from tidal_ray.data.ids import earliest_rows
+    from tidal_ray.score.centroids import SampleRows
+
+    rng = np.random.default_rng(3)
+    ids = np.concatenate([np.arange(600), rng.choice(600, 100, replace=False)])  # 100 ids twice
+    files, rows = np.repeat([0, 1], [600, 100]), np.concatenate([np.arange(600), np.arange(100)])
+    x = rng.normal(size=(len(ids), 5)).astype(np.float32)
+    exclude = np.arange(0, 600, 7)
+
+    def sample(order):
+        rows_kept = SampleRows(40, exclude, pa.int64(), seed=2, cycle=1)  # trims every 80 rows held
+        for part in np.array_split(order, 35):
+            rows_kept.add({"id": ids[part], "file": files[part], "row": rows[part], "embedding": x[part]})
+        return rows_kept.result()
+
+    got_ids, got_x = sample(np.arange(len(ids)))
+    for seed in range(3):
+        other_ids, other_x = sample(np.random.default_rng(seed).permutation(len(ids)))
+        np.testing.assert_array_equal(other_ids, got_ids)
+        np.testing.assert_array_equal(other_x, got_x)
+    winners = earliest_rows(ids, files * 1000 + rows)
+    winners = winners[~np.isin(ids[winners], exclude)]
+    expected = winners[np.lexsort((ids[winners], batch_modes.sample_hashes(ids[winners], 2, 1)))[:40]]
+    np.testing.assert_array_equal(got_ids, ids[expected])
+    np.testing.assert_array_equal(got_x, x[expected])

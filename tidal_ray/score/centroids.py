@@ -29,9 +29,8 @@ class SampleRows:
     def __init__(self, limit: int, exclude: np.ndarray, id_type, seed: int, cycle: int):
         self.limit, self.exclude, self.id_type = int(limit), exclude, id_type
         self.seed, self.cycle = seed, cycle
-        self.ids = id_utils.empty(id_type)
-        self.positions = np.zeros(0, np.int64)
-        self.embeddings = None
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # ids, positions, embeddings
+        self.held = 0
 
     def add(self, batch) -> None:
         ids = id_utils.to_numpy(batch["id"], self.id_type)
@@ -46,29 +45,29 @@ class SampleRows:
         positions = (numpy_column(batch, "file").astype(np.int64) << POSITION_BITS) \
             + numpy_column(batch, "row").astype(np.int64)
         keep = ~is_member(self.exclude, ids) & np.isfinite(embeddings).all(axis=1)
-        self.ids = np.concatenate([self.ids, ids[keep]])
-        self.positions = np.concatenate([self.positions, positions[keep]])
-        self.embeddings = embeddings[keep] if self.embeddings is None \
-            else np.concatenate([self.embeddings, embeddings[keep]])
-        if len(self.ids) > 2 * self.limit:
+        self.parts.append((ids[keep], positions[keep], np.array(embeddings[keep], dtype=np.float32)))
+        self.held += int(keep.sum())
+        if self.held > 2 * self.limit:
             self._trim()
 
     def _trim(self) -> None:
         """One row per id (the earliest), the ``limit`` smallest (hash, id), in that order."""
-        if self.embeddings is None:
+        if not self.parts:
             return
-        winners = id_utils.earliest_rows(self.ids, self.positions)
-        ids = self.ids[winners]
-        order = np.lexsort((ids, sample_hashes(ids, self.seed, self.cycle)))[: self.limit]
+        ids, positions, embeddings = (np.concatenate(column) for column in zip(*self.parts))
+        winners = id_utils.earliest_rows(ids, positions)
+        order = np.lexsort((ids[winners], sample_hashes(ids[winners], self.seed, self.cycle)))[: self.limit]
         chosen = winners[order]
-        self.ids, self.positions, self.embeddings = self.ids[chosen], self.positions[chosen], self.embeddings[chosen]
+        self.parts = [(ids[chosen], positions[chosen], embeddings[chosen])]
+        self.held = len(chosen)
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, embeddings)`` of the sample, in (hash, id) order."""
         self._trim()
-        if self.embeddings is None:
+        if not self.parts:
             return id_utils.empty(self.id_type), np.zeros((0, 1), np.float32)
-        return self.ids, self.embeddings
+        ids, _, embeddings = self.parts[0]
+        return ids, embeddings
 
 
 def fit_centroids(batches, plan, run_kmeans=None) -> tuple[np.ndarray, int]:
