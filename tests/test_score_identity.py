@@ -196,3 +196,54 @@ def test_read_units_give_every_row_once_with_its_position_in_bounded_blocks(tmp_
             assert table.num_rows <= 2 and table.column_names == ["id", "image", "file", "row"]
             seen += zip(table.column("file").to_pylist(), table.column("row").to_pylist(), table.column("id").to_pylist())
     assert sorted(seen) == [(0, r, r) for r in range(30)] + [(1, r, 100 + r) for r in range(30)]
+
+
+BATCH_MODES = {"power": dict(batch_mode="power", beta=2.0, cycle=3),
+               "cluster": dict(batch_mode="cluster", clusters=6, candidates=120, per_class_quota=True, cycle=1)}
+
+
+def mode_outputs(out) -> tuple:
+    selection = storage.read_parquet(f"{out}/selection.parquet")
+    rejects = sorted(storage.read_parquet(f"{out}/rejects.parquet").to_pylist(), key=lambda r: (r["file"], r["id"]))
+    summary = storage.read_json(f"{out}/selection.json")
+    kept = ("rows_read", "rows_scored", "rows_rejected", "rows_excluded", "batch_mode", "beta", "clusters",
+            "candidates", "sampled_rows")
+    return selection, rejects, {k: summary.get(k) for k in kept}
+
+
+@pytest.mark.parametrize("mode", sorted(BATCH_MODES))
+def test_batch_modes_in_process_are_the_same_reading_units_backwards(tmp_path, checkpoint, monkeypatch, mode):
+    pool = make_duplicate_pool(tmp_path)
+    common = dict(use_ray=False, progress=False, exclude_ids=[17], strategy="margin", **BATCH_MODES[mode])
+    score_pool(checkpoint, pool, 40, str(tmp_path / "forward"), **common)
+    monkeypatch.setenv("TIDAL_RAY_TEST_UNIT_ORDER", "reverse")
+    score_pool(checkpoint, pool, 40, str(tmp_path / "backward"), **common)
+    forward, backward = mode_outputs(tmp_path / "forward"), mode_outputs(tmp_path / "backward")
+    assert forward[0].equals(backward[0]) and forward[1:] == backward[1:]
+    selection = forward[0]
+    assert forward[2]["batch_mode"] == mode
+    if mode == "power":
+        assert selection.num_rows == 40
+        keys = selection.column("key").to_numpy()
+        assert (np.diff(keys) <= 0).all()  # ranked by key, not by score
+        assert not (np.diff(selection.column("score").to_numpy()) <= 0).all()
+    else:
+        # ceil(40 / 10) per predicted class: this small model predicts few classes, so fewer than k.
+        classes = selection.column("predicted_class").to_numpy()
+        assert np.bincount(classes).max() == 4 and selection.num_rows == 4 * len(set(classes))
+        assert len(set(selection.column("cluster").to_pylist())) >= 4
+        assert forward[2]["sampled_rows"] == 1_692  # every unlabeled, decodable id once
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", sorted(BATCH_MODES))
+def test_batch_modes_on_ray_match_in_process_on_any_actor_count(ray_local, s3_bucket, checkpoint, mode):
+    pool = make_duplicate_pool(s3_bucket)
+    common = dict(progress=False, exclude_ids=[17], strategy="margin", **BATCH_MODES[mode])
+    score_pool(checkpoint, pool, 40, f"{s3_bucket}/local", use_ray=False, **common)
+    expected = mode_outputs(f"{s3_bucket}/local")
+    for name, actors in [("one", (1, 1)), ("two", (2, 2)), ("again", (1, 2))]:
+        score_pool(checkpoint, pool, 40, f"{s3_bucket}/{name}", actors=actors, **common)
+        got = mode_outputs(f"{s3_bucket}/{name}")
+        assert got[0].equals(expected[0]), (name, got[0].to_pylist()[:5], expected[0].to_pylist()[:5])
+        assert got[1:] == expected[1:], name

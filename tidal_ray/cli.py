@@ -104,8 +104,11 @@ def cmd_score(args):
                          exclude_uris=args.exclude, per_class_quota=args.per_class_quota,
                          save_scores=args.save_scores, batch_size=args.batch_size,
                          actors=parse_actors(args.actors), seed=args.seed, use_ray=not args.in_process,
-                         use_gpu=True if args.use_gpu else None, precision=args.precision)
-    print(f"selected {summary['selected']} of {summary['rows_scored']:,} scored rows by {summary['strategy']} "
+                         use_gpu=True if args.use_gpu else None, precision=args.precision,
+                         batch_mode=args.batch_mode, beta=args.beta, clusters=args.clusters,
+                         candidates=args.candidates)
+    mode = "" if summary["batch_mode"] == "topk" else f" ({summary['batch_mode']} batch mode)"
+    print(f"selected {summary['selected']} of {summary['rows_scored']:,} scored rows by {summary['strategy']}{mode} "
           f"({summary['rows_read']:,} read, {summary['rows_rejected']:,} rejected, {summary['rows_excluded']:,} "
           f"excluded; {summary['rows_per_s']:,.0f} rows/s)")
     print(f"selection: {summary['outputs']['selection']}")
@@ -122,7 +125,8 @@ def cmd_campaign(args):
             class_names=parse_class_names(args.class_names), presign=args.presign, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lam=args.lam,
             seed=args.seed, initial_labels=args.initial_labels, oracle=args.oracle, test=args.test,
             trainer=args.trainer, workers=args.workers, use_gpu=args.use_gpu, actors=parse_actors(args.actors),
-            per_class_quota=args.per_class_quota)
+            per_class_quota=args.per_class_quota, batch_mode=args.batch_mode, beta=args.beta,
+            clusters=args.clusters, candidates=args.candidates)
         campaign.init(args.campaign, config, args.initial_labels_file)
     elif args.action == "run":
         state = campaign.run(args.campaign)
@@ -194,6 +198,26 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, nccl")
 
 
+def add_batch_mode_arguments(p: argparse.ArgumentParser) -> None:
+    """The batch mode (DESIGN §8), shared by ``score`` and ``campaign init``. Values are
+    checked by ``method.batch.check_batch_params`` (one line naming the flag, exit 2)."""
+    p.add_argument("--batch-mode", default="topk", metavar="topk|power|cluster",
+                   help="topk (default): the k highest scores, exact; power: a sample of k rows without "
+                        "replacement with probability proportional to s^beta (s: a positive form of the "
+                        "strategy's score; Gumbel-top-k on hashed per-row noise, repeatable); cluster: k-means "
+                        "centroids of the model's embedding (last backbone stage, pooled, L2-normalised) fitted "
+                        "on a hashed sample of up to 20,000 unlabeled rows, then round-robin over clusters "
+                        "among the top M scores")
+    p.add_argument("--beta", default=None, metavar="B",
+                   help="power only: the exponent, a number > 0 (default: 1; larger is closer to topk)")
+    p.add_argument("--clusters", default=None, metavar="K",
+                   help="cluster only: k-means clusters, 1..1000 and at most the unlabeled rows (default: k, "
+                        "at most 1000)")
+    p.add_argument("--candidates", default=None, metavar="M",
+                   help="cluster only: the top M rows by score the round-robin picks from, M >= k "
+                        "(default: 10*k)")
+
+
 def add_make_pool_parser(sub) -> None:
     from tidal_ray.data.make_pool import DEFAULT_SYNTHETIC_ROWS, SOURCES
     from tidal_ray.data.pool import FORMATS
@@ -239,7 +263,7 @@ def add_train_parser(sub) -> None:
 def add_score_parser(sub) -> None:
     from tidal_ray.method.uncertainty import STRATEGIES
 
-    p = sub.add_parser("score", help="score a whole pool on Ray Data and select the top k")
+    p = sub.add_parser("score", help="score a whole pool on Ray Data and select k (top k, or a batch mode)")
     p.add_argument("--checkpoint", required=True, metavar="URI", help="a checkpoint dir (model.pt) or file")
     p.add_argument("--pool", required=True, metavar="URI", help="the pool: local dir or s3:// prefix")
     p.add_argument("--k", required=True, type=int, help="how many samples to select")
@@ -247,12 +271,14 @@ def add_score_parser(sub) -> None:
     p.add_argument("--strategy", default="tidal-entropy", help=f"one of {', '.join(STRATEGIES)}")
     p.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="URI",
                    help="parquet/csv files (or prefixes) whose 'id's are never selected: labeled, pending")
+    add_batch_mode_arguments(p)
     p.add_argument("--per-class-quota", action="store_true",
-                   help="at most ceil(k / classes) per predicted class")
+                   help="at most ceil(k / classes) per predicted class (with any batch mode)")
     p.add_argument("--save-scores", action="store_true", help="also write every row's scores (all strategies)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--actors", default="1,1", metavar="MIN,MAX", help="scorer actors (a GPU each when there are GPUs)")
-    p.add_argument("--seed", type=int, default=0, help="for the random strategy")
+    p.add_argument("--seed", type=int, default=0,
+                   help="for the random strategy, the power keys and the cluster mode's sample and k-means")
     p.add_argument("--in-process", action="store_true", help="no Ray: score in this process (small pools)")
     p.add_argument("--use-gpu", action="store_true",
                    help="each scorer actor asks for a GPU, even before a GPU node is up (an autoscaler starts one); "
@@ -285,6 +311,7 @@ def add_campaign_parser(sub) -> None:
     a.add_argument("--workers", type=int, default=1)
     a.add_argument("--actors", default="1,1", help="scorer actors MIN,MAX")
     a.add_argument("--per-class-quota", action="store_true")
+    add_batch_mode_arguments(a)
     a.add_argument("--class-names", metavar="A,B,...|FILE", default=None,
                    help="class names, comma-separated or one per line in a file; labels may then come as names")
     a.add_argument("--presign", type=int, default=None, metavar="SECONDS",

@@ -108,10 +108,13 @@ def step_select(root: str, config: CampaignConfig, cycle: int, log) -> None:
     metrics = storage.read_json(cycle_uri(root, cycle, "metrics.json"))
     exclude = sorted(set(labeled_table(root).column("id").to_pylist()) | set(skipped_table(root).column("id").to_pylist())
                      | set(selected_ids(root, cycle)))
-    log(f"cycle {cycle}: scoring the pool, selecting {config.k} by {config.strategy} ({len(exclude)} excluded)")
+    log(f"cycle {cycle}: scoring the pool, selecting {config.k} by {config.strategy}, "
+        f"{config.batch_mode} batch mode ({len(exclude)} excluded)")
     score_pool(metrics["checkpoint"], config.pool, config.k, out, strategy=config.strategy,
                exclude_ids=exclude, per_class_quota=config.per_class_quota, actors=config.actors,
-               seed=config.seed, save_scores=False, use_gpu=True if config.use_gpu else None)
+               seed=config.seed, save_scores=False, use_gpu=True if config.use_gpu else None,
+               batch_mode=config.batch_mode, beta=config.beta, clusters=config.clusters,
+               candidates=config.candidates, cycle=cycle)
 
 
 def export(root: str, cycle: int | None = None, out_uri: str | None = None) -> list[str]:
@@ -299,6 +302,8 @@ def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = Non
         raise BadInput("give initial labels: --initial-labels-file FILE, or --oracle with --initial-labels N")
     if table.num_rows == 0:
         raise BadInput("no valid initial labels")
+    if config.batch_mode == "cluster" and config.clusters > spec.rows - table.num_rows:
+        raise BadInput(f"--clusters {config.clusters}: more than the {spec.rows - table.num_rows} unlabeled rows")
     storage.write_parquet(labels_uri(root, 0), table)
     state = {"config": asdict(config), "cycle": 0, "step": "train", "status": "initialized",
              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -42,11 +42,19 @@ class CampaignConfig:
     augment: bool = False
     class_names: list[str] | None = None
     presign: int | None = None    # seconds: Label Studio tasks get presigned HTTPS URLs
+    batch_mode: str = "topk"      # DESIGN §8; check() settles the mode's parameters
+    beta: float | None = None
+    clusters: int | None = None
+    candidates: int | None = None
 
     def check(self) -> None:
+        from tidal_ray.method.batch import check_batch_params
         from tidal_ray.method.uncertainty import check_strategy
 
         check_strategy(self.strategy)
+        if self.k > 0:
+            params = check_batch_params(self.batch_mode, self.k, self.beta, self.clusters, self.candidates)
+            self.beta, self.clusters, self.candidates = params.beta, params.clusters, params.candidates
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise BadInput(f"--class-names: {len(self.class_names)} names for {self.num_classes} classes "
                            f"({', '.join(self.class_names[:12])})")

@@ -16,8 +16,12 @@ and the cycle, and k-means is seeded and computed in float64 in a fixed order.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 
+from tidal_ray.errors import BadInput
 from tidal_ray.method.hashing import hash64
 
 MODES = ("topk", "power", "cluster")
@@ -25,6 +29,70 @@ SCORE_FLOOR = np.float32(1e-12)        # s > 0 however certain the model is
 TYPICALITY_NEIGHBOURS = 20
 KMEANS_STEPS = 25
 MAX_CLUSTERS = 1000
+SAMPLE_ROWS = 20_000                   # unlabeled rows the centroids are fitted on
+SAMPLE_SLACK = 1.25                    # the hash threshold admits this many times more, expected
+CANDIDATES_PER_K = 10
+
+
+# ---- parameters ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchParams:
+    """A batch mode and its settled parameters (``check_batch_params``)."""
+    mode: str = "topk"
+    beta: float | None = None          # power
+    clusters: int | None = None        # cluster: K
+    candidates: int | None = None      # cluster: M
+    sample_rows: int = SAMPLE_ROWS     # cluster: the centroids' sample, at most
+    kmeans_steps: int = KMEANS_STEPS   # cluster: Lloyd steps, at most
+
+    def record(self) -> dict:
+        """What selection.json says about the mode."""
+        if self.mode == "power":
+            return {"batch_mode": "power", "beta": self.beta}
+        if self.mode == "cluster":
+            return {"batch_mode": "cluster", "clusters": self.clusters, "candidates": self.candidates,
+                    "sample_rows": self.sample_rows, "kmeans_steps": self.kmeans_steps}
+        return {"batch_mode": "topk"}
+
+
+def _number(flag: str, value, kind):
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise BadInput(f"{flag} {value}: not {'a number' if kind is float else 'an integer'}") from None
+    if kind is float and not math.isfinite(number):
+        raise BadInput(f"{flag} {value}: not a finite number")
+    return number
+
+
+def check_batch_params(mode: str, k: int, beta=None, clusters=None, candidates=None) -> BatchParams:
+    """``--batch-mode`` and its flags (None = not given), checked: BadInput naming the
+    flag and value for a bad value or a flag that does not apply to the mode. Defaults:
+    beta 1; clusters k (at most 1000); candidates 10 * k."""
+    if mode not in MODES:
+        raise BadInput(f"--batch-mode {mode}: choose one of {', '.join(MODES)}")
+    given = {"--beta": beta, "--clusters": clusters, "--candidates": candidates}
+    applies = {"topk": (), "power": ("--beta",), "cluster": ("--clusters", "--candidates")}[mode]
+    for flag, value in given.items():
+        if value is not None and flag not in applies:
+            raise BadInput(f"{flag} {value}: applies to --batch-mode "
+                           f"{'power' if flag == '--beta' else 'cluster'} only, not {mode}")
+    if mode == "power":
+        beta = 1.0 if beta is None else _number("--beta", beta, float)
+        if beta <= 0:
+            raise BadInput(f"--beta {beta:g}: must be > 0")
+        return BatchParams("power", beta=beta)
+    if mode == "cluster":
+        clusters = min(int(k), MAX_CLUSTERS) if clusters is None else _number("--clusters", clusters, int)
+        if not 1 <= clusters <= MAX_CLUSTERS:
+            raise BadInput(f"--clusters {clusters}: must be between 1 and {MAX_CLUSTERS}")
+        candidates = CANDIDATES_PER_K * int(k) if candidates is None else _number("--candidates", candidates, int)
+        if candidates < k:
+            raise BadInput(f"--candidates {candidates}: must be at least k ({k})")
+        return BatchParams("cluster", clusters=clusters, candidates=candidates)
+    return BatchParams()
 
 
 # ---- power ------------------------------------------------------------------------------
@@ -130,6 +198,36 @@ def round_robin(ids: np.ndarray, scores: np.ndarray, clusters: np.ndarray, k: in
     rank_of_row = cluster_rank[np.repeat(np.arange(len(labels)), counts)]
     picked = within[np.lexsort((rank_of_row, turn))]
     return picked[:k]
+
+
+def cluster_pick(ids, scores, clusters, classes, k: int, quota: int | None = None) -> np.ndarray:
+    """``round_robin``'s order over all candidates, cut at ``k``; with a per-class
+    ``quota``, a row whose predicted class already has ``quota`` picks is passed over."""
+    order = round_robin(ids, scores, clusters, len(ids))
+    if quota is None:
+        return order[:k]
+    taken: dict[int, int] = {}
+    picks = []
+    for i in order.tolist():
+        c = int(classes[i])
+        if taken.get(c, 0) < quota:
+            taken[c] = taken.get(c, 0) + 1
+            picks.append(i)
+            if len(picks) == k:
+                break
+    return np.array(picks, dtype=np.int64)
+
+
+def sample_hashes(ids: np.ndarray, seed: int, cycle: int) -> np.ndarray:
+    """The hash that picks the centroids' sample: the rows with the smallest win."""
+    return hash64(np.asarray(ids), (int(seed) * 1_000_003 + int(cycle)) ^ 0x5A3E)
+
+
+def sample_threshold(sample_rows: int, pool_rows: int) -> int:
+    """Rows whose ``sample_hashes`` is at most this are the sample's candidates: about
+    ``SAMPLE_SLACK * sample_rows`` of ``pool_rows`` (every row in a small pool)."""
+    fraction = SAMPLE_SLACK * sample_rows / max(int(pool_rows), 1)
+    return 2**64 - 1 if fraction >= 1 else int(fraction * 2**64)
 
 
 # ---- typicality -------------------------------------------------------------------------------

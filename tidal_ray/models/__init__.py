@@ -72,15 +72,18 @@ class TiDALNet(nn.Module):
         return logits, self.td_module(features)
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, mc_samples: int = 0, row_keys=None):
+    def predict(self, x: torch.Tensor, mc_samples: int = 0, row_keys=None, embed: bool = False):
         """Eval-mode logits and TD logits, plus ``mc_samples`` MC-dropout passes of the
         classifier head as probabilities ``(T, N, C)`` (None when ``mc_samples`` is 0).
         With ``row_keys`` (a uint64 ``hashing.hash64`` per row) a row's dropout masks come
         from its key (``hashing.row_uniforms``), not from torch's RNG, so its passes are the
-        same whatever batch it is scored in."""
-        logits, td_logits = self(x)
+        same whatever batch it is scored in. With ``embed``, a fourth item: each row's
+        embedding (``stage_embedding``)."""
+        logits, features = self.backbone(self.input_norm(x))
+        td_logits = self.td_module(features)
+        extra = (stage_embedding(features[-1]),) if embed else ()
         if mc_samples <= 0:
-            return logits, td_logits, None
+            return (logits, td_logits, None, *extra)
         head = getattr(self.backbone, "head", None)
         if head is None or not hasattr(self.backbone, "forward_features"):
             raise BadInput("strategy 'bald' needs a built-in backbone with a dropout head")
@@ -92,13 +95,22 @@ class TiDALNet(nn.Module):
             for t in range(mc_samples):
                 u = torch.from_numpy(row_uniforms(row_keys, t, embedding.shape[1])).to(embedding.device)
                 passes.append(_head_with_dropout(head, embedding, u).softmax(dim=1))
-            return logits, td_logits, torch.stack(passes)
+            return (logits, td_logits, torch.stack(passes), *extra)
         head.train()  # dropout on, for the head alone
         try:
             mc = torch.stack([head(embedding).softmax(dim=1) for _ in range(mc_samples)])
         finally:
             head.eval()
-        return logits, td_logits, mc
+        return (logits, td_logits, mc, *extra)
+
+
+def stage_embedding(last_stage: torch.Tensor) -> torch.Tensor:
+    """The embedding the cluster batch mode uses: the backbone's last stage output (the
+    last of the TD module's feature layers), global-average-pooled over its spatial
+    dimensions when it has any. For the built-in backbones this is the pooled
+    penultimate feature that feeds the classifier head. Not yet L2-normalised (the
+    scorer does that in NumPy)."""
+    return last_stage.flatten(2).mean(dim=2) if last_stage.dim() > 2 else last_stage
 
 
 def _head_with_dropout(head: nn.Module, z: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -130,4 +142,4 @@ def prepare_input(x: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["HookedModel", "InputNorm", "TDModule", "TiDALNet", "build_backbone", "build_model",
-           "default_model", "parse_normalize", "prepare_input"]
+           "default_model", "parse_normalize", "prepare_input", "stage_embedding"]

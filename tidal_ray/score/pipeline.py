@@ -11,6 +11,7 @@ run in this process (tests, benchmarks, small pools). Importing this module stay
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ from tidal_ray.data.decode import decode_for_scoring, format_shape
 from tidal_ray.errors import BadInput
 from tidal_ray.data.pool import PoolSpec, check_compatible, describe_pool
 from tidal_ray.data.read import arrival_order_for_tests, read_batches, read_unit, read_units, repeated_ids
+from tidal_ray.method.batch import BatchParams, check_batch_params, sample_threshold
+from tidal_ray.score.centroids import fit_centroids
 from tidal_ray.score.reduce import Progress, Reduction, ScoresWriter
 from tidal_ray.score.scorer import BALD_SAMPLES, PRECISIONS, BatchScorer
 from tidal_ray.method.uncertainty import STRATEGIES, check_strategy
@@ -65,6 +68,8 @@ class Plan:
     seed: int
     mc_samples: int
     precision: str = "fp32"
+    batch: BatchParams = BatchParams()
+    cycle: int = 0                # the power keys' and the centroids' cycle
 
     @property
     def strategies(self) -> tuple[str, ...]:
@@ -84,13 +89,16 @@ def _check_actors(actors) -> tuple[int, int]:
 
 def plan_scoring(checkpoint_uri, pool_uri, k, strategy="tidal-entropy", exclude_uris=(), exclude_ids=None,
                  per_class_quota=False, save_scores=False, batch_size=256, actors=(1, 1), seed=0,
-                 precision="fp32") -> Plan:
-    """Every check that can fail on bad input, before any work starts."""
+                 precision="fp32", batch_mode="topk", beta=None, clusters=None, candidates=None,
+                 cycle=0) -> Plan:
+    """Every check that can fail on bad input, before any work starts (except that a
+    ``--clusters`` over the unlabeled rows is found by the centroids' sample)."""
     from tidal_ray.train.checkpoint import check_model_importable, load_checkpoint
 
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
         raise BadInput(f"k must be a positive integer, got {k!r}")
     check_strategy(strategy)
+    batch = check_batch_params(batch_mode, int(k), beta, clusters, candidates)
     if precision not in PRECISIONS:
         raise BadInput(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if int(batch_size) < 1:
@@ -108,15 +116,19 @@ def plan_scoring(checkpoint_uri, pool_uri, k, strategy="tidal-entropy", exclude_
     excluded = id_utils.read_id_files(exclude_uris, spec.id_type)
     if exclude_ids is not None and len(exclude_ids):
         excluded.append(id_utils.from_user(exclude_ids, spec.id_type, "exclude_ids"))
+    if batch.mode == "cluster" and batch.clusters > spec.rows:
+        raise BadInput(f"--clusters {batch.clusters}: more than the pool's {spec.rows} rows")
     bald = strategy == "bald" or save_scores
     return Plan(checkpoint_uri, spec, input_shape, num_classes, int(k), strategy,
                 id_utils.sorted_unique(excluded, spec.id_type), bool(per_class_quota), bool(save_scores), int(batch_size),
-                actors, int(seed), BALD_SAMPLES if bald else 0, precision)
+                actors, int(seed), BALD_SAMPLES if bald else 0, precision, batch, int(cycle))
 
 
-def _scorer_kwargs(plan: Plan, **extra) -> dict:
+def _scorer_kwargs(plan: Plan, extra: dict | None = None, **more) -> dict:
+    """The ``BatchScorer``'s arguments; ``extra`` (``centroids`` or ``sample``) on top."""
     return {"checkpoint_uri": plan.checkpoint_uri, "seed": plan.seed, "mc_samples": plan.mc_samples,
-            "strategies": plan.strategies, "pad_to": plan.batch_size, "precision": plan.precision, **extra}
+            "strategies": plan.strategies, "pad_to": plan.batch_size, "precision": plan.precision,
+            **(extra or {}), **more}
 
 
 def _block_rows(plan: Plan) -> int:
@@ -131,9 +143,9 @@ def _row_bytes(plan: Plan) -> int:
     return int(np.prod(plan.input_shape)) * itemsize + 64  # + id, file, reason
 
 
-def score_batches_in_process(plan: Plan):
+def score_batches_in_process(plan: Plan, extra: dict | None = None):
     """The pipeline in this process: read, decode, score, one block at a time."""
-    scorer = BatchScorer(**_scorer_kwargs(plan))
+    scorer = BatchScorer(**_scorer_kwargs(plan, extra))
     spec, block_rows = plan.spec.slim(), _block_rows(plan)
     for unit in arrival_order_for_tests(read_units(plan.spec)):
         for table in read_unit(unit, spec, block_rows, READ_BLOCK_BYTES):
@@ -147,11 +159,12 @@ def _cluster_shape(ray) -> tuple[float, float]:
     return ray.cluster_resources().get("GPU", 0.0), node_cpus
 
 
-def score_batches_on_ray(plan: Plan, use_gpu: bool | None = None):
+def score_batches_on_ray(plan: Plan, use_gpu: bool | None = None, extra: dict | None = None):
     """The pipeline on Ray Data; yields the scorer's output batches in whatever order
     they finish (the reduction decides duplicates by position). ``use_gpu=True`` asks
     for a GPU per scorer actor whether or not a GPU node is up yet (an autoscaler starts
-    one); None uses GPUs when the cluster has some now."""
+    one); None uses GPUs when the cluster has some now. ``extra``: more ``BatchScorer``
+    arguments (the cluster mode's ``centroids`` or ``sample``)."""
     import ray
     from ray.data import ActorPoolStrategy, ExecutionResources
 
@@ -166,14 +179,14 @@ def score_batches_on_ray(plan: Plan, use_gpu: bool | None = None):
     block_bytes = block_rows * _row_bytes(plan)
     if use_gpu:
         actor_resources = {"num_gpus": 1, "num_cpus": 1}
-        scorer = _scorer_kwargs(plan, device="cuda")
+        scorer = _scorer_kwargs(plan, extra, device="cuda")
     else:
         # Fractional CPUs, so actors never take every CPU from the read tasks (DESIGN §5
         # saw a 2-CPU Ray hang at 0 rows with two 1-CPU actors); torch still gets the
         # node's cores through its own thread count.
         fits = [c for c in ACTOR_CPU_STEPS if c * high <= node_cpus - DECODE_CPUS]
         actor_resources = {"num_cpus": fits[0] if fits else ACTOR_CPU_STEPS[-1]}
-        scorer = _scorer_kwargs(plan, device="cpu", num_threads=max(1, int(node_cpus // high)))
+        scorer = _scorer_kwargs(plan, extra, device="cpu", num_threads=max(1, int(node_cpus // high)))
 
     # Our own read, one task per parquet row group (or run of image files), in fractional
     # CPUs: Ray Data 2.60's read_parquet adds a ListFiles task that asks for a whole CPU
@@ -224,23 +237,54 @@ def _versions() -> dict:
     return {"tidal_ray": own, "ray": ray_version}
 
 
+def _centroids(plan: Plan, use_ray: bool, use_gpu) -> tuple[np.ndarray, int]:
+    """The cluster mode's centroids: the sampler pass over the pool (the same pipeline,
+    scoring nothing), then k-means on the driver's bounded sample (a Ray task on Ray)."""
+    sample = {"sample": {"seed": plan.seed, "cycle": plan.cycle,
+                         "threshold": sample_threshold(plan.batch.sample_rows, plan.spec.rows)}}
+    sampler = dataclasses.replace(plan, mc_samples=0)
+    if not use_ray:
+        return fit_centroids(score_batches_in_process(sampler, sample), plan)
+    import ray
+
+    from tidal_ray.method.batch import kmeans
+
+    def run_kmeans(x, k, seed, steps):  # its n x K distances stay off the driver
+        return ray.get(ray.remote(num_cpus=DECODE_CPUS)(kmeans).remote(x, k, seed, steps))
+
+    return fit_centroids(score_batches_on_ray(sampler, use_gpu, sample), plan, run_kmeans)
+
+
 def score_pool(checkpoint_uri, pool_uri, k, out_uri, strategy="tidal-entropy", exclude_uris=(), exclude_ids=None,
                per_class_quota=False, save_scores=False, batch_size=256, actors=(1, 1), seed=0, progress=True,
-               *, use_ray=True, use_gpu=None, precision="fp32") -> dict:
-    """Score every row of a pool and write the exact top-k selection under ``out_uri``:
+               *, use_ray=True, use_gpu=None, precision="fp32", batch_mode="topk", beta=None, clusters=None,
+               candidates=None, cycle=0) -> dict:
+    """Score every row of a pool and write the selection under ``out_uri``:
     ``selection.parquet``, ``selection.json`` (returned), ``rejects.parquet`` and, with
     ``save_scores``, ``scores/``. Bad input raises BadInput before anything is written.
     ``use_gpu=True`` makes every scorer actor ask for a GPU (see ``score_batches_on_ray``);
-    ``precision="bf16"`` scores under bf16 autocast (scores change slightly)."""
+    ``precision="bf16"`` scores under bf16 autocast (scores change slightly).
+    ``batch_mode`` (DESIGN §8): ``topk`` (the exact top k), ``power`` (``beta``) or
+    ``cluster`` (``clusters``, ``candidates``); ``cycle`` feeds the power keys and the
+    centroids' sample."""
     started = time.perf_counter()
     plan = plan_scoring(checkpoint_uri, pool_uri, k, strategy, exclude_uris, exclude_ids, per_class_quota,
-                        save_scores, batch_size, actors, seed, precision)
+                        save_scores, batch_size, actors, seed, precision, batch_mode, beta, clusters, candidates,
+                        cycle)
     repeated = repeated_ids(plan.spec)
+    mode_record = plan.batch.record()
+    extra = None
+    if plan.batch.mode == "cluster":
+        fit_started = time.perf_counter()
+        centroids, sampled = _centroids(plan, use_ray, use_gpu)
+        extra = {"centroids": centroids}
+        mode_record.update(sampled_rows=sampled, embedding_dim=int(centroids.shape[1]),
+                           centroid_seconds=round(time.perf_counter() - fit_started, 3))
     scores = ScoresWriter(out_uri, plan.spec.id_type, plan.strategies) if save_scores else None
     reduction = Reduction(plan.k, plan.strategy, plan.num_classes, plan.spec.id_type, plan.exclude,
                           plan.spec.file_name, repeated=repeated, per_class_quota=plan.per_class_quota,
-                          scores=scores)
-    batches = score_batches_on_ray(plan, use_gpu) if use_ray else score_batches_in_process(plan)
+                          scores=scores, batch=plan.batch, seed=plan.seed, cycle=plan.cycle)
+    batches = score_batches_on_ray(plan, use_gpu, extra) if use_ray else score_batches_in_process(plan, extra)
     first_at = last_at = None
     first_rows = 0
     try:
@@ -268,7 +312,7 @@ def score_pool(checkpoint_uri, pool_uri, k, out_uri, strategy="tidal-entropy", e
     selection = reduction.selection_table()
     summary = {
         "k": plan.k, "selected": selection.num_rows, "strategy": plan.strategy,
-        "per_class_quota": plan.per_class_quota, "seed": plan.seed,
+        "per_class_quota": plan.per_class_quota, "seed": plan.seed, "cycle": plan.cycle, **mode_record,
         "checkpoint": checkpoint_uri,
         "pool": {"uri": pool_uri, "format": plan.spec.format, "input_shape": format_shape(plan.input_shape),
                  **_pool_files(plan.spec)},

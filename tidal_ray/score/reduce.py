@@ -1,8 +1,10 @@
 """The driver's side of scoring: row accounting, rejects, duplicates, exclusions and
-the exact top-k, plus the ``--save-scores`` writer and the progress line.
+the selection by batch mode (DESIGN §8), plus the ``--save-scores`` writer and the
+progress line.
 
-Memory: O(k) for the selection, O(rejects) for the rejects table, and the repeated
-ids (found before scoring by ``ids.repeated_ids``) with one held row each.
+Memory: O(k) for the selection (``cluster``: O(M) candidates), O(rejects) for the
+rejects table, and the repeated ids (found before scoring by ``ids.repeated_ids``)
+with one held row each.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from tidal_ray.data import ids as id_utils
 from tidal_ray.data import storage
 from tidal_ray.data.decode import DUPLICATE_ID, NULL_ID, is_decoded, numpy_column, reason_kind
 from tidal_ray.data.ids import is_member
+from tidal_ray.method import batch as batch_modes
 from tidal_ray.method.topk import StreamingTopK
 
 PROGRESS_SECONDS = 5.0
@@ -84,17 +87,28 @@ class Reduction:
     files, row within the file), ``reason`` ("" = decoded), ``predicted_class`` and the
     score columns. A decoded row of a repeated id is held until every row has arrived;
     the one at the earliest position wins (``ids.EarliestRows``), so the result does not
-    depend on the order batches arrive in. ``finish`` settles them."""
+    depend on the order batches arrive in. ``finish`` settles them.
+
+    ``batch`` (``method.batch.BatchParams``) picks the mode: ``topk`` keeps the k best
+    scores; ``power`` the k largest keys ``power_keys(strategy, score, id, beta, seed,
+    cycle)``; ``cluster`` the top M scores with their ``cluster`` column (batches must
+    carry it), picked round-robin over clusters at the end."""
 
     def __init__(self, k: int, strategy: str, num_classes: int, id_type: pa.DataType, exclude: np.ndarray,
                  file_name, *, repeated: np.ndarray | None = None, per_class_quota: bool = False,
-                 scores: ScoresWriter | None = None):
+                 scores: ScoresWriter | None = None, batch: batch_modes.BatchParams = batch_modes.BatchParams(),
+                 seed: int = 0, cycle: int = 0):
         self.strategy, self.id_type, self.exclude, self.file_name = strategy, id_type, exclude, file_name
-        self.topk = StreamingTopK(k, per_class_quota=per_class_quota, num_classes=num_classes)
+        self.k, self.batch, self.seed, self.cycle = int(k), batch, int(seed), int(cycle)
+        self.quota = -(-self.k // num_classes) if per_class_quota else None
+        kept = batch.candidates if batch.mode == "cluster" else k
+        self.topk = StreamingTopK(kept, per_class_quota=per_class_quota, num_classes=num_classes)
         self.earliest = id_utils.EarliestRows(id_utils.empty(id_type) if repeated is None else repeated)
         self.scores = scores
         self.columns = ("predicted_class", strategy) + tuple(s for s in (scores.strategies if scores else ())
                                                                if s != strategy)
+        if batch.mode == "cluster":
+            self.columns += ("cluster",)
         self.rows_read = self.rows_scored = self.rows_excluded = 0
         self.reject_ids, self.reject_files, self.reject_reasons = [], [], []
         self.rejects_by_reason: Counter = Counter()
@@ -143,24 +157,27 @@ class Reduction:
     def _admit(self, ids, files, columns) -> None:
         """Decoded rows, each the only row of its id: non-finite scores are rejected,
         the excluded counted, the rest go to the top-k (and the scores writer)."""
-        score = columns[self.strategy]
-        finite = np.isfinite(score)  # e.g. features that overflow the model
+        finite = np.isfinite(columns[self.strategy])  # e.g. features that overflow the model
         if not finite.all():
             self._reject(ids[~finite], files[~finite], np.full((~finite).sum(), NONFINITE_SCORE))
             ids, files = ids[finite], files[finite]
             columns = {name: v[finite] for name, v in columns.items()}
-            score = columns[self.strategy]
         excluded = is_member(self.exclude, ids)
         keep = ~excluded
         self.rows_excluded += int(excluded.sum())
         self.rows_scored += int(keep.sum())
-        predicted = columns["predicted_class"]
-        if keep.all():
-            self.topk.add(ids, score, predicted)
+        rows = ids if keep.all() else ids[keep]
+        kept = columns if keep.all() else {name: v[keep] for name, v in columns.items()}
+        score, predicted = kept[self.strategy], kept["predicted_class"]
+        if self.batch.mode == "power":
+            keys = batch_modes.power_keys(self.strategy, score, rows, self.batch.beta, self.seed, self.cycle)
+            self.topk.add(rows, keys, predicted, {"score": score})
+        elif self.batch.mode == "cluster":
+            self.topk.add(rows, score, predicted, {"cluster": kept["cluster"].astype(np.int64)})
         else:
-            self.topk.add(ids[keep], score[keep], predicted[keep])
+            self.topk.add(rows, score, predicted)
         if self.scores is not None:
-            self.scores.add({"id": ids, "predicted_class": predicted, "excluded": excluded,
+            self.scores.add({"id": ids, "predicted_class": columns["predicted_class"], "excluded": excluded,
                              **{s: columns[s] for s in self.scores.strategies}})
 
     def _reject(self, ids, files, reasons) -> None:
@@ -178,14 +195,28 @@ class Reduction:
                 "rejects_by_reason": dict(sorted(self.rejects_by_reason.items()))}
 
     def selection_table(self) -> pa.Table:
+        """``rank``, ``id``, ``score`` (the strategy's), ``strategy``, ``predicted_class``;
+        ``power`` adds ``key``, ``cluster`` adds ``cluster``. Rows in pick order."""
         self.finish()
-        ids, scores, classes = self.topk.result()
+        ids, ranked, classes, extra = self.topk.result_with_extra()
+        mode_columns = {}
+        if self.batch.mode == "power":
+            scores = extra.get("score", ranked)
+            mode_columns["key"] = pa.array(ranked, pa.float64())
+        elif self.batch.mode == "cluster":
+            clusters = extra.get("cluster", np.zeros(len(ids), np.int64))
+            picked = batch_modes.cluster_pick(ids, ranked, clusters, classes, self.k, self.quota)
+            ids, scores, classes = ids[picked], ranked[picked], classes[picked]
+            mode_columns["cluster"] = pa.array(clusters[picked], pa.int64())
+        else:
+            scores = ranked
         return pa.table({
             "rank": pa.array(np.arange(1, len(ids) + 1), pa.int64()),
             "id": pa.array(ids.tolist(), self.id_type),
             "score": pa.array(scores, pa.float64()),
             "strategy": pa.array([self.strategy] * len(ids), pa.string()),
             "predicted_class": pa.array(classes, pa.int64()),
+            **mode_columns,
         })
 
     def rejects_table(self) -> pa.Table:

@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from tidal_ray.errors import BadInput
+from tidal_ray.method.batch import nearest_centroid, normalize_rows
 from tidal_ray.method.uncertainty import STRATEGIES
 
 BALD_SAMPLES = 20            # MC-dropout passes when bald is scored
@@ -56,11 +57,19 @@ class BatchScorer:
     and ``row``; rejected rows pass through with NaN scores and class -1. With ``pad_to``,
     every forward pass sees exactly that many rows (the tail padded with zeros): CPU
     kernels pick different code paths for different batch sizes, and the padding keeps a
-    row's score bit-identical however the pipeline happened to batch it."""
+    row's score bit-identical however the pipeline happened to batch it.
+
+    The cluster batch mode (DESIGN §8) uses the L2-normalised embedding of
+    ``models.stage_embedding`` (the TiDALNet backbone's last stage, global-average-
+    pooled). With ``centroids`` (K x d) every row also gets ``cluster``, its nearest
+    centroid (-1 for rejected rows). With ``sample`` (``{"seed", "cycle",
+    "threshold"}``) the scorer is the centroids' sampler instead: it keeps only the
+    decoded rows whose ``method.batch.sample_hashes`` is at most the threshold and
+    returns their ``id``, ``file``, ``row`` and ``embedding``, scoring nothing."""
 
     def __init__(self, checkpoint_uri: str, seed: int = 0, mc_samples: int = 0, device: str | None = None,
                  *, strategies=None, pad_to: int | None = None, num_threads: int | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", centroids=None, sample: dict | None = None):
         import torch
 
         from tidal_ray.train.checkpoint import load_checkpoint, model_from_checkpoint
@@ -82,8 +91,13 @@ class BatchScorer:
         self.seed, self.mc_samples = seed, mc_samples
         self.strategies = None if strategies is None else tuple(strategies)
         self.pad_to = pad_to
+        self.centroids = None if centroids is None else np.asarray(centroids, dtype=np.float32)
+        self.sample = sample
+        self.embed = self.centroids is not None or sample is not None
 
     def _forward(self, x: np.ndarray, ids: np.ndarray):
+        """Logits, TD logits, MC passes (or None) and, when the run needs them, each
+        row's normalised embedding and cluster (else None)."""
         import torch
 
         from tidal_ray.method.hashing import hash64
@@ -91,7 +105,7 @@ class BatchScorer:
 
         keys = hash64(ids, self.seed) if self.mc_samples > 0 else None
         step = self.pad_to or max(len(x), 1)
-        logits, td_logits, mc = [], [], []
+        logits, td_logits, mc, embedding, cluster = [], [], [], [], []
         for start in range(0, len(x), step):
             chunk = x[start:start + step]
             n = len(chunk)
@@ -105,12 +119,19 @@ class BatchScorer:
             if self.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                out = self.net.predict(inputs, self.mc_samples, row_keys=chunk_keys)
+                out = self.net.predict(inputs, self.mc_samples, row_keys=chunk_keys, embed=self.embed)
             logits.append(out[0][:n].float().cpu().numpy())
             td_logits.append(out[1][:n].float().cpu().numpy())
             if out[2] is not None:
                 mc.append(out[2][:, :n].float().cpu().numpy())
-        return np.concatenate(logits), np.concatenate(td_logits), (np.concatenate(mc, axis=1) if mc else None)
+            if self.embed:
+                # Whole padded chunks, so a row's distances come from the same shapes in any batch.
+                z = normalize_rows(out[3].float().cpu().numpy())
+                embedding.append(z[:n])
+                if self.centroids is not None:
+                    cluster.append(nearest_centroid(z, self.centroids)[:n])
+        return (np.concatenate(logits), np.concatenate(td_logits), (np.concatenate(mc, axis=1) if mc else None),
+                np.concatenate(embedding) if embedding else None, np.concatenate(cluster) if cluster else None)
 
     def _names(self) -> tuple[str, ...]:
         if self.strategies is not None:
@@ -132,17 +153,41 @@ class BatchScorer:
             raise BadInput(f"batch rows have shape {tuple(x.shape[1:])}, the checkpoint expects {self.input_shape}")
         names = batch.column_names if arrow else list(batch)
         good = is_decoded(batch["reason"]) if "reason" in names else np.ones(len(ids), dtype=bool)
+        if self.sample is not None:
+            return self._sample(batch, arrow, names, ids, x, good)
         predicted = np.full(len(ids), -1, dtype=np.int64)
         columns = {name: np.full(len(ids), np.nan) for name in self._names()}
+        if self.centroids is not None:
+            columns["cluster"] = np.full(len(ids), -1, dtype=np.int32)
         if good.any():
-            logits, td_logits, mc = self._forward(x[good] if not good.all() else x, ids[good])
-            scores = score(columns, logits, td_logits, ids[good], self.seed, mc)
+            logits, td_logits, mc, _, cluster = self._forward(x[good] if not good.all() else x, ids[good])
+            scores = score(self._names(), logits, td_logits, ids[good], self.seed, mc)
             predicted[good] = scores["predicted_class"]
-            for name in columns:
+            for name in self._names():
                 columns[name][good] = scores[name]
+            if cluster is not None:
+                columns["cluster"][good] = cluster
         passed = [k for k in ("id", "file", "row", "reason") if k in names]
         if arrow:  # pass the input's columns through as they are
             return pa.table({**{k: batch.column(k) for k in passed}, "predicted_class": pa.array(predicted),
                              **{k: pa.array(v) for k, v in columns.items()}})
         return {**{k: np.asarray(batch[k]) for k in passed}, "predicted_class": predicted, **columns}
+
+    def _sample(self, batch, arrow, names, ids, x, good):
+        """The centroids' sampler: the sampled decoded rows' positions and embeddings."""
+        import pyarrow as pa
+
+        from tidal_ray.method.batch import sample_hashes
+
+        keep = np.flatnonzero(good)
+        keep = keep[sample_hashes(ids[keep], self.sample["seed"], self.sample["cycle"])
+                    <= np.uint64(self.sample["threshold"])]
+        width = int(self.net.backbone.feature_dims[-1])
+        embedding = self._forward(x[keep], ids[keep])[3] if len(keep) else np.zeros((0, width), np.float32)
+        passed = [k for k in ("id", "file", "row") if k in names]
+        if arrow:
+            flat = pa.array(embedding.ravel(), pa.float32())
+            return pa.table({**{k: batch.column(k).take(pa.array(keep, pa.int64())) for k in passed},
+                             "embedding": pa.FixedSizeListArray.from_arrays(flat, embedding.shape[1])})
+        return {**{k: np.asarray(batch[k])[keep] for k in passed}, "embedding": embedding}
 
