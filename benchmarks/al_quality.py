@@ -601,7 +601,7 @@ def run_regime(regime: str, seeds: int, cycles: int | None, strategies: list[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=list(DATASETS), default="digits")
-    parser.add_argument("--regime", choices=list(REGIMES) + ["all"], default="all")
+    parser.add_argument("--regime", choices=list(dict.fromkeys([*REGIMES, *FASHION_REGIMES])) + ["all"], default="all")
     parser.add_argument("--seeds", type=int, default=None, help="default: 5 for digits, 3 for fashion-mnist")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--add-seeds", action="store_true",
