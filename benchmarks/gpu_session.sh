@@ -36,7 +36,6 @@ export TIDAL_RAY_FASHION_MNIST_DIR
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 START=$(date +%s)
 TOTAL=${TOTAL_SECONDS:-540}
-DEADLINE=$((START + TOTAL - 25))        # leaves time for the merge
 REGIMES=${REGIMES:-"large balanced imbalanced cold"}
 SEEDS=${SEEDS:-"0 1 2"}
 if ((SMOKE)); then
@@ -45,8 +44,9 @@ if ((SMOKE)); then
     REF_SECONDS=${REF_SECONDS:-20}
     SEEDS=${SMOKE_SEEDS:-0}
     TINY=(--initial 20 --k 10 --cycles 1 --pool-rows 600 --test-rows 200 --epochs 1 --min-steps 2)
-    REF_TINY=(--pool-rows 600 --test-rows 200 --initial 20 --k 20 --cycles 1)
-    RUN_TIMEOUT=${RUN_TIMEOUT:-120}
+    REF_TINY=(--pool-rows 300 --test-rows 200 --initial 20 --k 20 --cycles 1)
+    RUN_TIMEOUT=${RUN_TIMEOUT:-900}
+    TOTAL=${TOTAL_SECONDS:-3600}        # a functional check: a loaded 2-core CPU is far slower
 else
     DEVICE=${DEVICE:-cuda}
     JOBS=${JOBS:-13}                    # 16 cores: 13 matrix runs + the reference's 2 + the driver
@@ -55,6 +55,7 @@ else
     REF_TINY=()
     RUN_TIMEOUT=${RUN_TIMEOUT:-480}
 fi
+DEADLINE=$((START + TOTAL - 25))        # leaves time for the merge
 mkdir -p "$OUT/logs" "$OUT/runs" "$OUT/results"
 echo "gpu_session: out $OUT, device $DEVICE, jobs $JOBS, smoke $SMOKE, data $TIDAL_RAY_FASHION_MNIST_DIR" \
     | tee "$OUT/session.txt"
@@ -81,14 +82,20 @@ if [[ -f benchmarks/gpu_resume.py ]]; then
     RESUME_PID=$!
 fi
 
-# (b) the evidence matrix: one line per (regime, seed, arm), large and balanced first
-"$PY" - "$REGIMES" "$SEEDS" > "$OUT/matrix.txt" <<'PYEOF'
+# (b) the evidence matrix: one line per (regime, seed, arm), large and balanced first; --smoke
+# runs each arm once (in the first regime that has it) and every regime at least once
+"$PY" - "$REGIMES" "$SEEDS" "$SMOKE" > "$OUT/matrix.txt" <<'PYEOF'
 import sys
 sys.path.insert(0, "benchmarks")
 from al_arms import ARMS
+seen = set()
 for regime in sys.argv[1].split():
     for seed in sys.argv[2].split():
-        for arm in ARMS[regime]:
+        arms = ARMS[regime]
+        if sys.argv[3] == "1":
+            arms = [a for a in arms if a not in seen] or arms[:1]
+            seen.update(arms)
+        for arm in arms:
             print(regime, seed, arm)
 PYEOF
 echo "matrix: $(wc -l < "$OUT/matrix.txt") runs, $JOBS at a time" | tee -a "$OUT/session.txt"

@@ -42,6 +42,12 @@ class CampaignConfig:
     augment: bool = False
     class_names: list[str] | None = None
     presign: int | None = None    # seconds: Label Studio tasks get presigned HTTPS URLs
+    # The scaled recipe: every training runs at least `epochs` epochs and never fewer than
+    # `min_steps` optimiser steps (train.config.scaled_epochs). 0 here (exact epochs, as
+    # campaigns made before it); `campaign init --min-steps` defaults to 300.
+    min_steps: int = 0
+    warm_start: bool = False      # each cycle starts from the previous cycle's weights
+    initial_draw: str = "random"  # random | typical (TypiClust), for --initial-labels N
 
     def check(self) -> None:
         from tidal_ray.method.uncertainty import check_strategy
@@ -58,6 +64,10 @@ class CampaignConfig:
             raise BadInput(f"unknown trainer {self.trainer!r}; choose ray or local")
         if self.num_classes < 2:
             raise BadInput("--num-classes must be at least 2")
+        if self.min_steps < 0:
+            raise BadInput(f"--min-steps {self.min_steps}: must be 0 or more")
+        if self.initial_draw not in ("random", "typical"):
+            raise BadInput(f"--initial-draw {self.initial_draw!r}: choose random or typical")
 
 
 # ---- where things live ---------------------------------------------------------------------
@@ -68,6 +78,11 @@ def state_uri(root: str) -> str:
 
 def cycle_uri(root: str, cycle: int, *parts: str) -> str:
     return storage.join(root, "cycles", f"{cycle:03d}", *parts)
+
+
+def initial_selection_uri(root: str) -> str:
+    """The initial draw waiting for a person's labels (no --oracle)."""
+    return storage.join(root, "initial", "selection.parquet")
 
 
 def labels_uri(root: str, cycle: int) -> str:
@@ -113,9 +128,11 @@ def labeled_table(root: str) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def cycle_label_progress(root: str, cycle: int) -> tuple[int, int]:
-    """``(selected, labeled)``: how many of the cycle's selected ids have a label."""
-    selection = set(storage.read_parquet(cycle_uri(root, cycle, "selection.parquet")).column("id").to_pylist())
+def cycle_label_progress(root: str, cycle: int, selection_uri: str | None = None) -> tuple[int, int]:
+    """``(selected, labeled)``: how many of the cycle's selected ids (or of those in
+    ``selection_uri``) have a label."""
+    selection_uri = selection_uri or cycle_uri(root, cycle, "selection.parquet")
+    selection = set(storage.read_parquet(selection_uri).column("id").to_pylist())
     labeled = set(labeled_table(root).column("id").to_pylist())
     return len(selection), len(selection & labeled)
 
