@@ -55,9 +55,12 @@ SUBSET_SUFFIX = "-subset10k"
 FASHION_STRATEGIES = ["tidal-entropy", "tidal-entropy" + SUBSET_SUFFIX, "random", "entropy", "tidal-margin",
                       "margin"]
 FASHION_REGIMES = {
+    "large": {"initial": 1000, "k": 5000, "imbalance_factor": None, "cycles": 4, "subset": 10_000},
     "balanced": {"initial": 1000, "k": 1000, "imbalance_factor": None, "cycles": 5, "subset": 10_000},
     "imbalanced": {"initial": 500, "k": 500, "imbalance_factor": 10.0, "cycles": 6, "subset": 10_000},
     "cold": {"initial": 200, "k": 200, "imbalance_factor": None, "cycles": 6, "subset": 10_000},
+    # the reference code's budget with its recipe (REFERENCE_RECIPE), for a GPU machine
+    "reference": {"initial": 1000, "k": 1000, "imbalance_factor": None, "cycles": 5, "subset": 10_000},
 }
 # Fashion-MNIST recipe, chosen on a split of the POOL only (train on 200 / 1000 random pool
 # images, accuracy on 5,000 other pool images; the test split was never read): what counts
@@ -67,7 +70,18 @@ FASHION_REGIMES = {
 # 4 at 6000), Adam 1e-3 with cosine decay, lambda = 1. A fixed step count also fixes each
 # training's cost (about half a minute on one niced core), which with a 60,000-row scoring
 # pass per cycle is what lets a regime finish on this 2-core machine.
-FASHION_RECIPE = {"backbone": "small_cnn", "steps": 300, "batch_size": 64, "lr": 1e-3, "lam": 1.0}
+# Issue 19: the fixed 300 steps train less than one epoch at 16,000+ labels (every arm of a
+# large-batch prototype collapsed there), so the recipe now scales with the labeled set:
+# at least E epochs and never fewer than 300 steps (train.config.scaled_epochs). E = 10 was
+# chosen on a pool split (benchmarks/README.md: train on 1,000 / 6,000 random pool rows,
+# accuracy on 5,000 other pool rows, E in {5, 10}: at 6,000 E = 10 gave 0.871 against
+# 0.839; at 1,000 both are 300 steps; the test split was never read).
+FASHION_RECIPE = {"backbone": "small_cnn", "epochs": 10, "min_steps": 300, "batch_size": 64, "lr": 1e-3,
+                  "lam": 1.0}
+# The reference code's recipe (hyperconnect/TiDAL): ResNet-18, SGD lr 0.1 momentum 0.9,
+# weight decay 5e-4, batch 128, 200 epochs with x0.1 at 80%, crop + flip; arms run it warm.
+REFERENCE_RECIPE = {"backbone": "resnet18", "epochs": 200, "min_steps": 0, "batch_size": 128, "lr": 0.1,
+                    "lam": 1.0, "optimizer": "sgd", "lr_drop_at": 0.8, "weight_decay": 5e-4, "augment": True}
 
 DATASETS = {
     "digits": {"regimes": REGIMES, "strategies": STRATEGIES, "recipe": RECIPE, "seeds": 5},
@@ -132,21 +146,32 @@ def candidate_rows(strategy: str, unlabeled: np.ndarray, subset: int, seed: int,
 
 
 def epochs_for(labeled: int, recipe: dict) -> int:
-    """The recipe's epochs, or for a step-based recipe enough epochs for ``steps`` batches."""
+    """The recipe's epochs: the scaled rule (at least ``epochs``, never fewer than
+    ``min_steps`` steps), or for the old step-based recipe enough epochs for ``steps``."""
+    from tidal_ray.train.config import scaled_epochs
+
+    if "min_steps" in recipe:
+        return scaled_epochs(labeled, recipe["batch_size"], recipe["epochs"], recipe["min_steps"])
     if "steps" not in recipe:
         return recipe["epochs"]
     return max(1, math.ceil(recipe["steps"] / math.ceil(labeled / recipe["batch_size"])))
 
 
-def train(data: dict, rows: np.ndarray, recipe: dict, seed: int):
+def train(data: dict, rows: np.ndarray, recipe: dict, seed: int, device: str = "cpu",
+          init_checkpoint: str | None = None):
+    """``(net, session, epochs)``; ``init_checkpoint`` = warm start from that checkpoint."""
     from tidal_ray.train.config import TrainConfig
     from tidal_ray.train.loop import train_in_process
 
+    epochs = epochs_for(len(rows), recipe)
+    extra = {k: recipe[k] for k in ("optimizer", "lr_drop_at", "weight_decay", "augment") if k in recipe}
     config = TrainConfig(num_classes=data["classes"], input_shape=data["shape"], seed=seed,
-                         backbone=recipe["backbone"], epochs=epochs_for(len(rows), recipe),
-                         batch_size=recipe["batch_size"], lr=recipe["lr"], lam=recipe["lam"])
-    net, _, session = train_in_process(config, data["ids"][rows], data["pixels"][rows], data["labels"][rows])
-    return net, session
+                         backbone=recipe["backbone"], epochs=epochs, batch_size=recipe["batch_size"],
+                         lr=recipe["lr"], lam=recipe["lam"], checkpoint_every=epochs,
+                         init_checkpoint=init_checkpoint, **extra)
+    net, _, session = train_in_process(config, data["ids"][rows], data["pixels"][rows], data["labels"][rows],
+                                       device=device)
+    return net, session, epochs
 
 
 def test_accuracy(net, data: dict) -> float:
@@ -155,19 +180,22 @@ def test_accuracy(net, data: dict) -> float:
     from tidal_ray.models import prepare_input
 
     net.eval()
+    device = next(net.parameters()).device
+    chunk = 4096 if device.type == "cuda" else EVAL_CHUNK
     correct = 0
     with torch.no_grad():
-        for start in range(0, len(data["test"]), EVAL_CHUNK):
-            rows = data["test"][start:start + EVAL_CHUNK]
-            logits, _ = net(prepare_input(torch.from_numpy(data["pixels"][rows])))
+        for start in range(0, len(data["test"]), chunk):
+            rows = data["test"][start:start + chunk]
+            logits, _ = net(prepare_input(torch.from_numpy(data["pixels"][rows]).to(device)))
+            logits = logits.cpu()
             correct += int((logits.argmax(1).numpy() == data["labels"][rows]).sum())
     return correct / len(data["test"])
 
 
-def score(scorer, data: dict, rows: np.ndarray, columns: list[str]) -> dict:
+def score(scorer, data: dict, rows: np.ndarray, columns: list[str], chunk: int = SCORE_CHUNK) -> dict:
     """The scorer's columns for ``rows`` (only unlabeled rows are ever passed in)."""
-    parts = [scorer({"id": data["ids"][rows[s:s + SCORE_CHUNK]], "x": data["pixels"][rows[s:s + SCORE_CHUNK]]})
-             for s in range(0, len(rows), SCORE_CHUNK)]
+    parts = [scorer({"id": data["ids"][rows[s:s + chunk]], "x": data["pixels"][rows[s:s + chunk]]})
+             for s in range(0, len(rows), chunk)]
     return {c: np.concatenate([p[c] for p in parts]) for c in ["id", "predicted_class", *columns]}
 
 
@@ -226,7 +254,7 @@ def run_seed(dataset: str, regime: str, strategies: list[str], seed: int, spec: 
     with tempfile.TemporaryDirectory() as tmp:
         def fit(rows, cycle, name):
             started = time.perf_counter()
-            net, session = train(data, np.array(rows), recipe, seed * 1000 + cycle)
+            net, session, _ = train(data, np.array(rows), recipe, seed * 1000 + cycle)
             scorer = BatchScorer(save_checkpoint(session.last_state, os.path.join(tmp, name)), seed=seed)
             accuracy = test_accuracy(net, data)
             print(f"  seed {seed} {name}: {len(rows)} labels, accuracy {accuracy:.4f}, "
@@ -296,7 +324,7 @@ def recipe_check(trials: list[tuple[int, dict]], data_dir: str | None = None, va
     out = []
     for size, recipe in trials:
         started = time.perf_counter()
-        net, session = train(data, np.sort(order[validation:validation + size]), recipe, seed=7)
+        net, session, _ = train(data, np.sort(order[validation:validation + size]), recipe, seed=7)
         out.append({"labeled": size, "epochs": epochs_for(size, recipe), "recipe": recipe,
                     "pool_validation_accuracy": test_accuracy(net, data),
                     "seconds": time.perf_counter() - started, "td_kl": session.history[-1]["kl"]})
@@ -340,6 +368,7 @@ def markdown(regime: str, records: list[dict], summary: dict, seeds: int, second
 
 PAIRS = [("tidal-entropy", "random"), ("tidal-margin", "random"), ("tidal-entropy", "entropy"),
          ("tidal-margin", "margin"), ("tidal-entropy", "tidal-entropy" + SUBSET_SUFFIX)]
+BASELINES = ("margin", "random", "margin" + SUBSET_SUFFIX)  # every other arm is paired with these
 
 
 def _by_strategy(records: list[dict]) -> dict:
@@ -358,7 +387,9 @@ def paired_differences(summary: dict) -> list[dict]:
     """Per-seed AUC and final-accuracy differences a - b over the seeds both ran (same seed =
     same initial set and cycle-0 model)."""
     rows = []
-    for a, b in PAIRS:
+    pairs = PAIRS + [(a, b) for b in BASELINES for a in summary
+                     if a != b and b in summary and (a, b) not in PAIRS and a not in BASELINES[1:]]
+    for a, b in pairs:
         seeds = sorted(set(summary[a]["seeds"]) & set(summary[b]["seeds"])) if a in summary and b in summary else []
         if seeds:
             auc = _per_seed(summary[a], "auc_per_seed", seeds) - _per_seed(summary[b], "auc_per_seed", seeds)
@@ -446,7 +477,11 @@ def readme_section(out_dir: str, dataset: str = "fashion-mnist") -> str:
 
 
 def plot(title: str, records: list[dict], summary: dict, path: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # e.g. a lent GPU machine: the JSON and .md are what count
+        print(f"no matplotlib here: {path} not drawn", flush=True)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -468,24 +503,24 @@ def plot(title: str, records: list[dict], summary: dict, path: str) -> None:
 
 
 def write_outputs(dataset: str, regime: str, spec: dict, recipe: dict, records: list[dict], strategies: list[str],
-                  seconds: float, out_dir: str) -> dict:
+                  seconds: float, out_dir: str, extra: dict | None = None, plot: bool = True) -> dict:
     strategies = list(dict.fromkeys([*strategies, *(r["strategy"] for r in records)]))  # earlier seeds' too
     summary = summarize(records, strategies)
     seeds = len({r["seed"] for r in records})
     result = {"dataset": dataset, "regime": regime, "spec": spec, "recipe": recipe, "seeds": seeds,
               "cycles": spec["cycles"], "seconds": seconds, "machine": f"{os.cpu_count()} CPUs",
-              "summary": summary, "runs": records}
+              "summary": summary, "runs": records, **(extra or {})}
     if dataset != "digits":
         result["paired_differences"] = paired_differences(summary)
     stem = os.path.join(out_dir, result_stem(dataset, regime))
     os.makedirs(out_dir, exist_ok=True)
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
-    render(result, stem)
+    render(result, stem, plot)
     return result
 
 
-def render(result: dict, stem: str) -> None:
+def render(result: dict, stem: str, draw: bool = True) -> None:
     """``<stem>.md`` and ``<stem>.png`` from a result."""
     dataset, regime, records = result.get("dataset", "digits"), result["regime"], result["runs"]
     if dataset == "digits":
@@ -495,7 +530,8 @@ def render(result: dict, stem: str) -> None:
     with open(stem + ".md", "w") as f:
         f.write(text)
     title = f"digits, {regime}" if dataset == "digits" else f"{dataset}, {regime} ({result['seeds']} seed(s))"
-    plot(title, records, result["summary"], stem + ".png")
+    if draw:
+        plot(title, records, result["summary"], stem + ".png")
 
 
 def earlier_runs(out_dir: str, dataset: str, regime: str, spec: dict, recipe: dict,
@@ -566,7 +602,7 @@ def run_regime(regime: str, seeds: int, cycles: int | None, strategies: list[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=list(DATASETS), default="digits")
-    parser.add_argument("--regime", choices=list(REGIMES) + ["all"], default="all")
+    parser.add_argument("--regime", choices=list(dict.fromkeys([*REGIMES, *FASHION_REGIMES])) + ["all"], default="all")
     parser.add_argument("--seeds", type=int, default=None, help="default: 5 for digits, 3 for fashion-mnist")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--add-seeds", action="store_true",
@@ -581,8 +617,29 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--readme", action="store_true", help="print the README text from the results, run nothing")
     parser.add_argument("--render", action="store_true", help="rewrite the .md and .png from the JSON, run nothing")
-    parser.add_argument("--merge", default=None, metavar="RESULT_JSON",
+    parser.add_argument("--merge-file", default=None, metavar="RESULT_JSON",
                         help="add the runs of another result file of the same regime, spec and recipe, run nothing")
+    # Fashion-MNIST arms (issue 19), one JSON per (seed, arm) under --runs-dir
+    parser.add_argument("--arms", default=None, help="fashion-mnist: comma-separated arms "
+                        "<strategy>[-topk|-power[BETA]|-cluster[K]][-subset10k][-warm][-typical]; default: the regime's")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--jobs", type=int, default=1, help="fashion-mnist: (seed, arm) runs in parallel processes")
+    parser.add_argument("--runs-dir", default=None, help="fashion-mnist: per-run JSONs (default: <out>/runs)")
+    parser.add_argument("--merge", action="store_true",
+                        help="fashion-mnist: fold the per-run JSONs into <out>/fashion-mnist-<regime>.json, run nothing")
+    parser.add_argument("--no-plot", action="store_true", help="with --merge: skip the .png")
+    parser.add_argument("--recipe", choices=["scaled", "reference"], default=None,
+                        help="fashion-mnist: default scaled (reference for --regime reference)")
+    parser.add_argument("--min-steps", type=int, default=None, help="fashion-mnist: the scaled recipe's S")
+    parser.add_argument("--fit-seconds", type=float, default=None,
+                        help="time one epoch first and cut epochs, then cycles, so a run trains within this")
+    parser.add_argument("--initial", type=int, default=None)
+    parser.add_argument("--k", type=int, default=None)
+    parser.add_argument("--pool-rows", type=int, default=None, help="a seeded random part of the pool (smoke runs)")
+    parser.add_argument("--test-rows", type=int, default=None, help="the first N test rows only (smoke runs)")
+    parser.add_argument("--pool-split", type=int, default=None, metavar="N",
+                        help="accuracy on N held-out POOL rows instead of the test split (for choosing beta, K); "
+                             "results under <regime>-poolsplit")
     parser.add_argument("--recipe-check", default=None, metavar="SIZE:STEPS,...",
                         help="fashion-mnist: pool-split accuracy of the recipe at these labeled sizes and step "
                              "counts (e.g. 200:300,6000:300), then exit")
@@ -590,8 +647,8 @@ def main() -> None:
     if args.readme:
         print(readme_section(args.out, args.dataset))
         return
-    if args.merge:
-        merge_results(args.out, args.dataset, args.regime, args.merge)
+    if args.merge_file:
+        merge_results(args.out, args.dataset, args.regime, args.merge_file)
         return
     if args.render:
         for regime in (list(DATASETS[args.dataset]["regimes"]) if args.regime == "all" else [args.regime]):
@@ -606,6 +663,8 @@ def main() -> None:
                   for size, steps in (t.split(":") for t in args.recipe_check.split(","))]
         recipe_check(trials, args.data_dir)
         return
+    if args.dataset == "fashion-mnist":
+        return fashion_main(args)
     recipe = dict(defaults["recipe"])
     for key in ("epochs", "steps"):
         if getattr(args, key) is not None:
@@ -617,6 +676,31 @@ def main() -> None:
         run_regime(regime, args.seeds or defaults["seeds"], None, strategies, args.out, args.processes, recipe,
                    args.dataset, spec, args.data_dir, args.first_seed, args.add_seeds)
 
+
+def fashion_main(args) -> None:
+    """Fashion-MNIST: every (seed, arm) of each regime as its own run and JSON, then a merge."""
+    import al_arms
+
+    runs_dir = args.runs_dir or os.path.join(args.out, "runs")
+    regimes = [r for r in FASHION_REGIMES if r != "reference"] if args.regime == "all" else [args.regime]
+    for regime in regimes:
+        label = f"{regime}-poolsplit" if args.pool_split else regime
+        if args.merge:
+            al_arms.merge_runs(runs_dir, args.out, label, plot=not args.no_plot)
+            continue
+        reference = (args.recipe or ("reference" if regime == "reference" else "scaled")) == "reference"
+        recipe = dict(REFERENCE_RECIPE if reference else FASHION_RECIPE)
+        for key in ("epochs", "min_steps"):
+            if getattr(args, key) is not None:
+                recipe[key] = getattr(args, key)
+        factor = args.imbalance_factor if regime == "imbalanced" else None
+        spec = regime_spec("fashion-mnist", regime, args.cycles, imbalance_factor=factor, initial=args.initial,
+                           k=args.k, pool_rows=args.pool_rows, test_rows=args.test_rows, validation=args.pool_split)
+        if args.fit_seconds:
+            spec, recipe = al_arms.fit_budget(spec, recipe, args.data_dir, args.device, args.fit_seconds)
+        arms = args.arms.split(",") if args.arms else al_arms.ARMS[regime]
+        seeds = list(range(args.first_seed, args.first_seed + (args.seeds or DATASETS["fashion-mnist"]["seeds"])))
+        al_arms.run_many(label, arms, seeds, spec, recipe, args.data_dir, args.device, runs_dir, args.jobs)
 
 if __name__ == "__main__":
     main()

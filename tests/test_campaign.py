@@ -104,7 +104,7 @@ def test_imports_merge_good_rows_and_list_bad_ones(ray_local, tmp_path, capsys):
     initial.write_text("id,label\n" + "".join(f"{i},{label}\n" for i, label in
                                               zip(*_pool_labels(pool, 30))))
     assert main(["campaign", "init", root, "--pool", pool, "--num-classes", "10", "--k", "10", "--cycles", "2",
-                 "--epochs", "4", "--trainer", "local", "--initial-labels-file", str(initial)]) == 0
+                 "--epochs", "4", "--min-steps", "0", "--trainer", "local", "--initial-labels-file", str(initial)]) == 0
 
     # A step that raises leaves `failed` with the step and the error; the next run retries it.
     os.rename(pool, pool + ".away")

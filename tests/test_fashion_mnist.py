@@ -119,7 +119,7 @@ def test_subset_candidates_are_a_fresh_subset_of_the_unlabeled_rows():
 
 def test_tiny_fashion_protocol_runs_and_reports(fashion_dir, tmp_path):
     spec = dict(al_quality.FASHION_REGIMES["cold"], initial=10, k=6, cycles=2, subset=15)
-    recipe = dict(al_quality.FASHION_RECIPE, steps=2)
+    recipe = dict(al_quality.FASHION_RECIPE, epochs=1, min_steps=2)
     strategies = ["tidal-entropy", "random", "entropy", "tidal-entropy-subset10k"]
     out = tmp_path / "results"
     result = al_quality.run_regime("cold", seeds=1, cycles=None, strategies=strategies, out_dir=str(out),
@@ -163,19 +163,21 @@ def test_tiny_fashion_protocol_runs_and_reports(fashion_dir, tmp_path):
     assert merged["seconds"] == pytest.approx(more["seconds"] + elsewhere["seconds"])
     with pytest.raises(ValueError, match="another spec or recipe"):
         al_quality.run_regime("cold", seeds=1, cycles=None, strategies=["random"], out_dir=str(out),
-                              processes=1, recipe=dict(recipe, steps=3), dataset="fashion-mnist", spec=spec,
+                              processes=1, recipe=dict(recipe, min_steps=3), dataset="fashion-mnist", spec=spec,
                               data_dir=str(fashion_dir), first_seed=2, add_seeds=True)
 
 
-def test_step_recipe_sets_epochs_from_the_labeled_size():
-    recipe = al_quality.FASHION_RECIPE
-    assert [al_quality.epochs_for(n, recipe) for n in (200, 1000, 6000)] == [75, 19, 4]
+def test_scaled_recipe_sets_epochs_from_the_labeled_size():
+    recipe = al_quality.FASHION_RECIPE   # at least 10 epochs, never fewer than 300 steps of 64
+    assert [al_quality.epochs_for(n, recipe) for n in (200, 1000, 6000, 21000)] == [75, 19, 10, 10]
+    old = {"steps": 300, "batch_size": 64}  # the old fixed-step recipe, as committed results record it
+    assert [al_quality.epochs_for(n, old) for n in (200, 1000, 6000)] == [75, 19, 4]
     assert al_quality.epochs_for(500, al_quality.RECIPE) == 60
 
 
 def test_recipe_check_reads_the_pool_only(fashion_dir):
     (fashion_dir / "t10k-images-idx3-ubyte.gz").unlink()  # the test split must not be needed
-    [trial] = al_quality.recipe_check([(10, dict(al_quality.FASHION_RECIPE, steps=2))], str(fashion_dir),
+    [trial] = al_quality.recipe_check([(10, dict(al_quality.FASHION_RECIPE, epochs=1, min_steps=2))], str(fashion_dir),
                                       validation=20)
     assert trial["labeled"] == 10 and trial["epochs"] == 2
     assert 0.0 <= trial["pool_validation_accuracy"] <= 1.0

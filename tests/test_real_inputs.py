@@ -217,7 +217,7 @@ def _init_argv(tmp_path, pool, *extra):
     labels = tmp_path / "seed.csv"
     labels.write_text("id,label\n00000000.png,zero\n00000001.png,one\n00000002.png,two\n")
     return ["campaign", "init", str(tmp_path / "campaign"), "--pool", str(pool), "--num-classes", "3",
-            "--k", "2", "--cycles", "1", "--initial-labels-file", str(labels), "--epochs", "1", *extra]
+            "--k", "2", "--cycles", "1", "--initial-labels-file", str(labels), "--epochs", "1", "--min-steps", "0", *extra]
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -340,7 +340,7 @@ def test_photos_user_model_and_labelers_end_to_end_on_s3(s3_bucket, tmp_path):
     init = _cli(["campaign", "init", root, "--pool", pool, "--num-classes", "3", "--k", "8", "--cycles", "2",
                  "--initial-labels-file", "seed.csv", "--class-names", "classes.txt", "--model", "user_model:factory",
                  "--feature-layers", "stem,block", "--weights", f"{s3_bucket}/weights/pretrained.pt",
-                 "--image-size", "16", "--epochs", "1", "--batch-size", "16", "--presign", "600"], work)
+                 "--image-size", "16", "--epochs", "1", "--min-steps", "0", "--batch-size", "16", "--presign", "600"], work)
     assert init.returncode == 0, init.stdout + init.stderr
     assert "classifier head fc.weight, fc.bias does not fit 3 classes; re-initialised" in init.stdout
     assert "12 initial labels" in init.stdout and "2 files skipped" in init.stdout

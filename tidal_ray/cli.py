@@ -126,7 +126,8 @@ def cmd_campaign(args):
             seed=args.seed, initial_labels=args.initial_labels, oracle=args.oracle, test=args.test,
             trainer=args.trainer, workers=args.workers, use_gpu=args.use_gpu, actors=parse_actors(args.actors),
             per_class_quota=args.per_class_quota, batch_mode=args.batch_mode, beta=args.beta,
-            clusters=args.clusters, candidates=args.candidates)
+            clusters=args.clusters, candidates=args.candidates, min_steps=args.min_steps,
+            warm_start=args.warm_start, initial_draw=args.initial_draw)
         campaign.init(args.campaign, config, args.initial_labels_file)
     elif args.action == "run":
         state = campaign.run(args.campaign)
@@ -301,7 +302,16 @@ def add_campaign_parser(sub) -> None:
     a.add_argument("--cycles", type=int, required=True, help="selection cycles")
     a.add_argument("--strategy", default="tidal-entropy")
     add_recipe_arguments(a)
-    a.add_argument("--initial-labels", type=int, default=0, help="with --oracle: draw N random initial labels")
+    a.add_argument("--initial-labels", type=int, default=0,
+                   help="draw N initial rows (--initial-draw); labeled by the oracle with --oracle, else exported "
+                        "for a person by the first 'run'")
+    a.add_argument("--initial-draw", choices=["random", "typical"], default="random",
+                   help="random (default), or typical: TypiClust over an embedding of a 20,000-row sample of the "
+                        "pool (the --weights model's features, a features pool's vectors, else 8x8 thumbnails)")
+    a.add_argument("--min-steps", type=int, default=300,  # train.config.MIN_STEPS (the CLI imports no torch)
+                   help="every training runs at least --epochs epochs and never fewer than this many steps (default 300)")
+    a.add_argument("--warm-start", action="store_true",
+                   help="each cycle's training starts from the previous cycle's weights (fresh optimizer, empty TD table)")
     a.add_argument("--initial-labels-file", help="CSV/JSONL/parquet of id,label to start from")
     a.add_argument("--oracle", action="store_true",
                    help="simulation: labels come from the pool's label column, no person needed")

@@ -25,13 +25,15 @@ import pyarrow as pa
 from tidal_ray.data import ids as id_utils
 from tidal_ray.data import storage
 from tidal_ray.campaign.state import (CampaignConfig, config_of, cycle_label_progress, cycle_uri,
-                             input_shape_of, labeled_table, labels_uri, load_state, save_state, selected_ids,
-                             progress_line, skipped_table, state_uri)
+                                      initial_selection_uri, input_shape_of, labeled_table, labels_uri, load_state,
+                                      progress_line, save_state, selected_ids, skipped_table, state_uri)
 from tidal_ray.errors import BadInput
 from tidal_ray.campaign.labeling import read_labels, validate_labels, write_exports
 from tidal_ray.campaign.lock import CampaignLock, holder_line, is_free, read_lease
 
 STEPS = ("train", "select", "export", "wait-for-labels", "merge")
+# Without --oracle, an initial draw (--initial-labels N) is exported and labeled before cycle 0.
+INITIAL_STEPS = ("initial-export", "initial-wait")
 # Test-only: "CYCLE:STEP" makes the driver SIGKILL itself as that step starts (crash tests).
 KILL_AT_ENV = "TIDAL_RAY_TEST_KILL_AT"
 
@@ -49,7 +51,7 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
         return
     from tidal_ray.train.evaluate import accuracy
     from tidal_ray.data.pool import describe_pool
-    from tidal_ray.train.config import TrainConfig
+    from tidal_ray.train.config import TrainConfig, scaled_epochs
     from tidal_ray.train.loop import train_in_process
     from tidal_ray.train.on_ray import train_on_ray
 
@@ -59,9 +61,12 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
     train_config = TrainConfig(num_classes=config.num_classes, input_shape=tuple(input_shape_of(config)),
                                backbone=config.backbone, feature_layers=config.feature_layers,
                                weights=config.weights, normalize=config.normalize, augment=config.augment,
-                               epochs=config.epochs, batch_size=config.batch_size,
-                               lr=config.lr, lam=config.lam, seed=config.seed + cycle)
-    log(f"cycle {cycle}: training {config.backbone} on {len(ids)} labels ({config.trainer})")
+                               epochs=scaled_epochs(len(ids), config.batch_size, config.epochs, config.min_steps),
+                               batch_size=config.batch_size, lr=config.lr, lam=config.lam, seed=config.seed + cycle,
+                               init_checkpoint=(storage.read_json(cycle_uri(root, cycle - 1, "metrics.json"))["checkpoint"]
+                                                if config.warm_start and cycle > 0 else None))
+    log(f"cycle {cycle}: training {config.backbone} on {len(ids)} labels, {train_config.epochs} epochs "
+        f"({config.trainer}{', warm start' if train_config.init_checkpoint else ''})")
     started = time.perf_counter()
     checkpoint_dir = cycle_uri(root, cycle, "checkpoint")
     rejected = 0
@@ -91,8 +96,7 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
     log(f"cycle {cycle}: trained in {train_seconds:.1f}s; test accuracy "
         + ("n/a (no test set)" if accuracy is None else f"{accuracy:.4f}"))
     storage.write_json(metrics_uri, {
-        "cycle": cycle, "labeled": len(ids), "labeled_rejected": rejected, "skipped": skipped_table(root).num_rows,
-        "checkpoint": checkpoint,
+        "cycle": cycle, "labeled": len(ids), "labeled_rejected": rejected, "checkpoint": checkpoint,
         "test_accuracy": accuracy, "td_kl": history[-1]["kl"] if history else None,
         "train_seconds": train_seconds, "train_history": history,
         "label_counts": np.bincount(y, minlength=config.num_classes).tolist(),
@@ -124,9 +128,12 @@ def export(root: str, cycle: int | None = None, out_uri: str | None = None) -> l
 
     state = load_state(root)
     config = config_of(state)
-    cycle = state["cycle"] if cycle is None else cycle
-    selection = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet"))
-    return write_exports(selection, describe_pool(config.pool), out_uri or cycle_uri(root, cycle, "export"),
+    if cycle is None and state["step"] in INITIAL_STEPS:  # the initial draw, before cycle 0
+        selection, default_out = storage.read_parquet(initial_selection_uri(root)), storage.join(root, "initial", "export")
+    else:
+        cycle = state["cycle"] if cycle is None else cycle
+        selection, default_out = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet")), cycle_uri(root, cycle, "export")
+    return write_exports(selection, describe_pool(config.pool), out_uri or default_out,
                          config.class_names, config.presign)
 
 
@@ -217,6 +224,23 @@ def _advance(root: str, state: dict, lease: CampaignLock, log) -> None:
                 state["status"] = "waiting-for-labels"
                 save()
                 return
+        elif step == "initial-export":
+            log(f"initial draw: exported {len(export(root))} files for labeling: {root}/initial/export/")
+            state["step"] = "initial-wait"
+            save()
+            continue
+        elif step == "initial-wait":
+            progress = cycle_label_progress(root, 0, initial_selection_uri(root))
+            if progress["waiting"]:
+                log(f"initial draw: waiting for labels ({progress_line(progress)}). Label "
+                    f"{root}/initial/export/ and run 'tidal-ray campaign import-labels {root} FILE', "
+                    f"then 'tidal-ray campaign run {root}'")
+                state["status"] = "waiting-for-labels"
+                save()
+                return
+            state["step"] = "train"
+            save()
+            continue
         elif step == "merge":
             progress = cycle_label_progress(root, cycle)
             log(f"cycle {cycle}: merged {progress['labeled']} new labels, {progress['skipped']} skipped; "
@@ -296,23 +320,49 @@ def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = Non
                                           config.num_classes, lambda _: False, spec.id_type)
         for p in problems:
             log(f"initial labels: line {p['line']}: id {p['id']!r}: {p['reason']}")
-    elif config.oracle and config.initial_labels > 0:
+    elif config.oracle and config.initial_labels > 0 and config.initial_draw == "random":
         table = sample_labels(spec, config.initial_labels, config.seed)
+    elif config.initial_labels > 0:
+        table = initial_draw(spec, config, input_shape)
     else:
-        raise BadInput("give initial labels: --initial-labels-file FILE, or --oracle with --initial-labels N")
+        raise BadInput("give initial labels: --initial-labels-file FILE, or --initial-labels N")
     if table.num_rows == 0:
         raise BadInput("no valid initial labels")
     if config.batch_mode == "cluster" and config.clusters > spec.rows - table.num_rows:
         raise BadInput(f"--clusters {config.clusters}: more than the {spec.rows - table.num_rows} unlabeled rows")
-    storage.write_parquet(labels_uri(root, 0), table)
-    state = {"config": asdict(config), "cycle": 0, "step": "train", "status": "initialized",
-             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    waiting = "label" not in table.column_names  # drawn without --oracle: a person labels them first
+    storage.write_parquet(initial_selection_uri(root) if waiting else labels_uri(root, 0), table)
+    state = {"config": asdict(config), "cycle": 0, "step": "initial-export" if waiting else "train",
+             "status": "initialized", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     save_state(root, state)
     skipped = f", {spec.skipped_count} files skipped" if spec.skipped_count else ""
-    log(f"campaign initialized at {root}: {table.num_rows} initial labels, pool {config.pool} "
+    log(f"campaign initialized at {root}: {table.num_rows} initial {'rows to label' if waiting else 'labels'} "
+        f"({config.initial_draw if config.initial_labels and not initial_labels_uri else 'given'}), pool {config.pool} "
         f"({spec.rows} rows{skipped}), model {config.backbone}, input {'x'.join(map(str, input_shape))}, "
         f"{config.cycles} cycles of {config.k}")
     return state
+
+
+def initial_draw(spec, config: CampaignConfig, input_shape) -> pa.Table:
+    """``--initial-labels N`` drawn at random or typical: with --oracle ``id, label`` (the
+    oracle's labels), else a selection to export (``rank, id, score, strategy, predicted_class``)."""
+    from tidal_ray.campaign.initial import random_ids, typical_ids
+    from tidal_ray.data.lookup import labels_of
+
+    if config.initial_labels > spec.rows:
+        raise BadInput(f"--initial-labels {config.initial_labels} is more than the pool's {spec.rows} rows")
+    if config.initial_draw == "typical":
+        ids = typical_ids(spec, config.initial_labels, config.seed, input_shape, config.backbone, config.num_classes,
+                          config.weights, config.feature_layers, config.normalize)
+    else:
+        ids = random_ids(spec, config.initial_labels, config.seed)
+    if config.oracle:
+        ids, labels = labels_of(spec, ids, input_shape)
+        return pa.table({"id": pa.array(ids.tolist(), spec.id_type), "label": pa.array(labels, pa.int64())})
+    n = len(ids)
+    return pa.table({"rank": pa.array(np.arange(n), pa.int64()), "id": pa.array(ids, spec.id_type),
+                     "score": pa.array(np.zeros(n)), "strategy": pa.array([config.initial_draw] * n),
+                     "predicted_class": pa.array(np.full(n, -1), pa.int64())})
 
 
 def status(root: str) -> dict:

@@ -9,8 +9,9 @@ import pyarrow as pa
 
 from tidal_ray.campaign.labeling import read_labels, validate_labels
 from tidal_ray.campaign.lock import CampaignLock
-from tidal_ray.campaign.state import (config_of, cycle_label_progress, cycle_uri, delivery_uri, labeled_table,
-                                      labels_uri, load_state, progress_line, skipped_table, skips_uri)
+from tidal_ray.campaign.state import (config_of, cycle_label_progress, cycle_uri, delivery_uri,
+                                      initial_selection_uri, labeled_table, labels_uri, load_state, progress_line,
+                                      skipped_table, skips_uri)
 from tidal_ray.data import storage
 from tidal_ray.errors import BadInput
 
@@ -45,7 +46,10 @@ def import_labels(root: str, labels_file: str, log=print) -> dict:
     with CampaignLock(root, wait=LEASE_WAIT_S):
         state = load_state(root)
         cycle = _importable(state, root)
-        selection = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet"))
+        initial = state["step"] == "initial-wait"
+        target = 0 if initial else cycle + 1  # the labels feed this cycle's training (the initial draw: cycle 0's)
+        selection_uri = initial_selection_uri(root) if initial else cycle_uri(root, cycle, "selection.parquet")
+        selection = storage.read_parquet(selection_uri)
         already = {str(i) for i in labeled_table(root).column("id").to_pylist()}
         already_skipped = {str(i) for i in skipped_table(root).column("id").to_pylist()}
         skips = []
@@ -56,12 +60,12 @@ def import_labels(root: str, labels_file: str, log=print) -> dict:
         for p in problems:
             log(f"not merged: line {p['line']}: id {p['id']!r} label {p['label']!r}: {p['reason']}")
         if table.num_rows:
-            _write_delivery(lambda d: delivery_uri(root, cycle + 1, d), table)
+            _write_delivery(lambda d: delivery_uri(root, target, d), table)
         if skips:
-            _write_delivery(lambda d: skips_uri(root, cycle + 1, d), pa.table({
+            _write_delivery(lambda d: skips_uri(root, target, d), pa.table({
                 "id": pa.array([s["id"] for s in skips], selection.schema.field("id").type),
                 "reason": pa.array([s["reason"] for s in skips], pa.string())}))
-        progress = cycle_label_progress(root, cycle)
+        progress = cycle_label_progress(root, cycle, selection_uri)
     left = (f"run 'tidal-ray campaign run {root}' to continue" if not progress["waiting"]
             else f"{len(progress['waiting'])} still to label")
     log(f"merged {table.num_rows} labels and {len(skips)} skips for cycle {cycle} ({progress_line(progress)}); "
@@ -72,8 +76,9 @@ def import_labels(root: str, labels_file: str, log=print) -> dict:
 
 def _importable(state: dict, root: str) -> int:
     cycle = state["cycle"]
-    if state["step"] != "wait-for-labels" or state["status"] != "waiting-for-labels":
+    if state["step"] not in ("wait-for-labels", "initial-wait") or state["status"] != "waiting-for-labels":
         raise BadInput(f"cycle {cycle} is at step {state['step']!r}, not waiting for labels")
-    if storage.exists(labels_uri(root, cycle + 1)):
-        raise BadInput(f"labels for cycle {cycle} were already imported ({labels_uri(root, cycle + 1)})")
+    target = 0 if state["step"] == "initial-wait" else cycle + 1
+    if storage.exists(labels_uri(root, target)):
+        raise BadInput(f"labels for cycle {cycle} were already imported ({labels_uri(root, target)})")
     return cycle

@@ -46,6 +46,12 @@ class CampaignConfig:
     beta: float | None = None
     clusters: int | None = None
     candidates: int | None = None
+    # The scaled recipe: every training runs at least `epochs` epochs and never fewer than
+    # `min_steps` optimiser steps (train.config.scaled_epochs). 0 here (exact epochs, as
+    # campaigns made before it); `campaign init --min-steps` defaults to 300.
+    min_steps: int = 0
+    warm_start: bool = False      # each cycle starts from the previous cycle's weights
+    initial_draw: str = "random"  # random | typical (TypiClust), for --initial-labels N
 
     def check(self) -> None:
         from tidal_ray.method.batch import check_batch_params
@@ -66,6 +72,10 @@ class CampaignConfig:
             raise BadInput(f"unknown trainer {self.trainer!r}; choose ray or local")
         if self.num_classes < 2:
             raise BadInput("--num-classes must be at least 2")
+        if self.min_steps < 0:
+            raise BadInput(f"--min-steps {self.min_steps}: must be 0 or more")
+        if self.initial_draw not in ("random", "typical"):
+            raise BadInput(f"--initial-draw {self.initial_draw!r}: choose random or typical")
 
 
 # ---- where things live ---------------------------------------------------------------------
@@ -76,6 +86,11 @@ def state_uri(root: str) -> str:
 
 def cycle_uri(root: str, cycle: int, *parts: str) -> str:
     return storage.join(root, "cycles", f"{cycle:03d}", *parts)
+
+
+def initial_selection_uri(root: str) -> str:
+    """The initial draw waiting for a person's labels (no --oracle)."""
+    return storage.join(root, "initial", "selection.parquet")
 
 
 def labels_uri(root: str, cycle: int) -> str:
@@ -136,10 +151,11 @@ def skipped_table(root: str) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def cycle_label_progress(root: str, cycle: int) -> dict:
-    """How far the cycle's selection is: ``selected``, ``labeled``, ``skipped``, and
-    ``waiting``, the ids with neither, in selection order."""
-    selection = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet")).column("id").to_pylist()
+def cycle_label_progress(root: str, cycle: int, selection_uri: str | None = None) -> dict:
+    """How far the cycle's selection (or the one in ``selection_uri``) is: ``selected``,
+    ``labeled``, ``skipped``, and ``waiting``, the ids with neither, in selection order."""
+    selection_uri = selection_uri or cycle_uri(root, cycle, "selection.parquet")
+    selection = storage.read_parquet(selection_uri).column("id").to_pylist()
     labeled = set(labeled_table(root).column("id").to_pylist())
     skipped = set(skipped_table(root).column("id").to_pylist()) - labeled
     return {"selected": len(selection), "labeled": len(labeled.intersection(selection)),

@@ -2,6 +2,7 @@
 made before any row is read or any worker starts (BadInput, one line)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +32,22 @@ class TrainConfig:
     # A checkpoint every this many epochs, and always after the last. Under Ray Train each
     # one is persisted to storage (about a second even for a small model), so not every epoch.
     checkpoint_every: int = 10
+    optimizer: str = "adam"         # adam | sgd (momentum 0.9, the reference code's)
+    lr_drop_at: float | None = None  # a x0.1 step at this fraction of the epochs; None = cosine decay
+    # Warm start: the previous cycle's checkpoint (model.pt or its directory); the backbone
+    # and TD module start from its weights, the optimizer and the TD table start fresh.
+    init_checkpoint: str | None = None
 
+OPTIMIZERS = ("adam", "sgd")
+MIN_STEPS = 300
+
+
+def scaled_epochs(labeled: int, batch_size: int, epochs: int, min_steps: int = MIN_STEPS) -> int:
+    """The scaled recipe: at least ``epochs`` epochs and never fewer than ``min_steps``
+    optimiser steps, so a small labeled set still trains enough and a large one is not cut
+    to a fraction of an epoch."""
+    batches = max(1, math.ceil(labeled / max(batch_size, 1)))
+    return max(int(epochs), math.ceil(max(int(min_steps), 0) / batches), 1)
 
 
 def resolve_recipe(spec, num_classes: int, model: str | None = None, feature_layers=None, weights=None,
@@ -82,6 +98,10 @@ def validate_labels(config: TrainConfig, ids, y, num_workers: int = 1):
         raise BadInput(f"{len(ids)} labeled samples are too few for {num_workers} workers (need 2 per worker)")
     if config.epochs < 1 or config.batch_size < 1:
         raise BadInput(f"epochs and batch size must be positive, got {config.epochs} and {config.batch_size}")
+    if config.optimizer not in OPTIMIZERS:
+        raise BadInput(f"optimizer {config.optimizer!r}: choose {' or '.join(OPTIMIZERS)}")
+    if config.lr_drop_at is not None and not 0 < config.lr_drop_at <= 1:
+        raise BadInput(f"lr_drop_at {config.lr_drop_at}: must be a fraction of the epochs in (0, 1]")
     return ids, y
 
 

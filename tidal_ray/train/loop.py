@@ -21,7 +21,7 @@ from tidal_ray.data.decode import augment_batch
 from tidal_ray.method.dynamics import TDTable
 from tidal_ray.models import TiDALNet, build_model, prepare_input
 from tidal_ray.models.spec import apply_weights
-from tidal_ray.train.checkpoint import read_weights
+from tidal_ray.train.checkpoint import load_checkpoint, read_weights
 from tidal_ray.train.config import TrainConfig
 
 
@@ -66,12 +66,28 @@ def _sum_across_ranks(totals: dict, device) -> dict:
 
 
 def build_for_training(config: TrainConfig) -> TiDALNet:
-    """The network of the config, started from ``config.weights`` when given."""
+    """The network of the config, started from ``config.init_checkpoint`` (warm start: the
+    whole network, backbone and TD module) or else ``config.weights`` (the backbone) when given."""
     net = build_model(config.backbone, config.num_classes, tuple(config.input_shape), config.feature_layers,
                       config.normalize)
-    if config.weights:
+    if config.init_checkpoint:
+        net.load_state_dict(load_checkpoint(config.init_checkpoint)["model"])
+    elif config.weights:
         apply_weights(net.backbone, read_weights(config.weights), config.num_classes, config.weights)
     return net
+
+
+def make_optimizer(config: TrainConfig, net):
+    """The optimizer and its per-epoch schedule: Adam or SGD (momentum 0.9), with cosine
+    decay, or a x0.1 step at ``lr_drop_at`` of the epochs (the reference code's 80%)."""
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.lr_drop_at is None:
+        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
+    drop = max(1, round(config.lr_drop_at * config.epochs))
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[drop], gamma=0.1)
 
 
 def run_training(config: TrainConfig, session) -> tuple[TiDALNet, TDTable]:
@@ -89,8 +105,7 @@ def run_training(config: TrainConfig, session) -> tuple[TiDALNet, TDTable]:
     table.to(device)
     # Built and restored only now that the network is on its device: load_state_dict puts
     # Adam's moments beside their parameters, so a resume on a GPU steps on the GPU.
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
+    optimizer, scheduler = make_optimizer(config, net)
     if resumed is not None:
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])

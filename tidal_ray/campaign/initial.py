@@ -1,0 +1,92 @@
+"""A campaign's initial draw (``campaign init --initial-labels N --initial-draw random|typical``).
+
+``typical`` is TypiClust (Hacohen et al., ICML 2022; ``method.batch.typical_rows``) over an
+embedding of a bounded sample of the pool (``SAMPLE_ROWS`` rows drawn by position with the
+seed and read with ``lookup.rows_at``: the pool never comes to the driver whole):
+- the ``--weights`` model's features when given (the backbone's pooled last stage);
+- a features pool's own vectors (standardised);
+- otherwise the label-free embedding of ``method.embedding`` (8x8 grayscale thumbnail,
+  standardised, seeded random projection to 32-d; the module says why).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from tidal_ray.data import ids as id_utils
+from tidal_ray.errors import BadInput
+
+DRAWS = ("random", "typical")
+SAMPLE_ROWS = 20_000
+EMBED_CHUNK = 256
+
+
+def _file_starts(spec) -> tuple[np.ndarray, np.ndarray]:
+    ends = np.cumsum([sum(groups) for groups in spec.row_groups]).astype(np.int64)
+    return np.concatenate([[0], ends[:-1]]).astype(np.int64), ends
+
+
+def rows_by_position(spec, n: int, seed: int, columns: list[str]) -> pa.Table:
+    """``n`` rows (at most the pool's) drawn uniformly by position with ``seed``, ``columns``
+    only, in pool order, first row of a repeated id only."""
+    chosen = np.sort(np.random.default_rng(seed).choice(spec.rows, size=min(n, spec.rows), replace=False))
+    starts, ends = _file_starts(spec)
+    from tidal_ray.data.lookup import rows_at
+
+    parts = [rows_at(uri, chosen[(chosen >= starts[i]) & (chosen < ends[i])] - starts[i], columns)
+             for i, (uri, _) in enumerate(spec.files) if ((chosen >= starts[i]) & (chosen < ends[i])).any()]
+    table = pa.concat_tables(parts, promote_options="permissive")
+    table = table.filter(table.column("id").is_valid())
+    return table.filter(pa.array(id_utils.SeenIds().first_seen(id_utils.to_numpy(table.column("id"), spec.id_type))))
+
+
+def random_ids(spec, n: int, seed: int) -> list:
+    """``n`` random ids of the pool (no labels needed): rows drawn by position."""
+    return rows_by_position(spec, n, seed, ["id"]).column("id").to_pylist()
+
+
+def model_embedding(x: np.ndarray, backbone: str, num_classes: int, input_shape, weights: str,
+                    feature_layers=None, normalize: str = "none") -> np.ndarray:
+    """The ``--weights`` model's embedding: its backbone's pooled last-stage features."""
+    import torch
+
+    from tidal_ray.models import build_model, prepare_input
+    from tidal_ray.models.spec import apply_weights
+    from tidal_ray.train.checkpoint import read_weights
+
+    net = build_model(backbone, num_classes, tuple(input_shape), feature_layers, normalize)
+    apply_weights(net.backbone, read_weights(weights), num_classes, weights)
+    if not hasattr(net.backbone, "forward_features"):
+        raise BadInput(f"--initial-draw typical: the model {backbone} has no pooled features to embed with")
+    net.eval()
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(x), EMBED_CHUNK):
+            z = prepare_input(torch.from_numpy(np.ascontiguousarray(x[s:s + EMBED_CHUNK])))
+            out.append(net.backbone.forward_features(net.input_norm(z))[0].float().numpy())
+    return np.concatenate(out)
+
+
+def typical_ids(spec, n: int, seed: int, input_shape, backbone: str, num_classes: int, weights: str | None = None,
+                feature_layers=None, normalize: str = "none", sample_rows: int = SAMPLE_ROWS) -> list:
+    """TypiClust's ``n`` ids, in pick order, from a sample of the pool. BadInput (one line)
+    when no embedding can be built from it."""
+    from tidal_ray.data.decode import decode_batch
+    from tidal_ray.method.batch import typical_rows
+    from tidal_ray.method.embedding import label_free_embedding
+
+    if spec.format == "files":
+        raise BadInput(f"--initial-draw typical: the pool {spec.uri} is image files; it needs a parquet pool")
+    table = rows_by_position(spec, max(sample_rows, n), seed, ["id", spec.column])
+    good, _ = decode_batch(table, spec, input_shape)
+    x, keys = np.asarray(good["x"]), id_utils.to_numpy(good["id"], spec.id_type)
+    if len(x) < n:
+        raise BadInput(f"--initial-draw typical: only {len(x)} decodable rows in a sample of the pool {spec.uri} "
+                       f"for {n} initial labels")
+    if weights:
+        embedding = model_embedding(x, backbone, num_classes, input_shape, weights, feature_layers, normalize)
+    else:
+        embedding = label_free_embedding(x, seed, dims=x.shape[1] if x.ndim == 2 else 32)
+    if not np.isfinite(embedding).all():
+        raise BadInput(f"--initial-draw typical: the embedding of the pool {spec.uri} is not finite")
+    return keys[typical_rows(embedding, keys, n, seed)].tolist()
