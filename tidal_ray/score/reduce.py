@@ -1,7 +1,7 @@
 """The driver's side of scoring: row accounting, rejects, duplicates, exclusions and
 the exact top-k, plus the ``--save-scores`` writer and the progress line.
 
-Memory: O(k) for the selection, O(rejects) for the rejects table, and the repeated
+Memory: O(k) for the selection, O(bins) for the score histogram, O(rejects) for the rejects table, and the repeated
 ids (found before scoring by ``ids.repeated_ids``) with one held row each.
 """
 from __future__ import annotations
@@ -23,6 +23,37 @@ from tidal_ray.method.topk import StreamingTopK
 PROGRESS_SECONDS = 5.0
 SCORES_ROWS_PER_PART = 1_000_000
 NONFINITE_SCORE = "non-finite score"
+HISTOGRAM_BINS = 50
+
+
+def score_range(strategy: str, num_classes: int) -> tuple[float, float]:
+    """The values a strategy's score can take (method/uncertainty.py): fixed histogram bins."""
+    log_c = float(np.log(num_classes))
+    return {"tidal-entropy": (0.0, log_c), "entropy": (0.0, log_c), "bald": (0.0, log_c),
+            "margin": (-1.0, 0.0), "tidal-margin": (-1.0, 1.0),
+            "least-confidence": (0.0, 1.0 - 1.0 / num_classes), "random": (0.0, 1.0)}[strategy]
+
+
+class ScoreHistogram:
+    """The scored rows' scores in fixed bins, filled as batches stream by: O(bins)."""
+
+    def __init__(self, low: float, high: float, bins: int = HISTOGRAM_BINS):
+        self.low, self.high = low, high
+        self.counts = np.zeros(bins, dtype=np.int64)
+
+    def bin_of(self, scores: np.ndarray) -> np.ndarray:
+        bins = len(self.counts)
+        position = np.floor((np.asarray(scores, np.float64) - self.low) / (self.high - self.low) * bins)
+        return np.clip(position, 0, bins - 1).astype(np.int64)  # rounding past either end
+
+    def add(self, scores: np.ndarray) -> None:
+        self.counts += np.bincount(self.bin_of(scores), minlength=len(self.counts))
+
+    def summary(self, selected_scores: np.ndarray) -> dict:
+        """For selection.json: the bins' range, the pool's counts and the selection's."""
+        selected = np.bincount(self.bin_of(selected_scores), minlength=len(self.counts))
+        return {"low": self.low, "high": self.high, "bins": len(self.counts),
+                "counts": self.counts.tolist(), "selected": selected.tolist()}
 
 
 class ScoresWriter:
@@ -93,6 +124,7 @@ class Reduction:
         self.topk = StreamingTopK(k, per_class_quota=per_class_quota, num_classes=num_classes)
         self.earliest = id_utils.EarliestRows(id_utils.empty(id_type) if repeated is None else repeated)
         self.scores = scores
+        self.histogram = ScoreHistogram(*score_range(strategy, num_classes))
         self.columns = ("predicted_class", strategy) + tuple(s for s in (scores.strategies if scores else ())
                                                                if s != strategy)
         self.rows_read = self.rows_scored = self.rows_excluded = 0
@@ -157,8 +189,10 @@ class Reduction:
         predicted = columns["predicted_class"]
         if keep.all():
             self.topk.add(ids, score, predicted)
+            self.histogram.add(score)
         else:
             self.topk.add(ids[keep], score[keep], predicted[keep])
+            self.histogram.add(score[keep])
         if self.scores is not None:
             self.scores.add({"id": ids, "predicted_class": predicted, "excluded": excluded,
                              **{s: columns[s] for s in self.scores.strategies}})
@@ -176,6 +210,11 @@ class Reduction:
         return {"rows_read": self.rows_read, "rows_scored": self.rows_scored,
                 "rows_rejected": self.rows_rejected, "rows_excluded": self.rows_excluded,
                 "rejects_by_reason": dict(sorted(self.rejects_by_reason.items()))}
+
+    def score_histogram(self) -> dict:
+        """The scored rows' scores in ``HISTOGRAM_BINS`` fixed bins, and the selection's."""
+        self.finish()
+        return self.histogram.summary(self.topk.result()[1])
 
     def selection_table(self) -> pa.Table:
         self.finish()
