@@ -139,13 +139,16 @@ def _read_or_none(uri: str | None) -> bytes | None:
         return None  # not exported yet, or the object is gone
 
 
-def thumbnails(root: str, cycle: int, pool: dict, picks: list[dict]) -> list[dict]:
-    """Up to ``THUMBNAILS`` of the picks, taken round-robin over the clusters (if any) in
-    rank order; each pick dict gains ``src`` and ``small``."""
-    seen: dict = {}
-    for p in picks:  # picks come in rank order
-        p["_turn"] = seen[p.get("cluster")] = seen.get(p.get("cluster"), -1) + 1
-    chosen = sorted(picks, key=lambda p: (p.pop("_turn"), p["rank"]))[:THUMBNAILS]
+def thumbnails(root: str, cycle: int, pool: dict, picks: list[dict], limit: int = THUMBNAILS) -> list[dict]:
+    """Up to ``limit`` of the picks, taken round-robin over the clusters (if any) in
+    rank order; returns those that have a picture, with ``src`` and ``small`` added,
+    grouped by cluster."""
+    picks = sorted(picks, key=lambda p: p["rank"])
+    turns, taken = [], {}
+    for p in picks:  # the n-th pick of its cluster takes turn n
+        turns.append(taken.get(p.get("cluster"), 0))
+        taken[p.get("cluster")] = turns[-1] + 1
+    chosen = [picks[i] for i in sorted(range(len(picks)), key=lambda i: (turns[i], picks[i]["rank"]))[:limit]]
     with ThreadPoolExecutor(max_workers=8) as workers:  # many small GETs on S3
         data = list(workers.map(_read_or_none, [_picture_uri(root, cycle, pool, p) for p in chosen]))
     shown = []
