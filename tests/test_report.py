@@ -4,6 +4,7 @@ import base64
 import io
 import math
 import os
+import posixpath
 from html.parser import HTMLParser
 from urllib.parse import unquote
 
@@ -150,3 +151,28 @@ def test_report_page_loads_in_chromium_without_errors(finished_campaign):
         pytest.skip(NO_CHROMIUM)
     index = campaign.write_report(finished_campaign)
     assert page_problems("file://" + os.path.abspath(index)) == []
+
+
+def _refs_resolve_on(base_uri, html):
+    """Every relative link of a page under ``base_uri`` (a folder of an S3 campaign)."""
+    page = _Refs()
+    page.feed(html)
+    refs = [ref for tag, ref in page.refs if tag == "a" and not ref.startswith("#")]
+    bucket, _, folder = base_uri[len("s3://"):].partition("/")
+    for ref in refs:
+        assert storage.exists(f"s3://{bucket}/" + posixpath.normpath(posixpath.join(folder, unquote(ref)))), ref
+    return page
+
+
+@pytest.mark.slow
+def test_report_of_a_campaign_on_s3(finished_campaign, s3_bucket):
+    root = f"{s3_bucket}/campaigns/digits"
+    for dirpath, _, files in os.walk(finished_campaign):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            storage.write_bytes(f"{root}/{os.path.relpath(path, finished_campaign)}", open(path, "rb").read())
+    index = campaign.write_report(root)
+    assert index == f"{root}/report/index.html"
+    page = _refs_resolve_on(f"{root}/report", storage.read_bytes(index).decode())
+    images = [ref for tag, ref in page.refs if tag == "img"]
+    assert len(images) == 1 + 2 * 20 and all(src.startswith("data:image/") for src in images)

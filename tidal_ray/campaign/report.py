@@ -73,13 +73,16 @@ def markdown(heading: str, rows: list[dict]) -> str:
 
 # ---- what the page shows of a cycle -----------------------------------------------------------
 
+def _below(base: str, uri: str) -> str:
+    """The path of ``uri`` below ``base``, with "/" between parts."""
+    if storage.is_s3(uri):
+        return uri[len(base.rstrip("/")) + 1:]
+    return os.path.relpath(os.path.abspath(uri), os.path.abspath(base)).replace(os.sep, "/")
+
+
 def relative_href(root: str, uri: str) -> str:
     """A link from ``report/index.html`` to a file of the campaign."""
-    if storage.is_s3(uri):
-        rel = uri[len(root.rstrip("/")) + 1:]
-    else:
-        rel = os.path.relpath(os.path.abspath(uri), os.path.abspath(root)).replace(os.sep, "/")
-    return "../" + quote(rel)
+    return "../" + quote(_below(root, uri))
 
 
 def cycle_links(root: str, cycle: int) -> list[tuple[str, str]]:
@@ -91,11 +94,10 @@ def cycle_links(root: str, cycle: int) -> list[tuple[str, str]]:
         return links
     samples = 0
     for uri, _ in storage.list_files(export):
-        name = uri[len(export.rstrip("/")) + 1:] if storage.is_s3(uri) else os.path.relpath(uri, export)
-        if name.startswith(SAMPLES_DIR + "/") or name.startswith(SAMPLES_DIR + os.sep):
+        if _below(export, uri).startswith(SAMPLES_DIR + "/"):
             samples += 1
         elif not storage.is_hidden(uri):
-            links.append((f"export/{name}", relative_href(root, uri)))
+            links.append((f"export/{_below(export, uri)}", relative_href(root, uri)))
     if samples:
         links.append((f"export/{SAMPLES_DIR}/ ({samples} PNGs)",
                       relative_href(root, storage.join(export, SAMPLES_DIR)) + "/"))
