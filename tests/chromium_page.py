@@ -5,6 +5,7 @@ NUL-terminated JSON, we write to its fd 3 and read its fd 4). ``page_problems(ur
 returns console errors, uncaught exceptions, error log entries, failed loads and HTTP
 errors; an empty list means the page loaded cleanly.
 """
+import fcntl
 import json
 import os
 import select
@@ -97,16 +98,19 @@ def page_problems(url, timeout=60.0, settle=0.5):
     chromium_out, from_chromium = os.pipe()
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
 
-    def in_child():  # before exec: move the pipe ends onto fds 3 and 4 (via high fds: no clobbering)
-        os.dup2(chromium_in, 100)
-        os.dup2(from_chromium, 101)
-        os.dup2(100, 3)
-        os.dup2(101, 4)
+    def in_child():
+        # Chromium reads fd 3 and writes fd 4. Copy the pipe ends there by way of fds >= 10
+        # (either end may itself be 3 or 4); dup2's copies stay open across exec, and every
+        # other fd of ours closes there (Python opens them close-on-exec).
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (chromium_in, from_chromium)]
+        for target, fd in zip((3, 4), high):
+            os.dup2(fd, target)
+            os.close(fd)
 
     proc = subprocess.Popen(
         [chromium_path(), "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
          f"--user-data-dir={profile}", "--window-size=1200,900", "about:blank"],
-        pass_fds=(3, 4), preexec_fn=in_child, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        close_fds=False, preexec_fn=in_child, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.close(chromium_in)
     os.close(from_chromium)
     pipe = _Pipe(to_chromium, chromium_out)

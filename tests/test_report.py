@@ -15,7 +15,7 @@ from PIL import Image
 
 from chromium_page import chromium_path, page_problems
 from tidal_ray.campaign import cycle as campaign
-from tidal_ray.campaign import report
+from tidal_ray.campaign import page, report
 from tidal_ray.cli import main
 from tidal_ray.data import storage
 from tidal_ray.demo import write_digits_split
@@ -77,6 +77,9 @@ def test_thumbnails_take_turns_over_clusters_and_shrink_real_pictures(tmp_path):
     assert big.size == (96, 64) and big.getpixel((10, 10)) == (255, 255, 255)  # alpha on white
     assert tall.size == (10, 96) and not shown[1]["small"]
     assert small.size == (8, 8) and small.mode == "L" and shown[2]["small"]
+    html = page.pictures({"thumbnails": shown, "clusters": True, "selected": len(picks)})
+    assert "top 3 of 6, by cluster" in html
+    assert html.index("<h4>cluster 0</h4>") < html.index("#1 ·") < html.index("<h4>cluster 1</h4>") < html.index("#4 ·")
 
 
 class _Refs(HTMLParser):
@@ -126,18 +129,18 @@ def test_report_command_writes_a_page_whose_every_image_and_link_resolves(finish
         assert len(hist["counts"]) == HISTOGRAM_BINS and sum(hist["counts"]) == selection["rows_scored"]
         assert sum(hist["selected"]) == 20
 
-    page = _Refs()
-    page.feed(open(index, encoding="utf-8").read())
-    text = " ".join(" ".join(page.text).split())
+    parsed = _Refs()
+    parsed.feed(open(index, encoding="utf-8").read())
+    text = " ".join(" ".join(parsed.text).split())
     last = storage.read_json(campaign.cycle_uri(root, 2, "metrics.json"))["test_accuracy"]
     assert f"2 of 2 cycles · 70 labels · last test accuracy {last:.4f} (cycle 2)" in text
-    assert {"cycle-000", "cycle-001", "cycle-002"} <= set(page.ids)
+    assert {"cycle-000", "cycle-001", "cycle-002"} <= set(parsed.ids)
     assert "skipped by labelers 3" in text and "skipped by labelers 0" in text
-    images = [ref for tag, ref in page.refs if tag == "img"]
+    images = [ref for tag, ref in parsed.refs if tag == "img"]
     assert len(images) == 1 + 2 * 20  # the learning curve, and every pick of both cycles
     for src in images:
         _decoded(src).load()
-    links = [ref for tag, ref in page.refs if tag == "a" and not ref.startswith("#")]
+    links = [ref for tag, ref in parsed.refs if tag == "a" and not ref.startswith("#")]
     assert any(ref.endswith("export/label-studio-tasks.json") for ref in links)
     assert any(ref.endswith("/samples/") for ref in links)
     for ref in links:
@@ -155,13 +158,13 @@ def test_report_page_loads_in_chromium_without_errors(finished_campaign):
 
 def _refs_resolve_on(base_uri, html):
     """Every relative link of a page under ``base_uri`` (a folder of an S3 campaign)."""
-    page = _Refs()
-    page.feed(html)
-    refs = [ref for tag, ref in page.refs if tag == "a" and not ref.startswith("#")]
+    parsed = _Refs()
+    parsed.feed(html)
+    refs = [ref for tag, ref in parsed.refs if tag == "a" and not ref.startswith("#")]
     bucket, _, folder = base_uri[len("s3://"):].partition("/")
     for ref in refs:
         assert storage.exists(f"s3://{bucket}/" + posixpath.normpath(posixpath.join(folder, unquote(ref)))), ref
-    return page
+    return parsed
 
 
 @pytest.mark.slow
@@ -173,6 +176,6 @@ def test_report_of_a_campaign_on_s3(finished_campaign, s3_bucket):
             storage.write_bytes(f"{root}/{os.path.relpath(path, finished_campaign)}", open(path, "rb").read())
     index = campaign.write_report(root)
     assert index == f"{root}/report/index.html"
-    page = _refs_resolve_on(f"{root}/report", storage.read_bytes(index).decode())
-    images = [ref for tag, ref in page.refs if tag == "img"]
+    parsed = _refs_resolve_on(f"{root}/report", storage.read_bytes(index).decode())
+    images = [ref for tag, ref in parsed.refs if tag == "img"]
     assert len(images) == 1 + 2 * 20 and all(src.startswith("data:image/") for src in images)

@@ -99,7 +99,8 @@ def _figure(p: dict) -> str:
             f'<figcaption>#{p["rank"]} · {escape(str(p["id"])[:12])}</figcaption></figure>')
 
 
-def _thumbs(cycle: dict) -> str:
+def pictures(cycle: dict) -> str:
+    """The picks' thumbnails, under a heading per cluster when the selection has clusters."""
     pics = cycle.get("thumbnails") or []
     if not pics:
         return ""
@@ -146,7 +147,7 @@ def cycle_section(cycle: dict, summary: dict, names: list[str]) -> str:
     links = "".join(f'<li><a href="{escape(href)}">{escape(text)}</a></li>' for text, href in cycle["links"])
     title = f"Cycle {c}" + (" — the final model" if final else "")
     return (f'<section id="cycle-{c:03d}"><h2>{escape(title)}</h2>{_facts(facts)}'
-            f'<div class="charts">{"".join(charts)}</div>{_thumbs(cycle)}'
+            f'<div class="charts">{"".join(charts)}</div>{pictures(cycle)}'
             + (f"<h3>Files</h3><ul class=\"links\">{links}</ul>" if links else "") + "</section>")
 
 
