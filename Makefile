@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench clean fashion-mnist
+.PHONY: demo test test-fast bench clean fashion-mnist chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/tidal-ray demo
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q -ra tests
 
 test-fast: $(STAMP)
@@ -36,6 +36,20 @@ fashion-mnist:
 		echo "(github.com/zalandoresearch/fashion-mnist, data/fashion) into a directory and pass it"; \
 		echo "as --data-dir to make-pool, or set TIDAL_RAY_FASHION_MNIST_DIR"; \
 		exit 1; \
+	fi
+
+# Debian's chromium, for tests/test_report.py (the campaign's page in a headless browser).
+# Installed once, where apt-get exists and chromium is missing; if it cannot be installed
+# (no apt-get, no root or passwordless sudo, no such package) `make test` goes on and that
+# test skips, saying why.
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		sudo=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+		{ $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+		|| echo "could not install chromium (apt-get install chromium): the browser test will skip"; \
+	else \
+		echo "no apt-get here: the browser test skips unless chromium is on PATH"; \
 	fi
 
 clean:

@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_score_parser(sub)
     add_campaign_parser(sub)
 
-    p = sub.add_parser("report", help="learning curve and per-cycle report of a campaign")
+    p = sub.add_parser("report", help="write the campaign's page (report/index.html, with report.md and the "
+                                      "learning curve) and print its path")
     p.add_argument("campaign", metavar="CAMPAIGN_URI")
     p.set_defaults(run=cmd_report)
     return parser

@@ -271,7 +271,10 @@ def cycle_rows(root: str) -> list[dict]:
             sel = storage.read_json(selection_json)
             scores = storage.read_parquet(cycle_uri(root, c, "selection.parquet")).column("score").to_numpy()
             row.update(selected=len(scores), score_seconds=sel.get("wall_seconds"),
-                       rows_scored=sel.get("rows_scored"), rows_rejected=sel.get("rows_rejected"),
+                       rows_read=sel.get("rows_read"), rows_scored=sel.get("rows_scored"),
+                       rows_rejected=sel.get("rows_rejected"), rows_excluded=sel.get("rows_excluded"),
+                       timing=sel.get("timing"), pool=sel.get("pool"),
+                       score_histogram=sel.get("score_histogram"),  # absent before the histogram
                        score_min=float(scores.min()) if len(scores) else None,
                        score_median=float(np.median(scores)) if len(scores) else None,
                        score_max=float(scores.max()) if len(scores) else None)
@@ -280,7 +283,8 @@ def cycle_rows(root: str) -> list[dict]:
 
 
 def write_report(root: str) -> str:
-    """``report/report.md`` and ``report/learning_curve.png`` of the campaign."""
+    """``report/index.html``, ``report/report.md`` and ``report/learning_curve.png`` of
+    the campaign; returns the page's URI."""
     from tidal_ray.campaign import report
 
     state = load_state(root)
@@ -289,8 +293,10 @@ def write_report(root: str) -> str:
                f"Status **{state['status']}**, cycle {state['cycle']} of {config.cycles}, step `{state['step']}`. "
                f"Strategy `{config.strategy}`, backbone `{config.backbone}`, k = {config.k} per cycle, "
                f"pool `{config.pool}`.")
-    title = f"campaign {root.rstrip('/').split('/')[-1]}: {config.strategy}"
-    return report.write_report(storage.join(root, "report"), heading, cycle_rows(root), title)
+    name = root.rstrip("/").split("/")[-1]
+    summary = {"name": name, "uri": root, "status": state["status"], "cycle": state["cycle"],
+               "step": state["step"], "updated": state.get("updated"), **asdict(config)}
+    return report.write_report(root, cycle_rows(root), heading, f"campaign {name}: {config.strategy}", summary)
 
 
 # ---- init, status -------------------------------------------------------------------

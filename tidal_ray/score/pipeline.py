@@ -317,6 +317,7 @@ def score_pool(checkpoint_uri, pool_uri, k, out_uri, strategy="tidal-entropy", e
         "pool": {"uri": pool_uri, "format": plan.spec.format, "input_shape": format_shape(plan.input_shape),
                  **_pool_files(plan.spec)},
         **accounting,
+        "score_histogram": reduction.score_histogram(),
         # Marker/hidden files and non-images under an image prefix: skipped, not rows.
         "files_skipped": plan.spec.skipped_count, "files_skipped_names": list(plan.spec.skipped),
         "wall_seconds": round(wall, 3), "rows_per_s": round(reduction.rows_read / max(wall, 1e-9), 1),

@@ -2,9 +2,9 @@
 the selection by batch mode (DESIGN §8), plus the ``--save-scores`` writer and the
 progress line.
 
-Memory: O(k) for the selection (``cluster``: O(M) candidates), O(rejects) for the
-rejects table, and the repeated ids (found before scoring by ``ids.repeated_ids``)
-with one held row each.
+Memory: O(k) for the selection (``cluster``: O(M) candidates), O(bins) for the score
+histogram, O(rejects) for the rejects table, and the repeated ids (found before
+scoring by ``ids.repeated_ids``) with one held row each.
 """
 from __future__ import annotations
 
@@ -26,6 +26,37 @@ from tidal_ray.method.topk import StreamingTopK
 PROGRESS_SECONDS = 5.0
 SCORES_ROWS_PER_PART = 1_000_000
 NONFINITE_SCORE = "non-finite score"
+HISTOGRAM_BINS = 50
+
+
+def score_range(strategy: str, num_classes: int) -> tuple[float, float]:
+    """The values a strategy's score can take (method/uncertainty.py): fixed histogram bins."""
+    log_c = float(np.log(num_classes))
+    return {"tidal-entropy": (0.0, log_c), "entropy": (0.0, log_c), "bald": (0.0, log_c),
+            "margin": (-1.0, 0.0), "tidal-margin": (-1.0, 1.0),
+            "least-confidence": (0.0, 1.0 - 1.0 / num_classes), "random": (0.0, 1.0)}[strategy]
+
+
+class ScoreHistogram:
+    """The scored rows' scores in fixed bins, filled as batches stream by: O(bins)."""
+
+    def __init__(self, low: float, high: float, bins: int = HISTOGRAM_BINS):
+        self.low, self.high = low, high
+        self.counts = np.zeros(bins, dtype=np.int64)
+
+    def bin_of(self, scores: np.ndarray) -> np.ndarray:
+        bins = len(self.counts)
+        position = np.floor((np.asarray(scores, np.float64) - self.low) / (self.high - self.low) * bins)
+        return np.clip(position, 0, bins - 1).astype(np.int64)  # rounding past either end
+
+    def add(self, scores: np.ndarray) -> None:
+        self.counts += np.bincount(self.bin_of(scores), minlength=len(self.counts))
+
+    def summary(self, selected_scores: np.ndarray) -> dict:
+        """For selection.json: the bins' range, the pool's counts and the selection's."""
+        selected = np.bincount(self.bin_of(selected_scores), minlength=len(self.counts))
+        return {"low": self.low, "high": self.high, "bins": len(self.counts),
+                "counts": self.counts.tolist(), "selected": selected.tolist()}
 
 
 class ScoresWriter:
@@ -105,6 +136,7 @@ class Reduction:
         self.topk = StreamingTopK(kept, per_class_quota=per_class_quota, num_classes=num_classes)
         self.earliest = id_utils.EarliestRows(id_utils.empty(id_type) if repeated is None else repeated)
         self.scores = scores
+        self.histogram = ScoreHistogram(*score_range(strategy, num_classes))
         self.columns = ("predicted_class", strategy) + tuple(s for s in (scores.strategies if scores else ())
                                                                if s != strategy)
         if batch.mode == "cluster":
@@ -169,6 +201,7 @@ class Reduction:
         rows = ids if keep.all() else ids[keep]
         kept = columns if keep.all() else {name: v[keep] for name, v in columns.items()}
         score, predicted = kept[self.strategy], kept["predicted_class"]
+        self.histogram.add(score)
         if self.batch.mode == "power":
             keys = batch_modes.power_keys(self.strategy, score, rows, self.batch.beta, self.seed, self.cycle)
             self.topk.add(rows, keys, predicted, {"score": score})
@@ -193,6 +226,10 @@ class Reduction:
         return {"rows_read": self.rows_read, "rows_scored": self.rows_scored,
                 "rows_rejected": self.rows_rejected, "rows_excluded": self.rows_excluded,
                 "rejects_by_reason": dict(sorted(self.rejects_by_reason.items()))}
+
+    def score_histogram(self) -> dict:
+        """The scored rows' scores in ``HISTOGRAM_BINS`` fixed bins, and the selection's."""
+        return self.histogram.summary(self.selection_table().column("score").to_numpy())
 
     def selection_table(self) -> pa.Table:
         """``rank``, ``id``, ``score`` (the strategy's), ``strategy``, ``predicted_class``;
