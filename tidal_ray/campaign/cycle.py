@@ -111,9 +111,12 @@ def step_select(root: str, config: CampaignConfig, cycle: int, log) -> None:
                seed=config.seed, save_scores=False, use_gpu=True if config.use_gpu else None)
 
 
-def export(root: str, cycle: int | None = None, out_uri: str | None = None) -> list[str]:
+def export(root: str, cycle: int | None = None, out_uri: str | None = None, document_root: str | None = None,
+           log=None) -> list[str]:
     """Write the labeling-tool manifests of a cycle's selection (default: the current
-    cycle, into its ``export/``); returns the files written."""
+    cycle, into its ``export/``); returns the files written. Rendered samples are served
+    to Label Studio from the campaign directory (one Local Files storage for every cycle),
+    or from ``out_uri`` when the export goes elsewhere; ``log`` gets Label Studio's settings."""
     from tidal_ray.data.pool import describe_pool
 
     state = load_state(root)
@@ -121,11 +124,12 @@ def export(root: str, cycle: int | None = None, out_uri: str | None = None) -> l
     cycle = state["cycle"] if cycle is None else cycle
     selection = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet"))
     return write_exports(selection, describe_pool(config.pool), out_uri or cycle_uri(root, cycle, "export"),
-                         config.class_names, config.presign)
+                         config.class_names, config.presign, document_root=document_root,
+                         samples_home=out_uri or root, log=log)
 
 
 def step_export(root: str, config: CampaignConfig, cycle: int, log) -> None:
-    written = export(root, cycle)
+    written = export(root, cycle, log=log)
     log(f"cycle {cycle}: exported {len(written)} files for labeling: {cycle_uri(root, cycle, 'export')}/")
 
 

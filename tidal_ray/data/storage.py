@@ -10,7 +10,6 @@ import functools
 import io
 import json
 import os
-import tempfile
 import uuid
 
 import pyarrow as pa
@@ -75,7 +74,10 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}")
+    # Created with 0o666 so the user's umask decides, as for any file a tool writes
+    # (tempfile.mkstemp's 0600 kept a Label Studio running as another user out).
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
