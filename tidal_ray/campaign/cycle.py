@@ -129,7 +129,7 @@ def export(root: str, cycle: int | None = None, out_uri: str | None = None, docu
 
 
 def step_export(root: str, config: CampaignConfig, cycle: int, log) -> None:
-    written = export(root, cycle, log=log)
+    written = export(root, cycle, log=None if config.oracle else log)   # a simulation has no labeler
     log(f"cycle {cycle}: exported {len(written)} files for labeling: {cycle_uri(root, cycle, 'export')}/")
 
 
