@@ -117,6 +117,20 @@ def test_local_exports_are_local_files_urls_readable_by_others(tmp_path):
                       document_root=str(tmp_path / "labeling" / "camp"))
 
 
+def test_s3_exports_say_how_label_studio_reaches_them(s3_bucket):
+    make_pool(f"{s3_bucket}/pool", "digits", rows=30, fmt="files")
+    spec = describe_pool(f"{s3_bucket}/pool")
+    out = f"{s3_bucket}/camp/cycles/000/export"
+    for presign, says in ((None, "add an Amazon S3 source storage"), (600, "presigned HTTPS URLs, valid until")):
+        lines = []
+        write_exports(_selection(["00000004.png"]), spec, out, presign_seconds=presign, log=lines.append)
+        readme = storage.read_bytes(f"{out}/README.txt").decode()
+        assert len(lines) == 1 and says in lines[0] and lines[0].removeprefix("Label Studio: ") in readme
+        image = json.loads(storage.read_bytes(f"{out}/label-studio-tasks.json"))[0]["data"]["image"]
+        assert image.startswith("http://" if presign else f"{s3_bucket}/pool/00000004.png")
+        assert "LABEL_STUDIO_LOCAL_FILES" not in readme
+
+
 def test_written_files_follow_the_umask(tmp_path):
     for mask, mode in ((0o022, 0o644), (0o027, 0o640), (0o077, 0o600)):
         old = os.umask(mask)
