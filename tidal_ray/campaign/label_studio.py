@@ -83,7 +83,7 @@ def readme(settings: list[str], serving: LocalFiles | None, has_config: bool) ->
         f"2. Create a project; labeling interface: {config}.",
     ]
     if serving:
-        lines += [f"3. Settings > Cloud Storage > Add Source Storage > Local files, absolute local path",
+        lines += ["3. Settings > Cloud Storage > Add Source Storage > Local files, absolute local path",
                   f"   {serving.storage_path} ; save it without syncing (a sync adds a task per file,",
                   "   without our id). It lets Label Studio serve the pictures below it."]
     else:
