@@ -8,8 +8,13 @@ BIN := $(VENV)/bin
 # CPU wheel and never the CUDA one; on a GPU machine PyPI's 2.13.0 is CUDA.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# Label Studio for the round-trip test (tests/test_label_studio.py) lives in its own
+# virtual environment, never in .venv nor the `test` extra: its many pins never meet ours.
+LS_VENV := .venv-label-studio
+LS_STAMP := $(LS_VENV)/.installed
+LABEL_STUDIO_SPEC ?= label-studio==1.23.2
 
-.PHONY: demo test test-fast bench clean fashion-mnist chromium
+.PHONY: demo test test-fast bench clean fashion-mnist chromium label-studio
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +31,15 @@ test: $(STAMP) chromium
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+
+# About 80 s the first time; a second run installs nothing.
+label-studio: $(LS_STAMP)
+
+$(LS_STAMP):
+	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LS_VENV)/bin/python -m pip install -q "$(LABEL_STUDIO_SPEC)"
+	touch $(LS_STAMP)
 
 # Fashion-MNIST's original idx files under /usr/share/datasets/fashion-mnist (Debian/Ubuntu).
 fashion-mnist:
@@ -53,4 +67,4 @@ chromium:
 	fi
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LS_VENV)

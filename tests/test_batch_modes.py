@@ -5,7 +5,6 @@ The identity of both modes across actor counts and arrival orders is in
 ``test_score_identity.py``.
 """
 import itertools
-import math
 
 import numpy as np
 import pyarrow as pa

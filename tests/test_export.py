@@ -37,7 +37,9 @@ def test_image_prefix_exports_point_at_the_objects_and_carry_the_prediction(tmp_
     assert [m["source-ref"] for m in manifest] == [str(tmp_path / "pool" / "00000007.png"),
                                                     str(tmp_path / "pool" / "00000003.png")]
     assert [m["tidal-ray-id"] for m in manifest] == ["00000007.png", "00000003.png"]
-    assert [t["data"]["image"] for t in tasks] == [m["source-ref"] for m in manifest]
+    # Label Studio reaches local pictures through its Local Files serving (document root: the pool's parent)
+    assert [t["data"]["image"] for t in tasks] == ["/data/local-files/?d=pool/00000007.png",
+                                                   "/data/local-files/?d=pool/00000003.png"]
     assert [t["data"]["tidal-ray-id"] for t in tasks] == ["00000007.png", "00000003.png"]
     assert tasks[0]["predictions"][0]["result"] == [{"from_name": "label", "to_name": "image", "type": "choices",
                                                      "value": {"choices": ["digit-3"]}}]

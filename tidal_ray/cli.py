@@ -137,7 +137,7 @@ def cmd_campaign(args):
 
         print(json.dumps(campaign.status(args.campaign), indent=2))
     elif args.action == "export":
-        for uri in campaign.export(args.campaign, args.cycle, args.out):
+        for uri in campaign.export(args.campaign, args.cycle, args.out, args.document_root, log=print):
             print(uri)
     elif args.action == "import-labels":
         from tidal_ray.campaign.imports import import_labels
@@ -335,9 +335,12 @@ def add_campaign_parser(sub) -> None:
     a.add_argument("campaign", metavar="CAMPAIGN_URI")
     a.add_argument("--cycle", type=int)
     a.add_argument("--out", help="where to write (default: the cycle's export/ dir)")
+    a.add_argument("--document-root", metavar="DIR", default=None,
+                   help="Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, for local pictures (default: the "
+                        "parent of the directory holding them: the campaign's, or the pool's for image files)")
     a = actions.add_parser("import-labels", help="merge a delivery of labels (CSV/JSONL/parquet id,label, a Ground "
-                                                 "Truth output manifest or Label Studio's JSON export; labels as "
-                                                 "indices or class names)")
+                                                 "Truth output manifest or Label Studio's JSON, JSON_MIN or CSV "
+                                                 "export, read by tidal-ray-id; labels as indices or class names)")
     a.add_argument("campaign", metavar="CAMPAIGN_URI")
     a.add_argument("labels", metavar="LABELS_FILE")
     p.set_defaults(run=cmd_campaign)

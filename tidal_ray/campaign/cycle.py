@@ -121,9 +121,12 @@ def step_select(root: str, config: CampaignConfig, cycle: int, log) -> None:
                candidates=config.candidates, cycle=cycle)
 
 
-def export(root: str, cycle: int | None = None, out_uri: str | None = None) -> list[str]:
+def export(root: str, cycle: int | None = None, out_uri: str | None = None, document_root: str | None = None,
+           log=None) -> list[str]:
     """Write the labeling-tool manifests of a cycle's selection (default: the current
-    cycle, into its ``export/``); returns the files written."""
+    cycle, into its ``export/``); returns the files written. Rendered samples are served
+    to Label Studio from the campaign directory (one Local Files storage for every cycle),
+    or from ``out_uri`` when the export goes elsewhere; ``log`` gets Label Studio's settings."""
     from tidal_ray.data.pool import describe_pool
 
     state = load_state(root)
@@ -134,11 +137,12 @@ def export(root: str, cycle: int | None = None, out_uri: str | None = None) -> l
         cycle = state["cycle"] if cycle is None else cycle
         selection, default_out = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet")), cycle_uri(root, cycle, "export")
     return write_exports(selection, describe_pool(config.pool), out_uri or default_out,
-                         config.class_names, config.presign)
+                         config.class_names, config.presign, document_root=document_root,
+                         samples_home=out_uri or root, log=log)
 
 
 def step_export(root: str, config: CampaignConfig, cycle: int, log) -> None:
-    written = export(root, cycle)
+    written = export(root, cycle, log=None if config.oracle else log)   # a simulation has no labeler
     log(f"cycle {cycle}: exported {len(written)} files for labeling: {cycle_uri(root, cycle, 'export')}/")
 
 

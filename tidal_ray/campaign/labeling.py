@@ -7,7 +7,8 @@ label-categories file and a Label Studio labeling config. Image-file pools point
 original objects; parquet ``pixels``/``image`` pools get one PNG per selected sample
 under ``samples/``; feature pools carry the id and any ``uri``/``source`` column.
 In: CSV / JSON Lines / parquet of ``id,label``, a Ground Truth output manifest, or
-Label Studio's JSON export; labels may be class names.
+Label Studio's JSON, JSON_MIN or CSV export (read by ``tidal-ray-id``: ``label_studio.py``);
+labels may be class names.
 """
 from __future__ import annotations
 
@@ -20,14 +21,15 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 import pyarrow as pa
 
+from tidal_ray.campaign import label_studio
+from tidal_ray.campaign.label_studio import FROM_NAME, ID_FIELD
 from tidal_ray.data import storage
 from tidal_ray.data.labels import as_label, label_problem
 from tidal_ray.errors import BadInput
 
-ID_FIELD = "tidal-ray-id"
 REFERENCE_COLUMNS = ("uri", "source")   # a feature pool's pointer to the original sample
 SAMPLES_DIR = "samples"
-FROM_NAME, IMAGE_NAME, TEXT_NAME = "label", "image", "text"  # Label Studio control and object tags
+IMAGE_NAME, TEXT_NAME = "image", "text"  # Label Studio object tags (the control is FROM_NAME)
 
 
 def _sample_name(rank: int, sample_id) -> str:
@@ -125,12 +127,18 @@ def ground_truth_manifest(selection: pa.Table, refs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def label_studio_tasks(selection: pa.Table, refs: list[dict], class_names=None, presign_seconds=None) -> str:
+def label_studio_tasks(selection: pa.Table, refs: list[dict], class_names=None, presign_seconds=None,
+                       serving: label_studio.LocalFiles | None = None) -> str:
+    """Label Studio tasks: local pictures as Local Files URLs (with ``serving``), ``s3://``
+    ones presigned (with ``presign_seconds``) or as they are (an S3 storage resolves them)."""
     tasks = []
     for row, ref in zip(selection.to_pylist(), refs):
         data = dict(ref)
-        if presign_seconds and str(data.get(IMAGE_NAME, "")).startswith("s3://"):
-            data[IMAGE_NAME] = presign(data[IMAGE_NAME], presign_seconds)
+        image = str(data.get(IMAGE_NAME, ""))
+        if presign_seconds and image.startswith("s3://"):
+            data[IMAGE_NAME] = presign(image, presign_seconds)
+        elif serving and image and not image.startswith(("s3://", "http://", "https://")):
+            data[IMAGE_NAME] = serving.url(image)
         data[ID_FIELD] = row["id"]
         task = {"data": data, "meta": {"rank": row["rank"], "score": row["score"],
                                        "predicted_class": row["predicted_class"]}}
@@ -164,18 +172,39 @@ def selection_csv(selection: pa.Table) -> str:
     return buf.getvalue()
 
 
-def write_exports(selection: pa.Table, spec, out_uri: str, class_names=None, presign_seconds=None) -> list[str]:
+def image_dir(spec, out_uri: str, samples_home: str | None = None) -> str | None:
+    """The local directory holding the pictures a labeler sees (the pool's for image
+    files; ``samples_home``, by default ``out_uri``, for rendered samples), else None."""
+    if spec.format == "files":
+        return None if storage.is_s3(spec.uri) else spec.root
+    if spec.format in ("pixels", "image") and not storage.is_s3(out_uri):
+        return samples_home or out_uri
+    return None
+
+
+def write_exports(selection: pa.Table, spec, out_uri: str, class_names=None, presign_seconds=None,
+                  document_root: str | None = None, samples_home: str | None = None, log=None) -> list[str]:
     """Every export of a selection under ``out_uri``; returns the files written
-    (manifests and configs; the rendered samples go under ``samples/``)."""
+    (manifests, configs and README.txt; the rendered samples go under ``samples/``).
+    Local pictures reach Label Studio through its Local Files serving under
+    ``document_root`` (default: the parent of the pictures' directory, ``image_dir``);
+    README.txt says how, and ``log`` gets the settings."""
+    local = image_dir(spec, out_uri, samples_home)
+    serving = label_studio.local_files(local, document_root) if local else None
     refs = sample_refs(selection, spec, out_uri)
+    s3_images = any(str(ref.get(IMAGE_NAME, "")).startswith("s3://") for ref in refs)
+    settings = label_studio.settings_lines(serving, s3_images, presign_seconds)
     files = {
         "ground-truth-input.manifest": ground_truth_manifest(selection, refs),
-        "label-studio-tasks.json": label_studio_tasks(selection, refs, class_names, presign_seconds),
+        "label-studio-tasks.json": label_studio_tasks(selection, refs, class_names, presign_seconds, serving),
         "selection.csv": selection_csv(selection),
+        "README.txt": label_studio.readme(settings, serving, bool(class_names)),
     }
     if class_names:
         files["ground-truth-label-categories.json"] = ground_truth_label_categories(class_names)
         files["label-studio-config.xml"] = label_studio_config(class_names, spec.format != "features")
+    for line in settings if log else ():
+        log(f"Label Studio: {line}")
     written = []
     for name, text in files.items():
         storage.write_bytes(storage.join(out_uri, name), text.encode())
@@ -220,35 +249,25 @@ def _id_from_ground_truth(entry: dict, pool_uri: str | None):
     return entry.get("source", ref)
 
 
-def _label_studio_choice(task: dict):
-    """The class chosen in a Label Studio task: the last annotation not cancelled."""
-    for annotation in reversed(task.get("annotations") or []):
-        if annotation.get("was_cancelled"):
-            continue
-        for result in annotation.get("result") or []:
-            choices = (result.get("value") or {}).get("choices")
-            if choices:
-                return choices[0]
-    return None
-
-
 def _read_json_array(text: str, uri: str) -> list[dict]:
-    """Label Studio's JSON export (tasks with ``data`` and ``annotations``), or an array
-    of ``{"id", "label"}`` objects."""
+    """Label Studio's JSON export (tasks with ``data`` and ``annotations``; an all-cancelled
+    task is a skip), its JSON_MIN export, or an array of ``{"id", "label"}`` objects."""
     try:
         entries = json.loads(text)
     except json.JSONDecodeError as e:
         raise BadInput(f"{uri}: not valid JSON ({e})") from None
+    objects = [e for e in entries if isinstance(e, dict)]
+    if objects:
+        fields = set().union(*objects, *(e["data"] for e in objects if isinstance(e.get("data"), dict)))
+        label_studio.check_shape(uri, fields)
     rows = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             rows.append({"id": None, "label": None, "line": i + 1, "error": "not a JSON object"})
         elif "data" in entry:
-            label = _label_studio_choice(entry)
-            rows.append({"id": (entry.get("data") or {}).get(ID_FIELD), "label": label, "line": i + 1,
-                         **({"error": "no choice in its annotations"} if label is None else {})})
+            rows.append(label_studio.task_row(entry, i + 1))
         else:
-            rows.append({"id": entry.get("id"), "label": entry.get("label"), "line": i + 1})
+            rows.append(label_studio.flat_row(entry, i + 1))
     return rows
 
 
@@ -305,8 +324,9 @@ def _read_label_rows(uri: str, pool_uri: str | None) -> list[dict]:
     if uri.endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text))
         fields = set(reader.fieldnames or ())
-        if "id" not in fields or not fields & {"label", "skip"}:
-            raise BadInput(f"{uri}: a labels CSV needs a header with id,label (and optionally skip)")
+        if label_studio.ID_FIELD in fields:
+            return [label_studio.flat_row(r, i + 2) for i, r in enumerate(reader)]
+        label_studio.check_shape(uri, fields | ({"label"} if "skip" in fields else set()))
         return [_csv_row(r, i + 2) for i, r in enumerate(reader)]
     rows = []
     for i, line in enumerate(text.splitlines()):

@@ -11,7 +11,6 @@ import functools
 import io
 import json
 import os
-import tempfile
 import uuid
 
 import pyarrow as pa
@@ -131,11 +130,19 @@ def write_bytes(uri: str, data: bytes) -> None:
         with s3_access(uri), fs.open_output_stream(path) as f:
             f.write(data)
         return
+    os.replace(_temp_beside(path, data), path)
+
+
+def _temp_beside(path: str, data: bytes) -> str:
+    """``data`` in a new hidden file next to ``path``, to be renamed or linked into place.
+    Created with 0o666 so the user's umask decides, as for any file a tool writes
+    (tempfile.mkstemp's 0600 kept a Label Studio running as another user out)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}")
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
+    return tmp
 
 
 def read_json(uri: str):
@@ -271,10 +278,7 @@ def put_if_absent(uri: str, data: bytes) -> bool:
     if is_s3(uri):
         return put_conditional(uri, data, None) is not None
     path = os.path.abspath(uri)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    tmp = _temp_beside(path, data)
     try:
         os.link(tmp, path)  # like O_EXCL, fails if the name exists; the file appears whole
     except FileExistsError:
