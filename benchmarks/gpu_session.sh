@@ -133,3 +133,6 @@ echo "finished runs: $(find "$OUT/runs" -name '*.json' | wc -l) of $(( $(wc -l <
     | tee -a "$OUT/session.txt"
 sort "$OUT/logs/cells.txt" 2>/dev/null | tee -a "$OUT/session.txt"
 echo "wall $(( $(date +%s) - START )) s; results in $OUT/results" | tee -a "$OUT/session.txt"
+# One archive of everything: the device tool brings back a limited number of files, and
+# on 2026-12-04 the per-run JSONs were left behind (only logs/ came back).
+tar czf "$OUT/session.tgz" -C "$OUT" --exclude session.tgz . && echo "archive: $OUT/session.tgz"
