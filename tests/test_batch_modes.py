@@ -237,3 +237,20 @@ def test_the_centroids_sample_is_the_smallest_hashes_earliest_rows_in_any_order(
     expected = winners[np.lexsort((ids[winners], batch_modes.sample_hashes(ids[winners], 2, 1)))[:40]]
     np.testing.assert_array_equal(got_ids, ids[expected])
     np.testing.assert_array_equal(got_x, x[expected])
+
+
+@pytest.mark.slow
+def test_a_campaign_cycle_selects_by_its_batch_mode_with_the_cycle_number(ray_local, tmp_path):
+    from tidal_ray.campaign import cycle as campaign
+
+    pool, root = str(tmp_path / "pool"), str(tmp_path / "campaign")
+    make_pool(pool, "digits", rows=200)
+    config = campaign.CampaignConfig(pool=pool, num_classes=10, k=10, cycles=2, strategy="margin", oracle=True,
+                                     initial_labels=20, trainer="local", epochs=2, batch_mode="power", beta=2.0)
+    campaign.init(root, config)
+    assert campaign.run(root)["status"] == "done"
+    for cycle in (0, 1):
+        summary = storage.read_json(f"{root}/cycles/{cycle:03d}/selection.json")
+        assert (summary["batch_mode"], summary["beta"], summary["cycle"]) == ("power", 2.0, cycle)
+        selection = storage.read_parquet(f"{root}/cycles/{cycle:03d}/selection.parquet")
+        assert selection.num_rows == 10 and "key" in selection.column_names

@@ -1,9 +1,11 @@
 """Scoring a whole pool: every check before work (``plan_scoring``), then the pipeline.
 
     repeated ids (the id columns alone, on the driver)
+    [cluster mode: the same pipeline once more first, the scorers sending only a hashed
+      sample's embeddings -> k-means (a Ray task) -> centroids for the scorers]
     read by position (Ray Data tasks) -> decode (CPU tasks) -> BatchScorer (actor pool,
       a GPU each if any) -> iter_batches to the driver, in any order
-      -> Reduction: duplicates by position, exclusions, exact top-k
+      -> Reduction: duplicates by position, exclusions, the batch mode's selection
 
 ``score_pool`` runs it; with ``use_ray=False`` the same read, decode and ``BatchScorer``
 run in this process (tests, benchmarks, small pools). Importing this module stays cheap
