@@ -178,7 +178,7 @@ def test_round_trip_through_a_real_label_studio(ray_local, tmp_path, capsys):
     export = camp / "cycles" / "000" / "export"
     tasks = json.loads((export / "label-studio-tasks.json").read_text())
     ours = [t["data"]["tidal-ray-id"] for t in tasks]
-    with running_label_studio(work) as ls:
+    with running_label_studio(work, timeout=600) as ls:   # a first start runs migrations: ~1 min idle, more when loaded
         project = ls.create_project((export / "label-studio-config.xml").read_text())
         ls.add_local_files_storage(project, camp)
         ls.import_tasks(project, tasks)                               # as exported, untouched
