@@ -76,6 +76,8 @@ REF_PID=
     --device "$DEVICE" --jobs 2 --fit-seconds "$REF_SECONDS" --runs-dir "$OUT/runs" --out "$OUT/results" \
     "${REF_TINY[@]}" > "$OUT/logs/reference.log" 2>&1 &
 [[ "${REFERENCE:-1}" == 1 ]] && REF_PID=$!
+REFERENCE_RUNS=0
+[[ -n "$REF_PID" ]] && REFERENCE_RUNS=2
 
 # (c) the CUDA resume check, when another engineer has added it
 RESUME_PID=
@@ -146,7 +148,7 @@ for merge in "${MERGES[@]}"; do
         || echo "merge $merge failed (see logs/merge.log)" | tee -a "$OUT/session.txt"
 done
 grep -h "reference recipe on" "$OUT/logs/reference.log" 2>/dev/null | tee -a "$OUT/session.txt"
-echo "finished runs: $(find "$OUT/runs" -name '*.json' | wc -l) of $(( $(wc -l < "$OUT/matrix.txt") + 2 )); cells:" \
+echo "finished runs: $(find "$OUT/runs" -name '*.json' | wc -l) of $(( $(wc -l < "$OUT/matrix.txt") + REFERENCE_RUNS )); cells:" \
     | tee -a "$OUT/session.txt"
 sort "$OUT/logs/cells.txt" 2>/dev/null | tee -a "$OUT/session.txt"
 echo "wall $(( $(date +%s) - START )) s; results in $OUT/results" | tee -a "$OUT/session.txt"
