@@ -1,7 +1,6 @@
 """The initial draw of a campaign: TypiClust on planted blobs, with the oracle and for a person."""
 import numpy as np
 import pyarrow as pa
-import pytest
 
 from tidal_ray.campaign import cycle as campaign
 from tidal_ray.campaign.initial import typical_ids
