@@ -20,7 +20,9 @@
 # Then the per-run JSONs are merged into $OUT/results/fashion-mnist-<regime>.json.
 #
 # Environment: OUT (default: a new temp dir), PYTHON (default: python3), DEVICE (cuda; cpu
-# for --smoke), JOBS, TOTAL_SECONDS (540), REF_SECONDS (300), TIDAL_RAY_FASHION_MNIST_DIR.
+# for --smoke), JOBS, TOTAL_SECONDS (540), REF_SECONDS (300), TIDAL_RAY_FASHION_MNIST_DIR;
+# REGIMES, SEEDS, ARMS_ONLY (comma-separated) narrow the matrix; REFERENCE=0 skips (a);
+# TUNE=1 replaces the matrix by the choice of beta and K on a pool split (below).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=0
@@ -69,10 +71,13 @@ left() { echo $((DEADLINE - $(date +%s))); }
 
 # (a) the reference recipe
 REF_TIMEOUT=$((TOTAL - 40))
-timeout -k 5 "$REF_TIMEOUT" "$PY" benchmarks/al_quality.py --dataset fashion-mnist --regime reference --seeds 1 \
+REF_PID=
+[[ "${REFERENCE:-1}" == 1 ]] && timeout -k 5 "$REF_TIMEOUT" "$PY" benchmarks/al_quality.py --dataset fashion-mnist --regime reference --seeds 1 \
     --device "$DEVICE" --jobs 2 --fit-seconds "$REF_SECONDS" --runs-dir "$OUT/runs" --out "$OUT/results" \
     "${REF_TINY[@]}" > "$OUT/logs/reference.log" 2>&1 &
-REF_PID=$!
+[[ "${REFERENCE:-1}" == 1 ]] && REF_PID=$!
+REFERENCE_RUNS=0
+[[ -n "$REF_PID" ]] && REFERENCE_RUNS=2
 
 # (c) the CUDA resume check, when another engineer has added it
 RESUME_PID=
@@ -84,14 +89,24 @@ fi
 
 # (b) the evidence matrix: one line per (regime, seed, arm), large and balanced first; --smoke
 # runs each arm once (in the first regime that has it) and every regime at least once
-"$PY" - "$REGIMES" "$SEEDS" "$SMOKE" > "$OUT/matrix.txt" <<'PYEOF'
+# TUNE=1 runs instead the choice of beta and K on a pool split (accuracy on 5,000 held-out pool
+# rows, never the test split): balanced, margin under power 1/2/4 and cluster 50/200/1000.
+"$PY" - "$REGIMES" "$SEEDS" "$SMOKE" "${TUNE:-0}" "${ARMS_ONLY:-}" > "$OUT/matrix.txt" <<'PYEOF'
 import sys
 sys.path.insert(0, "benchmarks")
 from al_arms import ARMS
 seen = set()
+only = set(filter(None, sys.argv[5].split(",")))
+if sys.argv[4] == "1":
+    for seed in sys.argv[2].split():
+        for arm in ["margin", "margin-power1", "margin-power2", "margin-power4", "margin-cluster50",
+                    "margin-cluster200", "margin-cluster1000"]:
+            if not only or arm in only:
+                print("balanced", seed, arm, "--pool-split", 5000)
+    sys.exit()
 for regime in sys.argv[1].split():
     for seed in sys.argv[2].split():
-        arms = ARMS[regime]
+        arms = [a for a in ARMS[regime] if not only or a in only]
         if sys.argv[3] == "1":
             arms = [a for a in arms if a not in seen] or arms[:1]
             seen.update(arms)
@@ -100,7 +115,7 @@ for regime in sys.argv[1].split():
 PYEOF
 echo "matrix: $(wc -l < "$OUT/matrix.txt") runs, $JOBS at a time" | tee -a "$OUT/session.txt"
 
-run_cell() {  # regime seed arm: one run, bounded by the time left
+run_cell() {  # regime seed arm [more al_quality args]: one run, bounded by the time left
     local regime=$1 seed=$2 arm=$3 budget
     budget=$(left)
     ((budget > RUN_TIMEOUT)) && budget=$RUN_TIMEOUT
@@ -111,7 +126,7 @@ run_cell() {  # regime seed arm: one run, bounded by the time left
     local started=$(date +%s)
     timeout -k 5 "$budget" "$PY" benchmarks/al_quality.py --dataset fashion-mnist --regime "$regime" --seeds 1 \
         --first-seed "$seed" --arms "$arm" --device "$DEVICE" --runs-dir "$OUT/runs" --out "$OUT/results" \
-        "${TINY[@]}" > "$OUT/logs/$regime-$seed-$arm.log" 2>&1
+        "${TINY[@]}" "${@:4}" > "$OUT/logs/$regime-$seed-$arm.log" 2>&1
     echo "$regime $seed $arm rc=$? $(( $(date +%s) - started )) s" >> "$OUT/logs/cells.txt"
 }
 export -f run_cell left
@@ -120,16 +135,20 @@ export TINY_ARGS="${TINY[*]}"
 # bash cannot export arrays: the cells rebuild TINY from a string
 xargs -P "$JOBS" -L 1 bash -c 'TINY=($TINY_ARGS); run_cell "$@"' _ < "$OUT/matrix.txt"
 
-wait "$REF_PID"; echo "reference rc=$?" | tee -a "$OUT/session.txt"
+[[ -n "$REF_PID" ]] && { wait "$REF_PID"; echo "reference rc=$?" | tee -a "$OUT/session.txt"; }
 [[ -n "$RESUME_PID" ]] && { wait "$RESUME_PID"; echo "gpu_resume rc=$?" | tee -a "$OUT/session.txt"; }
 
-for regime in $REGIMES reference; do
-    "$PY" benchmarks/al_quality.py --dataset fashion-mnist --regime "$regime" --merge --no-plot \
+MERGES=($REGIMES)
+[[ "${TUNE:-0}" == 1 ]] && MERGES=("balanced --pool-split 5000")
+MERGES+=(reference)
+for merge in "${MERGES[@]}"; do
+    # shellcheck disable=SC2086  # "balanced --pool-split 5000" is meant to split
+    "$PY" benchmarks/al_quality.py --dataset fashion-mnist --regime $merge --merge --no-plot \
         --runs-dir "$OUT/runs" --out "$OUT/results" >> "$OUT/logs/merge.log" 2>&1 \
-        || echo "merge $regime failed (see logs/merge.log)" | tee -a "$OUT/session.txt"
+        || echo "merge $merge failed (see logs/merge.log)" | tee -a "$OUT/session.txt"
 done
-grep -h "reference recipe on" "$OUT/logs/reference.log" | tee -a "$OUT/session.txt"
-echo "finished runs: $(find "$OUT/runs" -name '*.json' | wc -l) of $(( $(wc -l < "$OUT/matrix.txt") + 2 )); cells:" \
+grep -h "reference recipe on" "$OUT/logs/reference.log" 2>/dev/null | tee -a "$OUT/session.txt"
+echo "finished runs: $(find "$OUT/runs" -name '*.json' | wc -l) of $(( $(wc -l < "$OUT/matrix.txt") + REFERENCE_RUNS )); cells:" \
     | tee -a "$OUT/session.txt"
 sort "$OUT/logs/cells.txt" 2>/dev/null | tee -a "$OUT/session.txt"
 echo "wall $(( $(date +%s) - START )) s; results in $OUT/results" | tee -a "$OUT/session.txt"

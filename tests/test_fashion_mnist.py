@@ -139,7 +139,8 @@ def test_tiny_fashion_protocol_runs_and_reports(fashion_dir, tmp_path):
     # the same initial set and cycle-0 model for every strategy
     assert len({r["accuracy"][0] for r in runs.values()}) == 1
     assert [d["pair"] for d in result["paired_differences"]] == [
-        "tidal-entropy − random", "tidal-entropy − entropy", "tidal-entropy − tidal-entropy-subset10k"]
+        "tidal-entropy − random", "tidal-entropy − entropy", "tidal-entropy − tidal-entropy-subset10k",
+        "entropy − random", "tidal-entropy-subset10k − random"]  # every other arm against the baselines too
     assert all(d["seeds"] == [0] for d in result["paired_differences"])
     text = (out / "fashion-mnist-cold.md").read_text()
     assert "| tidal-entropy-subset10k |" in text and "tidal-entropy − random" in text
