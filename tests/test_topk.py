@@ -27,11 +27,11 @@ def sort_topk(ids, scores, classes, k, exclude=(), quota=None):
 def stream(ids, scores, classes, k, rng, exclude=(), per_class_quota=False, num_classes=None):
     """Every row through a Reduction in random batches, as scoring feeds it."""
     exclude = np.unique(np.asarray(list(exclude), dtype=np.int64))
-    reduction = Reduction(k, "score", num_classes, pa.int64(), exclude, lambda f, i: "pool",
+    reduction = Reduction(k, "random", num_classes or 10, pa.int64(), exclude, lambda f, i: "pool",
                           per_class_quota=per_class_quota)
     cuts = np.sort(rng.choice(np.arange(1, len(ids)), size=rng.integers(1, 30), replace=False))
     for part in np.split(np.arange(len(ids)), cuts):
-        reduction.add({"id": ids[part], "score": scores[part], "predicted_class": classes[part],
+        reduction.add({"id": ids[part], "random": scores[part], "predicted_class": classes[part],
                        "reason": np.full(len(part), ""), "file": np.zeros(len(part), np.int32)})
     return reduction
 
