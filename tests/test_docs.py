@@ -46,7 +46,7 @@ def test_cli_reference_names_every_command_and_flag():
             for option in action.option_strings:
                 if option not in ("-h", "--help"):
                     assert f"`{option}" in text or f", {option}" in text, f"{parser.prog} {option}"
-            if action.help and not isinstance(action, argparse._HelpAction):
+            if action.help and "%" not in action.help and not isinstance(action, argparse._HelpAction):
                 assert " ".join(action.help.split()).replace("|", "\\|")[:40] in text, f"{parser.prog} {action.dest}"
 
 
