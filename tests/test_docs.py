@@ -24,6 +24,12 @@ def runnable_blocks(text: str) -> list[str]:
     return [m.group(1) for m in RUNNABLE.finditer(text)]
 
 
+def anchors(markdown: str) -> set[str]:
+    """GitHub's ids of a page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+\s+(.*?)\s*$", re.sub(r"^```.*?^```", "", markdown, flags=re.M | re.S), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
 def all_parsers(parser: argparse.ArgumentParser):
     yield parser
     for action in parser._actions:
@@ -64,12 +70,13 @@ def test_relative_links_resolve(page):
     text = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)  # links in code blocks are not links
     missing = []
     for target in LINK.findall(text):
-        path = target.split("#", 1)[0]
-        if not path or re.match(r"[a-z]+:", path):
+        path, _, anchor = target.partition("#")
+        if re.match(r"[a-z]+:", path):
             continue
-        if not (ROOT / page).parent.joinpath(path).exists():
+        file = (ROOT / page).parent.joinpath(path) if path else ROOT / page
+        if not file.exists() or (anchor and file.suffix == ".md" and anchor not in anchors(file.read_text())):
             missing.append(target)
-    assert not missing, f"{page}: links to missing files: {missing}"
+    assert not missing, f"{page}: links to missing files or headings: {missing}"
 
 
 @pytest.mark.slow
