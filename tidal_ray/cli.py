@@ -116,13 +116,14 @@ def cmd_score(args):
 
 def cmd_campaign(args):
     from tidal_ray.campaign import cycle as campaign
+    from tidal_ray.campaign.state import class_names_from
 
     if args.action == "init":
         config = campaign.CampaignConfig(
             pool=args.pool, num_classes=args.num_classes, k=args.k, cycles=args.cycles, strategy=args.strategy,
             backbone=parse_model(args), feature_layers=parse_layers(args.feature_layers), weights=args.weights,
             image_size=args.image_size, channels=args.channels, normalize=args.normalize, augment=args.augment,
-            class_names=parse_class_names(args.class_names), presign=args.presign, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lam=args.lam,
+            class_names=class_names_from(args.class_names), presign=args.presign, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lam=args.lam,
             seed=args.seed, initial_labels=args.initial_labels, oracle=args.oracle, test=args.test,
             trainer=args.trainer, workers=args.workers, use_gpu=args.use_gpu, actors=parse_actors(args.actors),
             per_class_quota=args.per_class_quota, batch_mode=args.batch_mode, beta=args.beta,
@@ -143,24 +144,6 @@ def cmd_campaign(args):
         from tidal_ray.campaign.imports import import_labels
 
         import_labels(args.campaign, args.labels)
-
-
-def parse_class_names(text: str | None) -> list[str] | None:
-    """``--class-names``: comma-separated, or a file (local or s3://) with one name per line."""
-    if not text:
-        return None
-    import os
-
-    from tidal_ray.data import storage
-
-    if text.startswith("s3://") or os.path.isfile(text):
-        names = [line.strip() for line in storage.read_bytes(text).decode().splitlines()]
-    else:
-        names = [n.strip() for n in text.split(",")]
-    names = [n for n in names if n]
-    if len(set(names)) != len(names):
-        raise BadInput(f"--class-names: names repeat ({text})")
-    return names
 
 
 def cmd_report(args):
@@ -300,7 +283,8 @@ def add_campaign_parser(sub) -> None:
     a.add_argument("--num-classes", type=int, required=True)
     a.add_argument("--k", type=int, required=True, help="samples to label per cycle")
     a.add_argument("--cycles", type=int, required=True, help="selection cycles")
-    a.add_argument("--strategy", default="tidal-entropy")
+    a.add_argument("--strategy", default="margin",
+                   help="default margin: it led every Fashion-MNIST regime (benchmarks/README.md)")
     add_recipe_arguments(a)
     a.add_argument("--initial-labels", type=int, default=0,
                    help="draw N initial rows (--initial-draw); labeled by the oracle with --oracle, else exported "

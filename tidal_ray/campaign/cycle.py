@@ -312,6 +312,7 @@ def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = Non
     if storage.exists(state_uri(root)):
         raise BadInput(f"a campaign already exists at {root}")
     from tidal_ray.data.lookup import pool_has_ids
+    from tidal_ray.campaign.initial import initial_draw
     from tidal_ray.data.lookup import sample_labels
     from tidal_ray.data.pool import describe_pool
     from tidal_ray.train.config import resolve_recipe
@@ -351,28 +352,6 @@ def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = Non
         f"({spec.rows} rows{skipped}), model {config.backbone}, input {'x'.join(map(str, input_shape))}, "
         f"{config.cycles} cycles of {config.k}")
     return state
-
-
-def initial_draw(spec, config: CampaignConfig, input_shape) -> pa.Table:
-    """``--initial-labels N`` drawn at random or typical: with --oracle ``id, label`` (the
-    oracle's labels), else a selection to export (``rank, id, score, strategy, predicted_class``)."""
-    from tidal_ray.campaign.initial import random_ids, typical_ids
-    from tidal_ray.data.lookup import labels_of
-
-    if config.initial_labels > spec.rows:
-        raise BadInput(f"--initial-labels {config.initial_labels} is more than the pool's {spec.rows} rows")
-    if config.initial_draw == "typical":
-        ids = typical_ids(spec, config.initial_labels, config.seed, input_shape, config.backbone, config.num_classes,
-                          config.weights, config.feature_layers, config.normalize)
-    else:
-        ids = random_ids(spec, config.initial_labels, config.seed)
-    if config.oracle:
-        ids, labels = labels_of(spec, ids, input_shape)
-        return pa.table({"id": pa.array(ids.tolist(), spec.id_type), "label": pa.array(labels, pa.int64())})
-    n = len(ids)
-    return pa.table({"rank": pa.array(np.arange(n), pa.int64()), "id": pa.array(ids, spec.id_type),
-                     "score": pa.array(np.zeros(n)), "strategy": pa.array([config.initial_draw] * n),
-                     "predicted_class": pa.array(np.full(n, -1), pa.int64())})
 
 
 def status(root: str) -> dict:

@@ -90,3 +90,24 @@ def typical_ids(spec, n: int, seed: int, input_shape, backbone: str, num_classes
     if not np.isfinite(embedding).all():
         raise BadInput(f"--initial-draw typical: the embedding of the pool {spec.uri} is not finite")
     return keys[typical_rows(embedding, keys, n, seed)].tolist()
+
+
+def initial_draw(spec, config, input_shape) -> pa.Table:
+    """``--initial-labels N`` drawn at random or typical: with --oracle ``id, label`` (the
+    oracle's labels), else a selection to export (``rank, id, score, strategy, predicted_class``)."""
+    from tidal_ray.data.lookup import labels_of
+
+    if config.initial_labels > spec.rows:
+        raise BadInput(f"--initial-labels {config.initial_labels} is more than the pool's {spec.rows} rows")
+    if config.initial_draw == "typical":
+        ids = typical_ids(spec, config.initial_labels, config.seed, input_shape, config.backbone, config.num_classes,
+                          config.weights, config.feature_layers, config.normalize)
+    else:
+        ids = random_ids(spec, config.initial_labels, config.seed)
+    if config.oracle:
+        ids, labels = labels_of(spec, ids, input_shape)
+        return pa.table({"id": pa.array(ids.tolist(), spec.id_type), "label": pa.array(labels, pa.int64())})
+    n = len(ids)
+    return pa.table({"rank": pa.array(np.arange(n), pa.int64()), "id": pa.array(ids, spec.id_type),
+                     "score": pa.array(np.zeros(n)), "strategy": pa.array([config.initial_draw] * n),
+                     "predicted_class": pa.array(np.full(n, -1), pa.int64())})

@@ -2,6 +2,7 @@
 and the labels that have arrived (one file per arrival, never rewritten)."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -188,3 +189,17 @@ def selected_ids(root: str, up_to_cycle: int) -> list:
         if storage.exists(uri):
             ids.extend(storage.read_parquet(uri).column("id").to_pylist())
     return ids
+
+
+def class_names_from(text: str | None) -> list[str] | None:
+    """``--class-names``: comma-separated, or a file (local or s3://) with one name per line."""
+    if not text:
+        return None
+    if text.startswith("s3://") or os.path.isfile(text):
+        names = [line.strip() for line in storage.read_bytes(text).decode().splitlines()]
+    else:
+        names = [n.strip() for n in text.split(",")]
+    names = [n for n in names if n]
+    if len(set(names)) != len(names):
+        raise BadInput(f"--class-names: names repeat ({text})")
+    return names
