@@ -333,6 +333,8 @@ def score_pool(checkpoint_uri, pool_uri, k, out_uri, strategy="tidal-entropy", e
         "outputs": {"selection": storage.join(out_uri, "selection.parquet"),
                     "rejects": storage.join(out_uri, "rejects.parquet"),
                     "scores": scores.written if scores is not None else []},
+        # botocore's retries in this process (pyarrow's reads retry too, uncounted: it exposes no count)
+        "s3_retries": storage.s3_retries(),
         "versions": _versions(),
     }
     storage.write_parquet(storage.join(out_uri, "rejects.parquet"), reduction.rejects_table())
