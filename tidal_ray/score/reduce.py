@@ -18,11 +18,13 @@ from tidal_ray.data import ids as id_utils
 from tidal_ray.data import storage
 from tidal_ray.data.decode import DUPLICATE_ID, NULL_ID, is_decoded, numpy_column, reason_kind
 from tidal_ray.data.ids import is_member
+from tidal_ray.data.lookup import ROW_BITS, row_group_of
 from tidal_ray.method.topk import StreamingTopK
 
 PROGRESS_SECONDS = 5.0
 SCORES_ROWS_PER_PART = 1_000_000
 NONFINITE_SCORE = "non-finite score"
+POSITION = "position"        # a kept row's file << ROW_BITS | row, carried through the top-k
 
 
 class ScoresWriter:
@@ -84,12 +86,17 @@ class Reduction:
     files, row within the file), ``reason`` ("" = decoded), ``predicted_class`` and the
     score columns. A decoded row of a repeated id is held until every row has arrived;
     the one at the earliest position wins (``ids.EarliestRows``), so the result does not
-    depend on the order batches arrive in. ``finish`` settles them."""
+    depend on the order batches arrive in. ``finish`` settles them.
+
+    Each kept row carries its position, so the selection says where each picked row
+    lives (``file``, ``row_group``, ``row``: ``row_groups`` is the pool's per-file row
+    group row counts, ``PoolSpec.row_groups``; image files have none: row group -1)."""
 
     def __init__(self, k: int, strategy: str, num_classes: int, id_type: pa.DataType, exclude: np.ndarray,
                  file_name, *, repeated: np.ndarray | None = None, per_class_quota: bool = False,
-                 scores: ScoresWriter | None = None):
+                 scores: ScoresWriter | None = None, row_groups=()):
         self.strategy, self.id_type, self.exclude, self.file_name = strategy, id_type, exclude, file_name
+        self.row_groups = row_groups
         self.topk = StreamingTopK(k, per_class_quota=per_class_quota, num_classes=num_classes)
         self.earliest = id_utils.EarliestRows(id_utils.empty(id_type) if repeated is None else repeated)
         self.scores = scores
@@ -115,9 +122,10 @@ class Reduction:
         if not decoded.all():
             self._reject(ids[~decoded], files[~decoded], numpy_column(batch, "reason")[~decoded])
         columns = {name: numpy_column(batch, name) for name in self.columns}
+        rows = numpy_column(batch, "row").astype(np.int64)
+        columns[POSITION] = (files.astype(np.int64) << ROW_BITS) | rows
         repeated = decoded & self.earliest.candidates(ids)
         if repeated.any():
-            rows = numpy_column(batch, "row")
             for i in np.flatnonzero(repeated):
                 payload = (ids[i], files[i], {name: values[i] for name, values in columns.items()})
                 lost = self.earliest.offer(ids[i].item(), (int(files[i]), int(rows[i])), payload)
@@ -138,7 +146,8 @@ class Reduction:
         if winners:
             ids = np.array([w[0] for w in winners])
             files = np.array([w[1] for w in winners])
-            self._admit(ids, files, {name: np.array([w[2][name] for w in winners]) for name in self.columns})
+            self._admit(ids, files, {name: np.array([w[2][name] for w in winners])
+                                     for name in (*self.columns, POSITION)})
 
     def _admit(self, ids, files, columns) -> None:
         """Decoded rows, each the only row of its id: non-finite scores are rejected,
@@ -155,10 +164,11 @@ class Reduction:
         self.rows_excluded += int(excluded.sum())
         self.rows_scored += int(keep.sum())
         predicted = columns["predicted_class"]
+        position = {POSITION: columns[POSITION]}
         if keep.all():
-            self.topk.add(ids, score, predicted)
+            self.topk.add(ids, score, predicted, position)
         else:
-            self.topk.add(ids[keep], score[keep], predicted[keep])
+            self.topk.add(ids[keep], score[keep], predicted[keep], {POSITION: position[POSITION][keep]})
         if self.scores is not None:
             self.scores.add({"id": ids, "predicted_class": predicted, "excluded": excluded,
                              **{s: columns[s] for s in self.scores.strategies}})
@@ -178,14 +188,22 @@ class Reduction:
                 "rejects_by_reason": dict(sorted(self.rejects_by_reason.items()))}
 
     def selection_table(self) -> pa.Table:
+        """``rank``, ``id``, ``score``, ``strategy``, ``predicted_class`` and where the row
+        lives: ``file`` (index into the pool's files, as selection.json lists them; image
+        files: into the listing), ``row_group`` and ``row`` (within the file)."""
         self.finish()
-        ids, scores, classes = self.topk.result()
+        ids, scores, classes, extra = self.topk.result_with_extra()
+        position = extra.get(POSITION, np.zeros(0, np.int64))
+        files, rows = position >> ROW_BITS, position & ((1 << ROW_BITS) - 1)
         return pa.table({
             "rank": pa.array(np.arange(1, len(ids) + 1), pa.int64()),
             "id": pa.array(ids.tolist(), self.id_type),
             "score": pa.array(scores, pa.float64()),
             "strategy": pa.array([self.strategy] * len(ids), pa.string()),
             "predicted_class": pa.array(classes, pa.int64()),
+            "file": pa.array(files, pa.int32()),
+            "row_group": pa.array(row_group_of(self.row_groups, files, rows), pa.int32()),
+            "row": pa.array(rows, pa.int64()),
         })
 
     def rejects_table(self) -> pa.Table:
