@@ -1,6 +1,6 @@
 """Driver memory and wall time of one oracle campaign cycle, for a pool of N and of 10N rows.
 
-    python benchmarks/campaign_scale.py [--rows 200000] [--storage local|s3|both] [--repeat 2]
+    python benchmarks/campaign_scale.py [--rows 200000] [--storage local|s3|both] [--repeat 2] [--pools DIR]
 
 The pool is synthetic 64-d float32 features (``make_pool --source synthetic --format
 features --shape 64``), 100,000 rows per parquet file, on local disk and/or on a
@@ -17,8 +17,11 @@ read after each step, so a step's figure is the peak so far; Ray's daemons and o
 store are other processes and are not counted. Not ``ru_maxrss``: Linux carries it over
 an exec from the process that spawned the child, so every child would report at least
 this benchmark's own RSS, which holds the loopback S3 server's objects. Prints per-step wall time and peak RSS
-and the 10N / N ratios for ``init`` and the whole cycle; writes
-benchmarks/out/campaign_scale.json.
+and the 10N / N ratios: driver peak RSS for ``init`` and the whole cycle, and wall time
+for train, select, final train and the whole cycle (every step after ``ray start``), with
+the load average at the start of each run (the machine is shared). ``--pools DIR`` keeps
+the local pools in DIR and reuses them on the next run (a 10M-row pool takes about a
+minute to write). Writes benchmarks/out/campaign_scale.json.
 """
 from __future__ import annotations
 
@@ -88,6 +91,28 @@ def run_child(kind: str, root: str, pool: str, test: str, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def seconds(run: dict, step: str) -> float:
+    """A step's wall time in a run; ``whole cycle``: every step after ``ray start``."""
+    steps = run["cycle"]["steps"]
+    if step == "whole cycle":
+        return sum(s["seconds"] for s in steps if s["step"] != "ray start")
+    return next(s["seconds"] for s in steps if s["step"] == step)
+
+
+def ensure_pool(uri: str, rows: int) -> str:
+    """A synthetic features pool of ``rows`` rows at ``uri``, written unless already there."""
+    from tidal_ray.data import storage
+    from tidal_ray.data.make_pool import make_pool
+
+    if storage.exists(uri) and storage.list_files(uri):
+        print(f"using the {rows:,}-row pool at {uri}", flush=True)
+        return uri
+    started = time.perf_counter()
+    make_pool(uri, source="synthetic", rows=rows, fmt="features", shape=SHAPE, shards=max(1, rows // ROWS_PER_FILE))
+    print(f"wrote a {rows:,}-row pool at {uri} in {time.perf_counter() - started:.0f}s", flush=True)
+    return uri
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=200_000, help="N (the other pool has 10N)")
@@ -97,6 +122,7 @@ def main() -> None:
     parser.add_argument("--initial", type=int, default=1000, help="initial labels drawn by the oracle")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--init-only", action="store_true", help="measure campaign init alone (quick repeats)")
+    parser.add_argument("--pools", help="local folder for the pools, reused when already there (local storage)")
     parser.add_argument("--child", choices=["init", "cycle"], help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--pool", help=argparse.SUPPRESS)
@@ -108,8 +134,6 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from tidal_ray.data.make_pool import make_pool
-
     results = {"machine": machine(),
                "settings": {"n": args.rows, "shape": SHAPE, "rows_per_file": ROWS_PER_FILE, "k": args.k,
                             "initial_labels": args.initial, "epochs": args.epochs, "backbone": "mlp",
@@ -119,15 +143,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="campaign-scale-") as local:
         for store in stores:
             base = start_s3("campaign-scale") if store == "s3" else local
-            test = f"{base}/test"
-            make_pool(test, source="synthetic", rows=TEST_ROWS, fmt="features", shape=SHAPE)
+            pools = args.pools if store == "local" and args.pools else base
+            test = ensure_pool(f"{pools}/test", TEST_ROWS)
             by_size = {}
             for rows in (args.rows, 10 * args.rows):
-                pool = f"{base}/pool-{rows}"
-                started = time.perf_counter()
-                make_pool(pool, source="synthetic", rows=rows, fmt="features", shape=SHAPE,
-                          shards=max(1, rows // ROWS_PER_FILE))
-                print(f"{store}: wrote a {rows:,}-row pool in {time.perf_counter() - started:.0f}s", flush=True)
+                pool = ensure_pool(f"{pools}/pool-{rows}", rows)
                 for repeat in range(args.repeat):
                     root = f"{base}/campaign-{rows}-{repeat}"
                     run = {"storage": store, "rows": rows, "repeat": repeat, "load_average": os.getloadavg()}
@@ -146,10 +166,21 @@ def main() -> None:
                          "init": large["init"]["steps"][-1]["peak_rss_mb"] / small["init"]["steps"][-1]["peak_rss_mb"],
                          "cycle": None if args.init_only else
                          large["cycle"]["steps"][-1]["peak_rss_mb"] / small["cycle"]["steps"][-1]["peak_rss_mb"]}
+                if not args.init_only:
+                    ratio["seconds"] = {step: seconds(large, step) / seconds(small, step)
+                                        for step in ("train", "select", "final train", "whole cycle")}
+                    ratio["seconds_n"] = {step: seconds(small, step) for step in ratio["seconds"]}
+                    ratio["seconds_10n"] = {step: seconds(large, step) for step in ratio["seconds"]}
                 results["ratios"].append(ratio)
                 cycle = "not run" if ratio["cycle"] is None else f"{ratio['cycle']:.3f}"
                 print(f"{store} #{repeat}: driver peak RSS 10N / N: init {ratio['init']:.3f}, "
                       f"whole cycle {cycle} (target <= 1.10)", flush=True)
+                if not args.init_only:
+                    print(f"{store} #{repeat}: wall time N / 10N / ratio: " + ", ".join(
+                        f"{step} {ratio['seconds_n'][step]:.1f}s / {ratio['seconds_10n'][step]:.1f}s / {r:.2f}"
+                        for step, r in ratio["seconds"].items())
+                        + f" (targets: train ratio <= 1.2, whole cycle at 10N <= 150 s); load at the runs' starts "
+                        f"{small['load_average'][0]:.1f} / {large['load_average'][0]:.1f}", flush=True)
     write_results(results, args.out)
 
 

@@ -35,7 +35,7 @@ def test_reduction_histogram_counts_every_scored_row_in_fixed_bins():
         scores = rng.uniform(0, top, 100)
         scores[:3] = [0.0, top, top + 1e-12]  # both ends, and a rounding step past the top
         scores[5] = np.nan                     # rejected, never counted
-        reduction.add({"id": ids, "file": np.zeros(100, np.int32), "reason": np.full(100, ""),
+        reduction.add({"id": ids, "file": np.zeros(100, np.int32), "row": ids, "reason": np.full(100, ""),
                        "predicted_class": ids % 4, "entropy": scores})
         keep = np.isfinite(scores) & ~np.isin(ids, [3, 10])
         kept.append(np.clip(scores[keep], 0, top))

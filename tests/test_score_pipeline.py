@@ -298,7 +298,8 @@ def test_reduction_rejects_non_finite_scores():
 
     spec = PoolSpec("mem://pool", "pixels", (("mem://pool/a.parquet", 1),), pa.int64(), 4, (1,))
     reduction = Reduction(2, "entropy", 3, pa.int64(), np.array([4]), spec.file_name)
-    reduction.add({"id": np.array([1, 2, 3, 4]), "file": np.zeros(4, np.int32), "reason": np.array(["", "", "", ""]),
+    reduction.add({"id": np.array([1, 2, 3, 4]), "file": np.zeros(4, np.int32), "row": np.arange(4),
+                   "reason": np.array(["", "", "", ""]),
                    "predicted_class": np.array([0, 1, 2, 0]), "entropy": np.array([0.5, np.nan, np.inf, 0.9])})
     assert reduction.accounting() == {"rows_read": 4, "rows_scored": 1, "rows_rejected": 2, "rows_excluded": 1,
                                       "rejects_by_reason": {NONFINITE_SCORE: 2}}

@@ -32,7 +32,8 @@ def stream(ids, scores, classes, k, rng, exclude=(), per_class_quota=False, num_
     cuts = np.sort(rng.choice(np.arange(1, len(ids)), size=rng.integers(1, 30), replace=False))
     for part in np.split(np.arange(len(ids)), cuts):
         reduction.add({"id": ids[part], "random": scores[part], "predicted_class": classes[part],
-                       "reason": np.full(len(part), ""), "file": np.zeros(len(part), np.int32)})
+                       "reason": np.full(len(part), ""), "file": np.zeros(len(part), np.int32),
+                       "row": part.astype(np.int64)})
     return reduction
 
 

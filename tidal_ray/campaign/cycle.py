@@ -74,7 +74,7 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
         from tidal_ray.train.ingest import labeled_rows
 
         # The labeled rows go from the pool to the workers on Ray Data, never through here.
-        rows = labeled_rows(config.pool, ids, y, train_config.input_shape, spec)
+        rows = labeled_rows(config.pool, ids, y, train_config.input_shape, spec, label_positions(root, cycle))
         ids, y, rejected = rows.ids, rows.labels, rows.rejected
         result = train_on_ray(train_config, ids, y, rows.dataset, storage_uri=checkpoint_dir,
                               num_workers=config.workers, use_gpu=config.use_gpu,
@@ -102,6 +102,27 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
         "train_seconds": train_seconds, "train_history": history,
         "label_counts": np.bincount(y, minlength=config.num_classes).tolist(),
     })
+
+
+def _positions(table: pa.Table) -> pa.Table | None:
+    """``id`` and where the row lives, from a selection or the initial labels (None
+    when it does not say: made before positions were recorded)."""
+    from tidal_ray.data.lookup import POSITION_COLUMNS
+
+    if not all(c in table.column_names for c in POSITION_COLUMNS):
+        return None
+    table = table.select(["id", *POSITION_COLUMNS])
+    return table.filter(table.column("row").is_valid())
+
+
+def label_positions(root: str, cycle: int) -> pa.Table | None:
+    """Where the labeled rows live: the initial labels' positions (looked up once at
+    init) and every earlier cycle's selection (later labels are of selected ids)."""
+    tables = [_positions(storage.read_parquet(uri)) for uri in
+              [labels_uri(root, 0)] + [cycle_uri(root, c, "selection.parquet") for c in range(cycle)]
+              if storage.exists(uri)]
+    tables = [t for t in tables if t is not None]
+    return pa.concat_tables(tables, promote_options="permissive") if tables else None
 
 
 def step_select(root: str, config: CampaignConfig, cycle: int, log) -> None:
@@ -165,8 +186,9 @@ def step_wait_for_labels(root: str, config: CampaignConfig, cycle: int, log) -> 
     from tidal_ray.data.pool import describe_pool
 
     selection = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet"))
-    # Only the id and label columns of the selected rows are read, never the data.
-    ids, labels = labels_of(describe_pool(config.pool), selection.column("id").to_pylist())
+    # Only the id and label columns of the selected rows' row groups are read, never the data.
+    ids, labels = labels_of(describe_pool(config.pool), selection.column("id").to_pylist(),
+                            positions=_positions(selection))
     storage.write_parquet(target, pa.table({"id": pa.array(ids), "label": pa.array(labels, pa.int64())}))
     log(f"cycle {cycle}: oracle labeled {len(ids)} samples")
     return True
@@ -314,7 +336,7 @@ def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = Non
         raise BadInput(f"a campaign already exists at {root}")
     from tidal_ray.data.lookup import pool_has_ids
     from tidal_ray.campaign.initial import initial_draw
-    from tidal_ray.data.lookup import sample_labels
+    from tidal_ray.data.lookup import sample_labels, winning_positions
     from tidal_ray.data.pool import describe_pool
     from tidal_ray.train.config import resolve_recipe
 
@@ -343,6 +365,8 @@ def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = Non
     if config.batch_mode == "cluster" and config.clusters > spec.rows - table.num_rows:
         raise BadInput(f"--clusters {config.clusters}: more than the {spec.rows - table.num_rows} unlabeled rows")
     waiting = "label" not in table.column_names  # drawn without --oracle: a person labels them first
+    if not waiting:  # where each initial row lives, looked up once, so training reads those rows directly
+        table = table.join(winning_positions(spec, table.column("id").to_pylist()), "id", join_type="left outer")
     storage.write_parquet(initial_selection_uri(root) if waiting else labels_uri(root, 0), table)
     state = {"config": asdict(config), "cycle": 0, "step": "initial-export" if waiting else "train",
              "status": "initialized", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -1,5 +1,6 @@
 """Rows of a pool found by id or by position, without reading the pool: the one way to
-read rows by id (oracle labels, exports, in-memory loads, existence checks, training).
+read rows by id (oracle labels, exports, in-memory loads, existence checks, training)
+and by position (``rows_at_positions``: where a selection says its rows live).
 
 Only the columns asked for are read, and only from the row groups that can hold a
 wanted row: for integer ids the row group's min/max statistics (found by the Parquet
@@ -26,6 +27,8 @@ from tidal_ray.data.pool import PoolSpec, describe_pool, input_shape_for
 from tidal_ray.errors import BadInput
 
 BATCH_ROWS = 65536
+ROW_BITS = 40         # one int64 per row: file << ROW_BITS | row within the file
+POSITION_COLUMNS = ("file", "row_group", "row")
 
 
 def id_leaf_index(metadata: pq.FileMetaData) -> int | None:
@@ -100,7 +103,7 @@ def read_rows(spec: PoolSpec, ids, columns: list[str]) -> pa.Table:
 
 def positions(table: pa.Table) -> np.ndarray:
     """One sortable int64 per row of ``read_rows``: file, then row within the file."""
-    return (table.column("file").to_numpy().astype(np.int64) << 40) | table.column("row").to_numpy()
+    return (table.column("file").to_numpy().astype(np.int64) << ROW_BITS) | table.column("row").to_numpy()
 
 
 def decodable(table: pa.Table, spec: PoolSpec, input_shape) -> np.ndarray:
@@ -154,18 +157,42 @@ def read_selected(spec: PoolSpec, ids, columns: list[str], input_shape=None) -> 
     return table.drop_columns(data) if data else table
 
 
-def labels_of(spec: PoolSpec, ids, input_shape=None) -> tuple[np.ndarray, np.ndarray]:
+def labels_of(spec: PoolSpec, ids, input_shape=None, positions: pa.Table | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(ids, labels)`` for ``ids`` in the order given, from the winning row of each id
-    (the earliest decodable, as scoring decides). BadInput when an id is not in the pool
-    or its row has no label."""
+    (the earliest decodable, as scoring decides). ``positions`` (``id, file, row_group,
+    row``, e.g. a selection's): the ids it holds are read there, their row groups' ``id``
+    and ``label`` only (a selected position is the winning row by construction); other
+    ids by id. BadInput when an id is not in the pool (or not at its position) or its
+    row has no label."""
     if spec.format == "files" or not spec.has_label:
         raise BadInput(f"the oracle needs a 'label' column in the pool {spec.uri}")
-    table = in_given_order(read_selected(spec, ids, ["label"], input_shape), spec, ids)
+    table = in_given_order(rows_of(spec, ids, ["label"], positions, input_shape), spec, ids)
     labels = table.column("label").cast(pa.int64())
     if labels.null_count:
         first = int(np.flatnonzero(labels.is_null().to_numpy(zero_copy_only=False))[0])
         raise BadInput(f"the pool {spec.uri} has no label for id {table.column('id')[first].as_py()!r}")
     return id_utils.to_numpy(table.column("id"), spec.id_type), labels.to_numpy()
+
+
+def rows_of(spec: PoolSpec, ids, columns: list[str], positions: pa.Table | None = None, input_shape=None) -> pa.Table:
+    """``id`` and ``columns`` of the winning row of each of ``ids``: at its position where
+    ``positions`` holds it, else found by id (``read_selected``)."""
+    def as_ids(values):
+        return id_utils.to_numpy(id_utils.from_user(list(values), spec.id_type, spec.uri), spec.id_type)
+
+    wanted = as_ids(ids)
+    parts, placed = [], np.zeros(len(wanted), bool)
+    if positions is not None and positions.num_rows:
+        listed = as_ids(positions.column("id").to_pylist())
+        known = positions.filter(pa.array(id_utils.is_member(np.unique(wanted), listed)))
+        placed = id_utils.is_member(np.unique(as_ids(known.column("id").to_pylist())), wanted)
+        if known.num_rows:
+            parts.append(rows_at_positions(spec, *(known.column(c).to_numpy() for c in POSITION_COLUMNS), columns))
+    if not placed.all():
+        parts.append(read_selected(spec, wanted[~placed].tolist(), columns, input_shape))
+    keep = ["id", *columns]
+    return pa.concat_tables([t.select([c for c in keep if c in t.column_names]) for t in parts],
+                            promote_options="permissive") if parts else pa.table({"id": pa.array([], spec.id_type)})
 
 
 def _file_row_counts(spec: PoolSpec) -> np.ndarray:
@@ -215,3 +242,97 @@ def sample_labels(spec: PoolSpec, n: int, seed: int) -> pa.Table:
     table = table.filter(pc.and_(pc.is_valid(table.column("id")), pc.is_valid(table.column("label"))))
     first = id_utils.SeenIds().first_seen(id_utils.to_numpy(table.column("id"), spec.id_type))
     return table.filter(pa.array(first))
+
+
+# ---- by position ----------------------------------------------------------------------------
+
+def row_group_of(row_groups, files, rows) -> np.ndarray:
+    """The row group (index within its file) of each row at ``(files, rows)``, from
+    ``PoolSpec.row_groups`` (per file, its row groups' row counts); -1 where the file
+    has none (image files)."""
+    files, rows = np.asarray(files, np.int64), np.asarray(rows, np.int64)
+    out = np.full(len(rows), -1, np.int32)
+    for f in np.unique(files):
+        if 0 <= f < len(row_groups) and len(row_groups[f]):
+            at = files == f
+            out[at] = np.searchsorted(np.cumsum(row_groups[f]), rows[at], side="right")
+    return out
+
+
+def group_rows(uri: str, row_group: int, rows: np.ndarray, columns: list[str],
+               batch_rows: int = 8192) -> pa.Table:
+    """The rows at sorted ``rows`` (within the file) of one row group of one parquet
+    file, ``columns`` only (those it has), in order. Only that row group is read, and
+    only up to its last wanted row: the rest of it is never decoded."""
+    fs, path = storage.resolve(uri)
+    rows = np.asarray(rows, np.int64)
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        columns = [c for c in dict.fromkeys(columns) if c in pf.schema_arrow.names]
+        start = sum(pf.metadata.row_group(g).num_rows for g in range(row_group))
+        stop = start + pf.metadata.row_group(row_group).num_rows
+        if len(rows) and (rows[0] < start or rows[-1] >= stop):
+            raise BadInput(f"{uri}: no row {int(rows[0] if rows[0] < start else rows[-1])} in row group "
+                           f"{row_group} (rows {start}..{stop - 1}): the pool changed since the positions were taken")
+        parts = []
+        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[row_group], columns=columns):
+            if start > rows[-1]:
+                break
+            inside = rows[(rows >= start) & (rows < start + batch.num_rows)]
+            if len(inside):
+                parts.append(pa.Table.from_batches([batch]).take(pa.array(inside - start)))
+            start += batch.num_rows
+        return pa.concat_tables(parts) if parts else pf.schema_arrow.empty_table().select(columns)
+
+
+def position_units(files, row_groups, rows) -> list[tuple[int, int, np.ndarray]]:
+    """``(file, row_group, sorted rows)`` for each row group holding some of the rows,
+    in pool order."""
+    files, row_groups, rows = (np.asarray(a, np.int64) for a in (files, row_groups, rows))
+    order = np.lexsort((rows, row_groups, files))
+    files, row_groups, rows = files[order], row_groups[order], rows[order]
+    cuts = np.flatnonzero((np.diff(files) != 0) | (np.diff(row_groups) != 0)) + 1
+    return [(int(files[s[0]]), int(row_groups[s[0]]), rows[s])
+            for s in np.split(np.arange(len(rows)), cuts) if len(s)]
+
+
+def rows_at_positions(spec: PoolSpec, file, row_group, row, columns: list[str]) -> pa.Table:
+    """The parquet pool's rows at the given positions (``file``: index into
+    ``spec.files``; ``row_group``; ``row`` within the file), reading only the row groups
+    that hold them: ``id``, ``columns`` (those the files have), ``file``, ``row_group``
+    and ``row``, in pool order. No duplicate rule applies: a position names one row."""
+    parts = []
+    for f, g, rows in position_units(file, row_group, row):
+        if not 0 <= f < len(spec.files):
+            raise BadInput(f"{spec.uri}: no file number {f} (the pool has {len(spec.files)}): "
+                           f"the pool changed since the positions were taken")
+        table = group_rows(spec.files[f][0], g, rows, ["id", *columns])
+        table = table.set_column(0, "id", id_utils.cast(table.column("id"), spec.id_type, spec.files[f][0]))
+        parts.append(table.append_column("file", pa.array(np.full(len(rows), f, np.int32)))
+                     .append_column("row_group", pa.array(np.full(len(rows), g, np.int32)))
+                     .append_column("row", pa.array(rows)))
+    if not parts:
+        return pa.table({"id": pa.array([], spec.id_type), "file": pa.array([], pa.int32()),
+                         "row_group": pa.array([], pa.int32()), "row": pa.array([], pa.int64())})
+    return pa.concat_tables(parts, promote_options="permissive")
+
+
+def winning_positions(spec: PoolSpec, ids) -> pa.Table:
+    """``id, file, row_group, row``: where the row of each of ``ids`` lives, looked up
+    once by id (the ``id`` columns only). Ids with more than one row (whose winner is
+    decided by decoding, at read time) and ids not in the pool are left out: they are
+    read by id."""
+    if spec.format == "files":
+        return pa.table({"id": pa.array([], spec.id_type), **_no_positions()})
+    found = read_rows(spec, ids, [])
+    found_ids = id_utils.to_numpy(found.column("id"), spec.id_type)
+    _, inverse, counts = np.unique(found_ids, return_inverse=True, return_counts=True)
+    once = found.filter(pa.array(counts[inverse] == 1))
+    files, rows = once.column("file").to_numpy(), once.column("row").to_numpy()
+    return pa.table({"id": once.column("id"), "file": pa.array(files, pa.int32()),
+                     "row_group": pa.array(row_group_of(spec.row_groups, files, rows), pa.int32()),
+                     "row": pa.array(rows, pa.int64())})
+
+
+def _no_positions() -> dict:
+    return {"file": pa.array([], pa.int32()), "row_group": pa.array([], pa.int32()), "row": pa.array([], pa.int64())}

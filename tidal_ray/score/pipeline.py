@@ -285,7 +285,8 @@ def score_pool(checkpoint_uri, pool_uri, k, out_uri, strategy="tidal-entropy", e
     scores = ScoresWriter(out_uri, plan.spec.id_type, plan.strategies) if save_scores else None
     reduction = Reduction(plan.k, plan.strategy, plan.num_classes, plan.spec.id_type, plan.exclude,
                           plan.spec.file_name, repeated=repeated, per_class_quota=plan.per_class_quota,
-                          scores=scores, batch=plan.batch, seed=plan.seed, cycle=plan.cycle)
+                          scores=scores, batch=plan.batch, seed=plan.seed, cycle=plan.cycle,
+                          row_groups=plan.spec.row_groups)
     batches = score_batches_on_ray(plan, use_gpu, extra) if use_ray else score_batches_in_process(plan, extra)
     first_at = last_at = None
     first_rows = 0

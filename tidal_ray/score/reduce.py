@@ -20,6 +20,7 @@ from tidal_ray.data import ids as id_utils
 from tidal_ray.data import storage
 from tidal_ray.data.decode import DUPLICATE_ID, NULL_ID, is_decoded, numpy_column, reason_kind
 from tidal_ray.data.ids import is_member
+from tidal_ray.data.lookup import ROW_BITS, row_group_of
 from tidal_ray.method import batch as batch_modes
 from tidal_ray.method.topk import StreamingTopK
 
@@ -27,6 +28,7 @@ PROGRESS_SECONDS = 5.0
 SCORES_ROWS_PER_PART = 1_000_000
 NONFINITE_SCORE = "non-finite score"
 HISTOGRAM_BINS = 50
+POSITION = "position"        # a kept row's file << ROW_BITS | row, carried through the selection
 
 
 def score_range(strategy: str, num_classes: int) -> tuple[float, float]:
@@ -123,13 +125,18 @@ class Reduction:
     ``batch`` (``method.batch.BatchParams``) picks the mode: ``topk`` keeps the k best
     scores; ``power`` the k largest keys ``power_keys(strategy, score, id, beta, seed,
     cycle)``; ``cluster`` the top M scores with their ``cluster`` column (batches must
-    carry it), picked round-robin over clusters at the end."""
+    carry it), picked round-robin over clusters at the end.
+
+    Each kept row carries its position, so the selection says where each picked row
+    lives (``file``, ``row_group``, ``row``: ``row_groups`` is the pool's per-file row
+    group row counts, ``PoolSpec.row_groups``; image files have none: row group -1)."""
 
     def __init__(self, k: int, strategy: str, num_classes: int, id_type: pa.DataType, exclude: np.ndarray,
                  file_name, *, repeated: np.ndarray | None = None, per_class_quota: bool = False,
                  scores: ScoresWriter | None = None, batch: batch_modes.BatchParams = batch_modes.BatchParams(),
-                 seed: int = 0, cycle: int = 0):
+                 seed: int = 0, cycle: int = 0, row_groups=()):
         self.strategy, self.id_type, self.exclude, self.file_name = strategy, id_type, exclude, file_name
+        self.row_groups = row_groups
         self.k, self.batch, self.seed, self.cycle = int(k), batch, int(seed), int(cycle)
         self.quota = -(-self.k // num_classes) if per_class_quota else None
         kept = batch.candidates if batch.mode == "cluster" else k
@@ -161,9 +168,10 @@ class Reduction:
         if not decoded.all():
             self._reject(ids[~decoded], files[~decoded], numpy_column(batch, "reason")[~decoded])
         columns = {name: numpy_column(batch, name) for name in self.columns}
+        rows = numpy_column(batch, "row").astype(np.int64)
+        columns[POSITION] = (files.astype(np.int64) << ROW_BITS) | rows
         repeated = decoded & self.earliest.candidates(ids)
         if repeated.any():
-            rows = numpy_column(batch, "row")
             for i in np.flatnonzero(repeated):
                 payload = (ids[i], files[i], {name: values[i] for name, values in columns.items()})
                 lost = self.earliest.offer(ids[i].item(), (int(files[i]), int(rows[i])), payload)
@@ -184,7 +192,8 @@ class Reduction:
         if winners:
             ids = np.array([w[0] for w in winners])
             files = np.array([w[1] for w in winners])
-            self._admit(ids, files, {name: np.array([w[2][name] for w in winners]) for name in self.columns})
+            self._admit(ids, files, {name: np.array([w[2][name] for w in winners])
+                                     for name in (*self.columns, POSITION)})
 
     def _admit(self, ids, files, columns) -> None:
         """Decoded rows, each the only row of its id: non-finite scores are rejected,
@@ -202,13 +211,14 @@ class Reduction:
         kept = columns if keep.all() else {name: v[keep] for name, v in columns.items()}
         score, predicted = kept[self.strategy], kept["predicted_class"]
         self.histogram.add(score)
+        extra = {POSITION: kept[POSITION]}
         if self.batch.mode == "power":
             keys = batch_modes.power_keys(self.strategy, score, rows, self.batch.beta, self.seed, self.cycle)
-            self.topk.add(rows, keys, predicted, {"score": score})
+            self.topk.add(rows, keys, predicted, {**extra, "score": score})
         elif self.batch.mode == "cluster":
-            self.topk.add(rows, score, predicted, {"cluster": kept["cluster"].astype(np.int64)})
+            self.topk.add(rows, score, predicted, {**extra, "cluster": kept["cluster"].astype(np.int64)})
         else:
-            self.topk.add(rows, score, predicted)
+            self.topk.add(rows, score, predicted, extra)
         if self.scores is not None:
             self.scores.add({"id": ids, "predicted_class": columns["predicted_class"], "excluded": excluded,
                              **{s: columns[s] for s in self.scores.strategies}})
@@ -232,10 +242,13 @@ class Reduction:
         return self.histogram.summary(self.selection_table().column("score").to_numpy())
 
     def selection_table(self) -> pa.Table:
-        """``rank``, ``id``, ``score`` (the strategy's), ``strategy``, ``predicted_class``;
-        ``power`` adds ``key``, ``cluster`` adds ``cluster``. Rows in pick order."""
+        """``rank``, ``id``, ``score`` (the strategy's), ``strategy``, ``predicted_class``,
+        and where the row lives: ``file`` (index into the pool's files, as selection.json
+        lists them; image files: into the listing), ``row_group`` and ``row`` (within the
+        file); ``power`` adds ``key``, ``cluster`` adds ``cluster``. Rows in pick order."""
         self.finish()
         ids, ranked, classes, extra = self.topk.result_with_extra()
+        position = extra.get(POSITION, np.zeros(len(ids), np.int64))
         mode_columns = {}
         if self.batch.mode == "power":
             scores = extra.get("score", ranked)
@@ -243,16 +256,20 @@ class Reduction:
         elif self.batch.mode == "cluster":
             clusters = extra.get("cluster", np.zeros(len(ids), np.int64))
             picked = batch_modes.cluster_pick(ids, ranked, clusters, classes, self.k, self.quota)
-            ids, scores, classes = ids[picked], ranked[picked], classes[picked]
+            ids, scores, classes, position = ids[picked], ranked[picked], classes[picked], position[picked]
             mode_columns["cluster"] = pa.array(clusters[picked], pa.int64())
         else:
             scores = ranked
+        files, rows = position >> ROW_BITS, position & ((1 << ROW_BITS) - 1)
         return pa.table({
             "rank": pa.array(np.arange(1, len(ids) + 1), pa.int64()),
             "id": pa.array(ids.tolist(), self.id_type),
             "score": pa.array(scores, pa.float64()),
             "strategy": pa.array([self.strategy] * len(ids), pa.string()),
             "predicted_class": pa.array(classes, pa.int64()),
+            "file": pa.array(files, pa.int32()),
+            "row_group": pa.array(row_group_of(self.row_groups, files, rows), pa.int32()),
+            "row": pa.array(rows, pa.int64()),
             **mode_columns,
         })
 

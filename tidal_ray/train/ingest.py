@@ -1,9 +1,14 @@
 """The labeled rows of a pool as a Ray Dataset for training, read and decoded on Ray
 tasks, never through the driver (DESIGN §1).
 
-    labeled ids -> read tasks (one per parquet file: id filter on each row group, only
-    the row groups that can hold a labeled id; image files: exactly the labeled keys)
+    labeled ids -> read tasks (ids whose position is known, e.g. from a selection: one
+    task per row group holding some, reading just those rows; other ids: one task per
+    parquet file, id filter on each row group that can hold a labeled id; image files:
+    exactly the labeled keys)
     -> decode_batch (CPU tasks) -> materialize (object store) -> id, index, label, x
+
+A cycle's training thus reads the row groups that hold its labels, not the pool; a
+labeled set without positions (``train --labeled``) is found by id.
 
 The driver holds the labeled ids and labels (O(labels)) and, after the read, each
 labeled row's id, file and row position (no data), from which it decides which row
@@ -22,17 +27,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tidal_ray.data import ids as id_utils
 from tidal_ray.data import storage
 from tidal_ray.data.decode import decode_batch
 from tidal_ray.errors import BadInput
-from tidal_ray.data.lookup import rows_with_ids
+from tidal_ray.data.lookup import POSITION_COLUMNS, ROW_BITS, group_rows, position_units, rows_with_ids
 from tidal_ray.data.listing import image_keys_present
 from tidal_ray.data.pool import PoolSpec, describe_pool
 
 READ_CPUS = 0.25      # read + decode tasks, fractional so training workers keep room
-ROW_BITS = 40         # a row's position is file << ROW_BITS | row within the file
 
 
 @dataclass
@@ -60,11 +65,22 @@ def _decoded(table: pa.Table, rows: np.ndarray, file: int, spec: PoolSpec, input
                                       rejects["reason"].astype(object)]).astype(str)}
 
 
-def _read_parquet_files(batch: dict, uris: list[str], wanted: pa.Array, spec: PoolSpec, input_shape):
-    """One read task: the labeled rows of the files in ``batch["file"]``, decoded."""
-    for file in batch["file"].tolist():
-        for table, rows in rows_with_ids(uris[file], wanted, ["id", spec.column]):
-            yield _decoded(table, rows, file, spec, input_shape)
+def _read_parquet_units(batch: pa.Table, wanted: pa.Array, unplaced: pa.Array, spec: PoolSpec, input_shape):
+    """One read task: each unit's labeled rows, decoded. A unit is a row group and the
+    rows of it to read (``row_group`` >= 0; rows not holding a labeled id, as in a pool
+    changed since, are dropped), or a whole file searched for the ``unplaced`` ids."""
+    for unit in batch.to_pylist():
+        file, uri = unit["file"], unit["uri"]
+        if unit["row_group"] < 0:
+            for table, rows in rows_with_ids(uri, unplaced, ["id", spec.column]):
+                yield _decoded(table, rows, file, spec, input_shape)
+            continue
+        rows = np.asarray(unit["rows"], np.int64)
+        table = group_rows(uri, unit["row_group"], rows, ["id", spec.column])
+        ours = pc.is_in(table.column("id").cast(wanted.type), value_set=wanted).fill_null(False).to_numpy(
+            zero_copy_only=False)
+        if ours.any():
+            yield _decoded(table.filter(pa.array(ours)), rows[ours], file, spec, input_shape)
 
 
 def _decode_files(table: pa.Table, numbers: dict[str, int], spec: PoolSpec, input_shape) -> dict:
@@ -73,7 +89,7 @@ def _decode_files(table: pa.Table, numbers: dict[str, int], spec: PoolSpec, inpu
     return _decoded(table, files, 0, spec, input_shape)
 
 
-def _read_dataset(spec: PoolSpec, wanted: pa.Array, input_shape):
+def _read_dataset(spec: PoolSpec, wanted: pa.Array, input_shape, positions: pa.Table | None):
     import ray.data
 
     if spec.format == "files":
@@ -87,11 +103,25 @@ def _read_dataset(spec: PoolSpec, wanted: pa.Array, input_shape):
         return ds.map_batches(_decode_files, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS,
                               fn_kwargs={"numbers": {p: i for i, p in enumerate(paths)}, "spec": spec.slim(),
                                          "input_shape": input_shape})
-    uris = [uri for uri, _ in spec.files]
-    files = ray.data.from_items([{"file": i} for i in range(len(uris))], override_num_blocks=min(len(uris), 256))
-    return files.map_batches(_read_parquet_files, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS,
-                             fn_kwargs={"uris": uris, "wanted": wanted, "spec": spec.slim(),
-                                        "input_shape": input_shape})
+    placed = np.zeros(len(wanted), bool)
+    units = []
+    if positions is not None and positions.num_rows:
+        have = id_utils.to_numpy(wanted, spec.id_type)
+        known = positions.filter(pa.array(id_utils.is_member(
+            np.sort(have), id_utils.to_numpy(positions.column("id").cast(spec.id_type), spec.id_type))))
+        placed = id_utils.is_member(np.unique(id_utils.to_numpy(known.column("id").cast(spec.id_type), spec.id_type)),
+                                    have)
+        units = [{"uri": spec.files[f][0], "file": f, "row_group": g, "rows": rows.tolist()}
+                 for f, g, rows in position_units(*(known.column(c).to_numpy() for c in POSITION_COLUMNS))]
+    unplaced = wanted.filter(pa.array(~placed))
+    if len(unplaced):
+        units += [{"uri": uri, "file": i, "row_group": -1, "rows": []} for i, (uri, _) in enumerate(spec.files)]
+    if not units:
+        return None
+    ds = ray.data.from_items(units, override_num_blocks=min(len(units), 256))
+    return ds.map_batches(_read_parquet_units, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
+                          fn_kwargs={"wanted": wanted, "unplaced": unplaced, "spec": spec.slim(),
+                                     "input_shape": input_shape})
 
 
 def _attach_index_and_label(batch: dict, positions: np.ndarray, index: np.ndarray, labels: np.ndarray) -> dict:
@@ -102,9 +132,12 @@ def _attach_index_and_label(batch: dict, positions: np.ndarray, index: np.ndarra
     return {"id": batch["id"][keep], "index": index[at], "label": labels[at], "x": batch["x"][keep]}
 
 
-def labeled_rows(pool_uri: str, ids, labels, input_shape=None, spec: PoolSpec | None = None) -> LabeledRows:
+def labeled_rows(pool_uri: str, ids, labels, input_shape=None, spec: PoolSpec | None = None,
+                 positions: pa.Table | None = None) -> LabeledRows:
     """The rows of ``ids`` in the pool as a training dataset (``labels`` aligned with
-    ``ids``; ``input_shape`` defaults to the pool's own)."""
+    ``ids``; ``input_shape`` defaults to the pool's own). ``positions`` (``id, file,
+    row_group, row``: where a selection or the initial draw found them) are read
+    directly; ids without one are found by id."""
     from tidal_ray.data.pool import input_shape_for
     from tidal_ray.runtime import init_ray
 
@@ -116,7 +149,7 @@ def labeled_rows(pool_uri: str, ids, labels, input_shape=None, spec: PoolSpec | 
     input_shape = tuple(int(d) for d in (input_shape or input_shape_for(spec)))
 
     init_ray()
-    read = _read_dataset(spec, wanted, input_shape)
+    read = _read_dataset(spec, wanted, input_shape, positions)
     read = read.materialize() if read is not None else None
     # What the driver sees of the read: ids, positions and reasons, no data.
     tables = [] if read is None or read.count() == 0 else \
