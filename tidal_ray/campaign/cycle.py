@@ -25,7 +25,8 @@ import pyarrow as pa
 from tidal_ray.data import ids as id_utils
 from tidal_ray.data import storage
 from tidal_ray.campaign.state import (CampaignConfig, config_of, cycle_label_progress, cycle_uri,
-                                      initial_selection_uri, input_shape_of, labeled_table, labels_uri, load_state,
+                                      initial_selection_uri, input_shape_of, label_positions, labeled_table, labels_uri,
+                                      load_state, positions_of,
                                       progress_line, save_state, selected_ids, skipped_table, state_uri)
 from tidal_ray.errors import BadInput
 from tidal_ray.campaign.labeling import read_labels, validate_labels, write_exports
@@ -104,27 +105,6 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
     })
 
 
-def _positions(table: pa.Table) -> pa.Table | None:
-    """``id`` and where the row lives, from a selection or the initial labels (None
-    when it does not say: made before positions were recorded)."""
-    from tidal_ray.data.lookup import POSITION_COLUMNS
-
-    if not all(c in table.column_names for c in POSITION_COLUMNS):
-        return None
-    table = table.select(["id", *POSITION_COLUMNS])
-    return table.filter(table.column("row").is_valid())
-
-
-def label_positions(root: str, cycle: int) -> pa.Table | None:
-    """Where the labeled rows live: the initial labels' positions (looked up once at
-    init) and every earlier cycle's selection (later labels are of selected ids)."""
-    tables = [_positions(storage.read_parquet(uri)) for uri in
-              [labels_uri(root, 0)] + [cycle_uri(root, c, "selection.parquet") for c in range(cycle)]
-              if storage.exists(uri)]
-    tables = [t for t in tables if t is not None]
-    return pa.concat_tables(tables, promote_options="permissive") if tables else None
-
-
 def step_select(root: str, config: CampaignConfig, cycle: int, log) -> None:
     out = cycle_uri(root, cycle)
     if storage.exists(storage.join(out, "selection.json")):
@@ -188,7 +168,7 @@ def step_wait_for_labels(root: str, config: CampaignConfig, cycle: int, log) -> 
     selection = storage.read_parquet(cycle_uri(root, cycle, "selection.parquet"))
     # Only the id and label columns of the selected rows' row groups are read, never the data.
     ids, labels = labels_of(describe_pool(config.pool), selection.column("id").to_pylist(),
-                            positions=_positions(selection))
+                            positions=positions_of(selection))
     storage.write_parquet(target, pa.table({"id": pa.array(ids), "label": pa.array(labels, pa.int64())}))
     log(f"cycle {cycle}: oracle labeled {len(ids)} samples")
     return True

@@ -191,6 +191,27 @@ def selected_ids(root: str, up_to_cycle: int) -> list:
     return ids
 
 
+def positions_of(table: pa.Table) -> pa.Table | None:
+    """``id`` and where the row lives, from a selection or the initial labels (None
+    when it does not say: made before positions were recorded)."""
+    from tidal_ray.data.lookup import POSITION_COLUMNS
+
+    if not all(c in table.column_names for c in POSITION_COLUMNS):
+        return None
+    table = table.select(["id", *POSITION_COLUMNS])
+    return table.filter(table.column("row").is_valid())
+
+
+def label_positions(root: str, cycle: int) -> pa.Table | None:
+    """Where the labeled rows live: the initial labels' positions (looked up once at
+    init) and every earlier cycle's selection (later labels are of selected ids)."""
+    tables = [positions_of(storage.read_parquet(uri)) for uri in
+              [labels_uri(root, 0)] + [cycle_uri(root, c, "selection.parquet") for c in range(cycle)]
+              if storage.exists(uri)]
+    tables = [t for t in tables if t is not None]
+    return pa.concat_tables(tables, promote_options="permissive") if tables else None
+
+
 def class_names_from(text: str | None) -> list[str] | None:
     """``--class-names``: comma-separated, or a file (local or s3://) with one name per line."""
     if not text:
