@@ -6,6 +6,8 @@
   job's working_dir, to a token-auth ``ray start --head``.
 - A worker node killed while ``score_pool`` runs on ``ray.cluster_utils.Cluster``: the job
   still finishes (Ray Data retries tasks and restarts its actors) with the clean run's selection.
+- A node running a Ray Train worker killed mid-epoch on ``ray.cluster_utils.Cluster``: the
+  run resumes from its last checkpoint, trains every epoch once, and counts a preemption.
 
 Isolation from the session's in-process Ray (``ray_local``) and from any other Ray on the
 machine: every cluster here lives in child processes with their own ``RAY_TMPDIR``, free
@@ -544,3 +546,125 @@ def test_scoring_survives_a_worker_node_dying_mid_job(tmp_path):
     print(f"\nnode failure: clean {result['clean_seconds']:.1f}s, with a node killed at "
           f"{result['removed_at_rows']} rows ({result['removed_at_seconds']:.1f}s) {result['failed_seconds']:.1f}s; "
           f"scorer actors after: {result['actors_after']}")
+
+
+# ---- 3. a training worker's node dies mid-epoch -------------------------------------------------
+
+TRAIN_ROWS, TRAIN_EPOCHS = 256, 4
+
+
+def _latest_checkpoint_epoch(run_dir: Path) -> int:
+    """The epoch of the last checkpoint Ray Train's controller has registered (its
+    snapshot, written after the checkpoint is uploaded and recorded), 0 if none yet."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    if isinstance(snapshot, str):
+        snapshot = json.loads(snapshot)
+    latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name") or "epoch-0000"
+    return int(latest.rsplit("-", 1)[1])
+
+
+def _training_node_failure_main(out: str, result_path: str) -> None:
+    """Runs in its own process: a head with no CPUs and three 1-CPU workers; two Ray Train
+    workers of one CPU each (so on two nodes). As soon as the epoch-1 checkpoint is
+    registered, a driver thread kills (SIGKILL, no drain) a node that hosts a Ray Train worker."""
+    import threading
+
+    import ray
+    from ray._private import state
+    from ray.cluster_utils import Cluster
+
+    from tidal_ray.data.datasets import DIGITS_SHAPE, load_digits
+    from tidal_ray.train.config import TrainConfig
+    from tidal_ray.train.on_ray import train_arrays_on_ray
+
+    fast_failure_detection = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+                              "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False, "_system_config": fast_failure_detection})
+    result = {"events": []}
+    try:
+        for _ in range(3):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+
+        def train_workers() -> list[dict]:
+            return [{"id": a["ActorID"], "node": a["Address"]["NodeID"], "state": a["State"]}
+                    for a in state.actors().values() if "RayTrainWorker" in a["ActorClassName"]]
+
+        run_dir = Path(out) / "lost"
+        started = time.monotonic()
+
+        def kill_a_training_node():
+            while time.monotonic() - started < 180:
+                if _latest_checkpoint_epoch(run_dir) >= 1:
+                    break
+                time.sleep(0.1)
+            else:
+                result["events"].append("no epoch-1 checkpoint within 180 s")
+                return
+            workers = {n.node_id: n for n in cluster.worker_nodes}
+            alive = [a for a in train_workers() if a["state"] == "ALIVE"]
+            victim = next((workers[a["node"]] for a in alive if a["node"] in workers), None)
+            if victim is None:
+                result["events"].append(f"no live Ray Train worker on a worker node: {alive}")
+                return
+            result["workers_before"] = alive
+            result["removed_node"] = victim.node_id
+            result["checkpoint_at_removal"] = _latest_checkpoint_epoch(run_dir)
+            cluster.remove_node(victim, allow_graceful=False)
+            result["removed_at_seconds"] = time.monotonic() - started
+
+        killer = threading.Thread(target=kill_a_training_node, daemon=True)
+        killer.start()
+        ids, pixels, labels = load_digits()
+        config = TrainConfig(num_classes=10, input_shape=DIGITS_SHAPE, backbone="small_cnn", epochs=TRAIN_EPOCHS,
+                             batch_size=32, seed=0, checkpoint_every=1)
+        trained = train_arrays_on_ray(config, ids[:TRAIN_ROWS], pixels[:TRAIN_ROWS], labels[:TRAIN_ROWS], out,
+                                      num_workers=2, max_failures=1, name="lost", cpus_per_worker=1)
+        result["train_seconds"] = time.monotonic() - started
+        killer.join(timeout=10)
+        result["workers_after"] = train_workers()
+        result["alive_nodes"] = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        result["metrics"] = trained.metrics
+        result["checkpoint_uri"] = trained.checkpoint_uri
+        result["failures"], result["preemptions"] = trained.failures, trained.preemptions
+    finally:
+        Path(result_path).write_text(json.dumps(result, indent=1, default=str))
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_training_survives_a_worker_node_dying_mid_epoch(tmp_path):
+    from tidal_ray.train.checkpoint import load_checkpoint
+
+    out, result_path = tmp_path / "runs", tmp_path / "result.json"
+    rc, result, details, left = _run_scenario("test_cluster", "_training_node_failure_main",
+                                              [str(out), str(result_path)], tmp_path / "train_node_failure.log",
+                                              result_path, timeout=300)
+    assert rc == 0, details
+    assert not left, f"test cluster processes survived teardown: {left}\n{details}"
+
+    # The node really died mid-run, after the epoch-1 checkpoint and before the last one,
+    # and it was running a Ray Train worker.
+    assert 1 <= result["checkpoint_at_removal"] < TRAIN_EPOCHS, details
+    assert result["removed_node"] in {a["node"] for a in result["workers_before"]}, details
+    assert result["removed_node"] not in result["alive_nodes"], details
+    # The run resumed from a checkpoint of this run and finished all its epochs, none twice.
+    history = result["metrics"]
+    assert [m["epoch"] for m in history] == list(range(1, TRAIN_EPOCHS + 1)), details
+    resumed = max(m["resumed_from_epoch"] for m in history)
+    assert resumed >= 1, details
+    assert all(m["resumed_from_epoch"] == 0 for m in history[:resumed]), details
+    state = load_checkpoint(result["checkpoint_uri"])
+    assert state["epoch"] == TRAIN_EPOCHS and state["td_table"]["count"].tolist() == [TRAIN_EPOCHS] * TRAIN_ROWS
+    # Ray said a worker was lost (its node died), not that the training code raised.
+    assert (result["failures"], result["preemptions"]) == (0, 1), details
+    assert json.loads((out / "lost" / "interruptions.json").read_text()) == {"failures": 0, "preemptions": 1}
+    print(f"\ntraining node failure: node removed at {result['removed_at_seconds']:.1f}s "
+          f"(checkpoint epoch {result['checkpoint_at_removal']}), run resumed from epoch {resumed}, "
+          f"finished in {result['train_seconds']:.1f}s")

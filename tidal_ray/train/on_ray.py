@@ -192,17 +192,31 @@ class TrainResult:
     preemptions: int = 0  # restarts after a worker's process or node was lost
 
 
+def _worker_lost(error: BaseException) -> bool:
+    """Whether Ray says a worker was lost (its process or node died), not that it raised.
+    Ray Train's controller hands over a dead worker's failed or hanging health check
+    (``WorkerHealthCheckFailedError`` wrapping the ``RayActorError``, or
+    ``WorkerHealthCheckTimeoutError``), not the ``RayActorError`` itself (seen with Ray
+    2.60 when a node is removed: tests/test_cluster.py); the classes are Ray Train v2
+    internals, so check them when Ray is upgraded."""
+    import ray.exceptions
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
+
+    if isinstance(error, WorkerHealthCheckFailedError):
+        error = error.health_check_failure
+    return isinstance(error, (ray.exceptions.RayActorError, WorkerHealthCheckTimeoutError))
+
+
 def _interruptions_counter(uri: str):
     """A Ray Train callback (it runs on the controller, its own process) that counts the
     worker group's interruptions into ``uri`` (JSON), told apart as Ray tells them: a
-    worker whose actor died (``RayActorError``: its process or node was lost, a preemption)
+    worker whose actor died (``_worker_lost``: its process or node was lost, a preemption)
     against one that raised (the training code's error)."""
-    import ray.exceptions
     from ray.train import UserCallback
 
     class InterruptionsCounter(UserCallback):
         def after_exception(self, run_context, worker_exceptions):
-            lost = any(isinstance(e, ray.exceptions.RayActorError) for e in worker_exceptions.values())
+            lost = any(_worker_lost(e) for e in worker_exceptions.values())
             counts = storage.read_json(uri) if storage.exists(uri) else {"failures": 0, "preemptions": 0}
             counts["preemptions" if lost else "failures"] += 1
             storage.write_json(uri, counts)
