@@ -49,7 +49,7 @@ def run_demo(workdir: str, initial: int = 50, k: int = 50, cycles: int = 5, stra
     print(f"{'cycle':>5}  {'labeled':>7}  {'test acc':>8}  {'TD KL':>7}")
     for row in cycle_rows(root):
         print(f"{row['cycle']:>5}  {row['labeled']:>7}  {row['test_accuracy']:>8.4f}  {row['td_kl']:>7.4f}")
-    print(f"\nreport: {os.path.join(root, 'report', 'report.md')}")
+    print(f"\nreport: {os.path.join(root, 'report', 'index.html')} (and report.md beside it)")
     print(f"plot:   {os.path.join(root, 'report', 'learning_curve.png')}")
     print(f"latest selection: {campaign.cycle_uri(root, cycles - 1, 'selection.parquet')}")
     return root
