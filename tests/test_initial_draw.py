@@ -3,6 +3,7 @@ import numpy as np
 import pyarrow as pa
 
 from tidal_ray.campaign import cycle as campaign
+from tidal_ray.campaign.imports import import_labels
 from tidal_ray.campaign.initial import typical_ids
 from tidal_ray.cli import main
 from tidal_ray.data import storage
@@ -78,11 +79,11 @@ def test_initial_draw_without_oracle_is_exported_and_waits_for_labels(ray_local,
     # a partial delivery, then the rest: the campaign waits until every drawn row has a label
     first = tmp_path / "first.csv"
     first.write_text("id,label\n" + "".join(f"{i},{n}\n" for n, i in enumerate(centres[:2])))
-    assert campaign.import_labels(root, str(first))["labeled"] == 2
+    assert import_labels(root, str(first))["labeled"] == 2
     assert campaign.run(root)["step"] == "initial-wait"
     rest = tmp_path / "rest.csv"
     rest.write_text("id,label\n" + "".join(f"{i},{n + 2}\n" for n, i in enumerate(centres[2:])))
-    assert campaign.import_labels(root, str(rest))["labeled"] == BLOBS
+    assert import_labels(root, str(rest))["labeled"] == BLOBS
     assert sorted(campaign.labeled_table(root).column("id").to_pylist()) == centres
     # cycle 0 trains on them, selects, and waits for its own labels
     state = campaign.run(root)

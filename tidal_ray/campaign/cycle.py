@@ -97,7 +97,8 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
     log(f"cycle {cycle}: trained in {train_seconds:.1f}s; test accuracy "
         + ("n/a (no test set)" if accuracy is None else f"{accuracy:.4f}"))
     storage.write_json(metrics_uri, {
-        "cycle": cycle, "labeled": len(ids), "labeled_rejected": rejected, "checkpoint": checkpoint,
+        "cycle": cycle, "labeled": len(ids), "labeled_rejected": rejected, "skipped": skipped_table(root).num_rows,
+        "checkpoint": checkpoint,
         "s3_retries": storage.s3_retries(),
         "test_accuracy": accuracy, "td_kl": history[-1]["kl"] if history else None,
         "train_seconds": train_seconds, "train_history": history,
@@ -345,7 +346,7 @@ def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = Non
     if config.batch_mode == "cluster" and config.clusters > spec.rows - table.num_rows:
         raise BadInput(f"--clusters {config.clusters}: more than the {spec.rows - table.num_rows} unlabeled rows")
     waiting = "label" not in table.column_names  # drawn without --oracle: a person labels them first
-    if not waiting:  # where each initial row lives, looked up once, so training reads those rows directly
+    if not waiting and spec.format != "files":  # where each initial row lives (looked up once) for training
         table = table.join(winning_positions(spec, table.column("id").to_pylist()), "id", join_type="left outer")
     storage.write_parquet(initial_selection_uri(root) if waiting else labels_uri(root, 0), table)
     state = {"config": asdict(config), "cycle": 0, "step": "initial-export" if waiting else "train",
