@@ -1,24 +1,12 @@
 """The batch modes' math (method/batch.py) against exact references: Plackett-Luce
 inclusion probabilities for power sampling, Cluster-Margin's round-robin order, seeded
 k-means and TypiClust's most typical row per blob."""
-import itertools
-
 import numpy as np
 import pytest
 
 from tidal_ray.method import batch
 
-
-def plackett_luce_inclusion(weights: np.ndarray, k: int) -> np.ndarray:
-    """P(row i is among k draws without replacement, each draw proportional to weight)."""
-    inclusion = np.zeros(len(weights))
-    for order in itertools.permutations(range(len(weights)), k):
-        p, left = 1.0, weights.sum()
-        for i in order:
-            p *= weights[i] / left
-            left -= weights[i]
-        inclusion[list(order)] += p
-    return inclusion
+from test_batch_modes import plackett_luce_inclusion
 
 
 @pytest.mark.parametrize("beta", [1.0, 2.0])
