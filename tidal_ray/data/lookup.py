@@ -101,9 +101,20 @@ def read_rows(spec: PoolSpec, ids, columns: list[str]) -> pa.Table:
     return pa.concat_tables(parts, promote_options="permissive")
 
 
+def encode_positions(files, rows) -> np.ndarray:
+    """One sortable int64 per row: its file, then its row within the file."""
+    return (np.asarray(files).astype(np.int64) << ROW_BITS) | np.asarray(rows).astype(np.int64)
+
+
+def decode_positions(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``encode_positions`` undone: (files, rows)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    return positions >> ROW_BITS, positions & ((1 << ROW_BITS) - 1)
+
+
 def positions(table: pa.Table) -> np.ndarray:
-    """One sortable int64 per row of ``read_rows``: file, then row within the file."""
-    return (table.column("file").to_numpy().astype(np.int64) << ROW_BITS) | table.column("row").to_numpy()
+    """The positions of the rows of a ``read_rows`` table."""
+    return encode_positions(table.column("file").to_numpy(), table.column("row").to_numpy())
 
 
 def decodable(table: pa.Table, spec: PoolSpec, input_shape) -> np.ndarray:
@@ -216,32 +227,39 @@ def rows_at(uri: str, positions: np.ndarray, columns: list[str]) -> pa.Table:
     return pa.concat_tables(parts) if parts else pf.schema_arrow.empty_table().select(columns)
 
 
-def sample_labels(spec: PoolSpec, n: int, seed: int) -> pa.Table:
-    """``n`` rows drawn uniformly at random from the pool's rows (by position, from the
-    parquet footers' row counts), as ``id, label``, reading only those rows' two columns.
+def rows_by_position(spec: PoolSpec, n: int, seed: int, columns: list[str],
+                     required: tuple[str, ...] = ("id",)) -> pa.Table:
+    """``n`` rows (at most the pool's) drawn uniformly by position with ``seed``
+    (``default_rng(seed).choice(rows, n, replace=False)`` over the rows in pool order, from
+    the parquet footers' row counts), ``columns`` only, reading just those rows.
 
-    Rows with a null id or label, and repeats of an id already drawn, are left out, so
-    the table may hold fewer than ``n`` rows. For a pool without such rows the draw is
-    ``default_rng(seed).choice(rows, n, replace=False)`` over the rows in pool order."""
-    if spec.format == "files" or not spec.has_label:
-        raise BadInput(f"the oracle needs a 'label' column in the pool {spec.uri}")
-    if n > spec.rows:
-        raise BadInput(f"--initial-labels {n} is more than the pool's {spec.rows} rows")
-    chosen = np.sort(np.random.default_rng(seed).choice(spec.rows, size=n, replace=False))
+    Rows with a null in a ``required`` column, and repeats of an id already drawn, are
+    left out, so the table may hold fewer than ``n`` rows."""
+    chosen = np.sort(np.random.default_rng(seed).choice(spec.rows, size=min(n, spec.rows), replace=False))
     ends = np.cumsum(_file_row_counts(spec))
     starts = np.concatenate([[0], ends[:-1]])
     parts = []
     for i, (uri, _) in enumerate(spec.files):
         inside = chosen[(chosen >= starts[i]) & (chosen < ends[i])]
-        if len(inside):
-            table = rows_at(uri, inside - starts[i], ["id", "label"])
-            parts.append(pa.table({"id": id_utils.cast(table.column("id"), spec.id_type, uri),
-                                   "label": table.column("label").cast(pa.int64())}))
-    table = pa.concat_tables(parts) if parts else pa.table({"id": pa.array([], spec.id_type),
-                                                            "label": pa.array([], pa.int64())})
-    table = table.filter(pc.and_(pc.is_valid(table.column("id")), pc.is_valid(table.column("label"))))
+        if len(inside) or (i == 0 and not len(chosen)):   # an empty draw keeps the columns' types
+            table = rows_at(uri, inside - starts[i], columns)
+            parts.append(table.set_column(table.schema.get_field_index("id"), "id",
+                                          id_utils.cast(table.column("id"), spec.id_type, uri)))
+    table = pa.concat_tables(parts, promote_options="permissive")
+    for name in required:
+        table = table.filter(pc.is_valid(table.column(name)))
     first = id_utils.SeenIds().first_seen(id_utils.to_numpy(table.column("id"), spec.id_type))
     return table.filter(pa.array(first))
+
+
+def sample_labels(spec: PoolSpec, n: int, seed: int) -> pa.Table:
+    """The oracle's random initial draw: ``rows_by_position`` as ``id, label``."""
+    if spec.format == "files" or not spec.has_label:
+        raise BadInput(f"the oracle needs a 'label' column in the pool {spec.uri}")
+    if n > spec.rows:
+        raise BadInput(f"--initial-labels {n} is more than the pool's {spec.rows} rows")
+    table = rows_by_position(spec, n, seed, ["id", "label"], required=("id", "label"))
+    return table.set_column(1, "label", table.column("label").cast(pa.int64()))
 
 
 # ---- by position ----------------------------------------------------------------------------

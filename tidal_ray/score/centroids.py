@@ -17,10 +17,9 @@ import numpy as np
 from tidal_ray.data import ids as id_utils
 from tidal_ray.data.decode import numpy_column
 from tidal_ray.data.ids import is_member
+from tidal_ray.data.lookup import encode_positions
 from tidal_ray.errors import BadInput
 from tidal_ray.method.batch import kmeans, sample_hashes
-
-POSITION_BITS = 40   # a row's position as one integer: file << 40 | row
 
 
 class SampleRows:
@@ -42,8 +41,7 @@ class SampleRows:
         else:  # an Arrow fixed-size list column
             column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
             embeddings = column.flatten().to_numpy(zero_copy_only=False).reshape(len(ids), -1)
-        positions = (numpy_column(batch, "file").astype(np.int64) << POSITION_BITS) \
-            + numpy_column(batch, "row").astype(np.int64)
+        positions = encode_positions(numpy_column(batch, "file"), numpy_column(batch, "row"))
         keep = ~is_member(self.exclude, ids) & np.isfinite(embeddings).all(axis=1)
         self.parts.append((ids[keep], positions[keep], np.array(embeddings[keep], dtype=np.float32)))
         self.held += int(keep.sum())

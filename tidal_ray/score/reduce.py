@@ -20,7 +20,7 @@ from tidal_ray.data import ids as id_utils
 from tidal_ray.data import storage
 from tidal_ray.data.decode import DUPLICATE_ID, NULL_ID, is_decoded, numpy_column, reason_kind
 from tidal_ray.data.ids import is_member
-from tidal_ray.data.lookup import ROW_BITS, row_group_of
+from tidal_ray.data.lookup import decode_positions, encode_positions, row_group_of
 from tidal_ray.method import batch as batch_modes
 from tidal_ray.method.topk import StreamingTopK
 
@@ -28,7 +28,7 @@ PROGRESS_SECONDS = 5.0
 SCORES_ROWS_PER_PART = 1_000_000
 NONFINITE_SCORE = "non-finite score"
 HISTOGRAM_BINS = 50
-POSITION = "position"        # a kept row's file << ROW_BITS | row, carried through the selection
+POSITION = "position"        # a kept row's lookup.encode_positions, carried through the selection
 
 
 def score_range(strategy: str, num_classes: int) -> tuple[float, float]:
@@ -169,7 +169,7 @@ class Reduction:
             self._reject(ids[~decoded], files[~decoded], numpy_column(batch, "reason")[~decoded])
         columns = {name: numpy_column(batch, name) for name in self.columns}
         rows = numpy_column(batch, "row").astype(np.int64)
-        columns[POSITION] = (files.astype(np.int64) << ROW_BITS) | rows
+        columns[POSITION] = encode_positions(files, rows)
         repeated = decoded & self.earliest.candidates(ids)
         if repeated.any():
             for i in np.flatnonzero(repeated):
@@ -260,7 +260,7 @@ class Reduction:
             mode_columns["cluster"] = pa.array(clusters[picked], pa.int64())
         else:
             scores = ranked
-        files, rows = position >> ROW_BITS, position & ((1 << ROW_BITS) - 1)
+        files, rows = decode_positions(position)
         return pa.table({
             "rank": pa.array(np.arange(1, len(ids) + 1), pa.int64()),
             "id": pa.array(ids.tolist(), self.id_type),

@@ -33,7 +33,7 @@ from tidal_ray.data import ids as id_utils
 from tidal_ray.data import storage
 from tidal_ray.data.decode import decode_batch
 from tidal_ray.errors import BadInput
-from tidal_ray.data.lookup import POSITION_COLUMNS, ROW_BITS, group_rows, position_units, rows_with_ids
+from tidal_ray.data.lookup import POSITION_COLUMNS, encode_positions, group_rows, position_units, rows_with_ids
 from tidal_ray.data.listing import image_keys_present
 from tidal_ray.data.pool import PoolSpec, describe_pool
 
@@ -58,7 +58,7 @@ def _decoded(table: pa.Table, rows: np.ndarray, file: int, spec: PoolSpec, input
     bad_ids = np.array([("" if string else 0) if i is None else i for i in rejects["id"]],
                        dtype=str if string else np.int64)
     x = np.concatenate([good["x"], np.zeros((bad, *input_shape), good["x"].dtype)]) if bad else good["x"]
-    good_positions = (np.int64(file) << ROW_BITS) | rows[good["row"]].astype(np.int64)
+    good_positions = encode_positions(file, rows[good["row"]])
     return {"id": np.concatenate([good["id"], bad_ids]), "x": x,
             "position": np.concatenate([good_positions, np.full(bad, -1, np.int64)]),
             "reason": np.concatenate([np.full(len(good["id"]), "", dtype=object),
