@@ -2,7 +2,7 @@
 
 ``typical`` is TypiClust (Hacohen et al., ICML 2022; ``method.batch.typical_rows``) over an
 embedding of a bounded sample of the pool (``SAMPLE_ROWS`` rows drawn by position with the
-seed and read with ``lookup.rows_at``: the pool never comes to the driver whole):
+seed with ``lookup.rows_by_position``: the pool never comes to the driver whole):
 - the ``--weights`` model's features when given (the backbone's pooled last stage);
 - a features pool's own vectors (standardised);
 - otherwise the label-free embedding of ``method.embedding`` (8x8 grayscale thumbnail,
@@ -14,30 +14,12 @@ import numpy as np
 import pyarrow as pa
 
 from tidal_ray.data import ids as id_utils
+from tidal_ray.data.lookup import labels_of, rows_by_position
 from tidal_ray.errors import BadInput
 
 DRAWS = ("random", "typical")
 SAMPLE_ROWS = 20_000
 EMBED_CHUNK = 256
-
-
-def _file_starts(spec) -> tuple[np.ndarray, np.ndarray]:
-    ends = np.cumsum([sum(groups) for groups in spec.row_groups]).astype(np.int64)
-    return np.concatenate([[0], ends[:-1]]).astype(np.int64), ends
-
-
-def rows_by_position(spec, n: int, seed: int, columns: list[str]) -> pa.Table:
-    """``n`` rows (at most the pool's) drawn uniformly by position with ``seed``, ``columns``
-    only, in pool order, first row of a repeated id only."""
-    chosen = np.sort(np.random.default_rng(seed).choice(spec.rows, size=min(n, spec.rows), replace=False))
-    starts, ends = _file_starts(spec)
-    from tidal_ray.data.lookup import rows_at
-
-    parts = [rows_at(uri, chosen[(chosen >= starts[i]) & (chosen < ends[i])] - starts[i], columns)
-             for i, (uri, _) in enumerate(spec.files) if ((chosen >= starts[i]) & (chosen < ends[i])).any()]
-    table = pa.concat_tables(parts, promote_options="permissive")
-    table = table.filter(table.column("id").is_valid())
-    return table.filter(pa.array(id_utils.SeenIds().first_seen(id_utils.to_numpy(table.column("id"), spec.id_type))))
 
 
 def random_ids(spec, n: int, seed: int) -> list:
@@ -95,8 +77,6 @@ def typical_ids(spec, n: int, seed: int, input_shape, backbone: str, num_classes
 def initial_draw(spec, config, input_shape) -> pa.Table:
     """``--initial-labels N`` drawn at random or typical: with --oracle ``id, label`` (the
     oracle's labels), else a selection to export (``rank, id, score, strategy, predicted_class``)."""
-    from tidal_ray.data.lookup import labels_of
-
     if config.initial_labels > spec.rows:
         raise BadInput(f"--initial-labels {config.initial_labels} is more than the pool's {spec.rows} rows")
     if config.initial_draw == "typical":
