@@ -17,6 +17,7 @@ Nothing is set in this process's ``os.environ``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -449,70 +450,84 @@ def test_ray_job_submit_runs_a_campaign_step_with_a_user_module(ray_start_head, 
 POOL_ROWS = 30_000
 SHAPE = (3, 8, 8)
 K = 200
+FAST_FAILURE_DETECTION = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+                          "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
+
+
+@contextlib.contextmanager
+def _cluster_of_workers(workers: int):
+    """A ``Cluster`` whose head has no CPUs (so everything runs on the workers) and
+    ``workers`` 1-CPU worker nodes whose loss is noticed within seconds; this process's
+    Ray connected to it for the block, then both shut down."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False, "_system_config": FAST_FAILURE_DETECTION})
+    try:
+        for _ in range(workers):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _actors(class_name: str) -> list[dict]:
+    """The cluster's actors of a class: id, node, state, restarts."""
+    from ray._private import state
+
+    return [{"id": a["ActorID"], "node": a["Address"]["NodeID"], "state": a["State"], "restarts": a["NumRestarts"]}
+            for a in state.actors().values() if class_name in a["ActorClassName"]]
 
 
 def _node_failure_main(pool: str, checkpoint: str, out: str, result_path: str) -> None:
     """Runs in its own process (the session's ``ray_local`` stays untouched): a head with
-    no CPUs (so everything runs on the workers) and two 1-CPU workers. A clean run, then a
-    run in which the node holding the scorer actor is killed (SIGKILL, no drain) as soon as
-    the first scored batch reaches the driver."""
+    no CPUs and two 1-CPU workers. A clean run, then a run in which the node holding the
+    scorer actor is killed (SIGKILL, no drain) as soon as the first scored batch reaches
+    the driver."""
     import ray
-    from ray._private import state
-    from ray.cluster_utils import Cluster
 
     from tidal_ray.score import pipeline as score
 
-    fast_failure_detection = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
-                              "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False, "_system_config": fast_failure_detection})
     result = {"events": []}
-    try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
+    with _cluster_of_workers(2) as cluster:
+        try:
+            started = time.monotonic()
+            clean = score.score_pool(checkpoint, pool, K, f"{out}/clean", progress=False)
+            result["clean_seconds"] = time.monotonic() - started
+            result["clean_actors"] = _actors("BatchScorer")
 
-        def scorer_actors() -> list[dict]:
-            return [{"id": a["ActorID"], "node": a["Address"]["NodeID"], "state": a["State"],
-                     "restarts": a["NumRestarts"]}
-                    for a in state.actors().values() if "BatchScorer" in a["ActorClassName"]]
+            add = score.Reduction.add
 
-        started = time.monotonic()
-        clean = score.score_pool(checkpoint, pool, K, f"{out}/clean", progress=False)
-        result["clean_seconds"] = time.monotonic() - started
-        result["clean_actors"] = scorer_actors()
+            def add_then_kill_a_node(reduction, batch):
+                add(reduction, batch)
+                if "removed_at_rows" in result:
+                    return
+                alive = [a for a in _actors("BatchScorer") if a["state"] == "ALIVE"]
+                workers = {n.node_id: n for n in cluster.worker_nodes}
+                victim = next((workers[a["node"]] for a in alive if a["node"] in workers), None)
+                if victim is None:
+                    result["events"].append(f"no live scorer actor on a worker at {reduction.rows_read} rows: {alive}")
+                    return
+                result["removed_at_rows"] = reduction.rows_read
+                result["removed_node"] = victim.node_id
+                result["actors_before"] = alive
+                cluster.remove_node(victim, allow_graceful=False)
+                result["removed_at_seconds"] = time.monotonic() - started
 
-        add = score.Reduction.add
-
-        def add_then_kill_a_node(reduction, batch):
-            add(reduction, batch)
-            if "removed_at_rows" in result:
-                return
-            alive = [a for a in scorer_actors() if a["state"] == "ALIVE"]
-            workers = {n.node_id: n for n in cluster.worker_nodes}
-            victim = next((workers[a["node"]] for a in alive if a["node"] in workers), None)
-            if victim is None:
-                result["events"].append(f"no live scorer actor on a worker at {reduction.rows_read} rows: {alive}")
-                return
-            result["removed_at_rows"] = reduction.rows_read
-            result["removed_node"] = victim.node_id
-            result["actors_before"] = alive
-            cluster.remove_node(victim, allow_graceful=False)
-            result["removed_at_seconds"] = time.monotonic() - started
-
-        score.Reduction.add = add_then_kill_a_node
-        started = time.monotonic()
-        failed = score.score_pool(checkpoint, pool, K, f"{out}/failed", progress=False)
-        result["failed_seconds"] = time.monotonic() - started
-        score.Reduction.add = add
-        result["actors_after"] = scorer_actors()
-        result["alive_nodes"] = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-        result["summaries"] = {"clean": clean, "failed": failed}
-    finally:
-        Path(result_path).write_text(json.dumps(result, indent=1, default=str))
-        ray.shutdown()
-        cluster.shutdown()
+            score.Reduction.add = add_then_kill_a_node
+            started = time.monotonic()
+            failed = score.score_pool(checkpoint, pool, K, f"{out}/failed", progress=False)
+            result["failed_seconds"] = time.monotonic() - started
+            score.Reduction.add = add
+            result["actors_after"] = _actors("BatchScorer")
+            result["alive_nodes"] = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+            result["summaries"] = {"clean": clean, "failed": failed}
+        finally:
+            Path(result_path).write_text(json.dumps(result, indent=1, default=str))
 
 
 @pytest.mark.slow
@@ -573,69 +588,53 @@ def _training_node_failure_main(out: str, result_path: str) -> None:
     import threading
 
     import ray
-    from ray._private import state
-    from ray.cluster_utils import Cluster
 
     from tidal_ray.data.datasets import DIGITS_SHAPE, load_digits
     from tidal_ray.train.config import TrainConfig
     from tidal_ray.train.on_ray import train_arrays_on_ray
 
-    fast_failure_detection = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
-                              "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False, "_system_config": fast_failure_detection})
     result = {"events": []}
-    try:
-        for _ in range(3):
-            cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
+    with _cluster_of_workers(3) as cluster:
+        try:
+            run_dir = Path(out) / "lost"
+            started = time.monotonic()
 
-        def train_workers() -> list[dict]:
-            return [{"id": a["ActorID"], "node": a["Address"]["NodeID"], "state": a["State"]}
-                    for a in state.actors().values() if "RayTrainWorker" in a["ActorClassName"]]
+            def kill_a_training_node():
+                while time.monotonic() - started < 180:
+                    if _latest_checkpoint_epoch(run_dir) >= 1:
+                        break
+                    time.sleep(0.1)
+                else:
+                    result["events"].append("no epoch-1 checkpoint within 180 s")
+                    return
+                workers = {n.node_id: n for n in cluster.worker_nodes}
+                alive = [a for a in _actors("RayTrainWorker") if a["state"] == "ALIVE"]
+                victim = next((workers[a["node"]] for a in alive if a["node"] in workers), None)
+                if victim is None:
+                    result["events"].append(f"no live Ray Train worker on a worker node: {alive}")
+                    return
+                result["workers_before"] = alive
+                result["removed_node"] = victim.node_id
+                result["checkpoint_at_removal"] = _latest_checkpoint_epoch(run_dir)
+                cluster.remove_node(victim, allow_graceful=False)
+                result["removed_at_seconds"] = time.monotonic() - started
 
-        run_dir = Path(out) / "lost"
-        started = time.monotonic()
-
-        def kill_a_training_node():
-            while time.monotonic() - started < 180:
-                if _latest_checkpoint_epoch(run_dir) >= 1:
-                    break
-                time.sleep(0.1)
-            else:
-                result["events"].append("no epoch-1 checkpoint within 180 s")
-                return
-            workers = {n.node_id: n for n in cluster.worker_nodes}
-            alive = [a for a in train_workers() if a["state"] == "ALIVE"]
-            victim = next((workers[a["node"]] for a in alive if a["node"] in workers), None)
-            if victim is None:
-                result["events"].append(f"no live Ray Train worker on a worker node: {alive}")
-                return
-            result["workers_before"] = alive
-            result["removed_node"] = victim.node_id
-            result["checkpoint_at_removal"] = _latest_checkpoint_epoch(run_dir)
-            cluster.remove_node(victim, allow_graceful=False)
-            result["removed_at_seconds"] = time.monotonic() - started
-
-        killer = threading.Thread(target=kill_a_training_node, daemon=True)
-        killer.start()
-        ids, pixels, labels = load_digits()
-        config = TrainConfig(num_classes=10, input_shape=DIGITS_SHAPE, backbone="small_cnn", epochs=TRAIN_EPOCHS,
-                             batch_size=32, seed=0, checkpoint_every=1)
-        trained = train_arrays_on_ray(config, ids[:TRAIN_ROWS], pixels[:TRAIN_ROWS], labels[:TRAIN_ROWS], out,
-                                      num_workers=2, max_failures=1, name="lost", cpus_per_worker=1)
-        result["train_seconds"] = time.monotonic() - started
-        killer.join(timeout=10)
-        result["workers_after"] = train_workers()
-        result["alive_nodes"] = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-        result["metrics"] = trained.metrics
-        result["checkpoint_uri"] = trained.checkpoint_uri
-        result["failures"], result["preemptions"] = trained.failures, trained.preemptions
-    finally:
-        Path(result_path).write_text(json.dumps(result, indent=1, default=str))
-        ray.shutdown()
-        cluster.shutdown()
+            killer = threading.Thread(target=kill_a_training_node, daemon=True)
+            killer.start()
+            ids, pixels, labels = load_digits()
+            config = TrainConfig(num_classes=10, input_shape=DIGITS_SHAPE, backbone="small_cnn", epochs=TRAIN_EPOCHS,
+                                 batch_size=32, seed=0, checkpoint_every=1)
+            trained = train_arrays_on_ray(config, ids[:TRAIN_ROWS], pixels[:TRAIN_ROWS], labels[:TRAIN_ROWS], out,
+                                          num_workers=2, max_failures=1, name="lost", cpus_per_worker=1)
+            result["train_seconds"] = time.monotonic() - started
+            killer.join(timeout=10)
+            result["workers_after"] = _actors("RayTrainWorker")
+            result["alive_nodes"] = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+            result["metrics"] = trained.metrics
+            result["checkpoint_uri"] = trained.checkpoint_uri
+            result["failures"], result["preemptions"] = trained.failures, trained.preemptions
+        finally:
+            Path(result_path).write_text(json.dumps(result, indent=1, default=str))
 
 
 @pytest.mark.slow
