@@ -166,7 +166,7 @@ def test_round_trip_through_a_real_label_studio(ray_local, tmp_path, capsys):
     code, out, err = _cli(capsys, "campaign", "init", str(camp), "--pool", str(pool), "--num-classes", "10",
                           "--k", "4", "--cycles", "1", "--initial-labels-file", str(work / "seed.csv"),
                           "--class-names", ",".join(DIGITS), "--trainer", "local", "--epochs", "1",
-                          "--batch-size", "16")
+                          "--min-steps", "0", "--batch-size", "16")
     assert code == 0, err
     code, out, err = _cli(capsys, "campaign", "run", str(camp))
     assert code == 0 and "waiting for labels" in out, out + err

@@ -228,7 +228,7 @@ def test_list_float_features_pool_runs_a_campaign_cycle(ray_local, tmp_path, cap
     initial.write_text("id,label\n" + "".join(f"{i},{labels[i]}\n" for i in range(30, 60)))
     root = str(tmp_path / "campaign")
     assert main(["campaign", "init", root, "--pool", str(tmp_path / "pool"), "--num-classes", "3", "--k", "10",
-                 "--cycles", "1", "--epochs", "2", "--trainer", "local", "--oracle",
+                 "--cycles", "1", "--epochs", "2", "--min-steps", "0", "--trainer", "local", "--oracle",
                  "--initial-labels-file", str(initial)]) == 0, capsys.readouterr().err
     assert main(["campaign", "run", root]) == 0, capsys.readouterr().err
     assert campaign.load_state(root)["status"] == "done"

@@ -89,7 +89,7 @@ def _campaign_cycle(root: str, endpoint: str) -> list:
     env = {**os.environ, "AWS_ENDPOINT_URL": endpoint}
     env.pop("RAY_ADDRESS", None)  # each run starts its own Ray, whose workers reach `endpoint` too
     for argv in (["campaign", "init", root, "--pool", f"{root.rsplit('/', 1)[0]}/pool", "--num-classes", "10",
-                  "--k", "20", "--cycles", "1", "--epochs", "2", "--trainer", "ray", "--workers", "1", "--oracle",
+                  "--k", "20", "--cycles", "1", "--epochs", "2", "--min-steps", "0", "--trainer", "ray", "--workers", "1", "--oracle",
                   "--initial-labels", "40", "--seed", "5"], ["campaign", "run", root]):
         out = subprocess.run([sys.executable, "-m", "tidal_ray.cli", *argv], env=env, capture_output=True, text=True,
                              timeout=900)
