@@ -206,8 +206,8 @@ def test_load_rows_skips_bad_rows_and_keeps_the_first_duplicate(tmp_path, capsys
 def test_list_float_features_pool_runs_a_campaign_cycle(ray_local, tmp_path, capsys):
     """``features`` as list<float> (what pandas and pa.array(list_of_lists) write): the
     dimension comes from the rows (8) and the rows of another length are rejects in scoring,
-    never selected. (An initial label on such a row: left out with a warning by the Ray
-    trainer's ingest; ``load_rows``, which the local trainer uses, refuses it.)"""
+    never selected. An initial label on such a row (id 7) is left out of training with a
+    warning and counted, by the local trainer as by the Ray trainer's ingest."""
     from tidal_ray.campaign import cycle as campaign
     from tidal_ray.cli import main
     from tidal_ray.data import storage
@@ -225,13 +225,15 @@ def test_list_float_features_pool_runs_a_campaign_cycle(ray_local, tmp_path, cap
     assert describe_pool(str(tmp_path / "pool")).shape == (8,)
 
     initial = tmp_path / "initial.csv"
-    initial.write_text("id,label\n" + "".join(f"{i},{labels[i]}\n" for i in range(30, 60)))
+    initial.write_text("id,label\n" + "".join(f"{i},{labels[i]}\n" for i in [7, *range(30, 60)]))
     root = str(tmp_path / "campaign")
     assert main(["campaign", "init", root, "--pool", str(tmp_path / "pool"), "--num-classes", "3", "--k", "10",
                  "--cycles", "1", "--epochs", "2", "--min-steps", "0", "--trainer", "local", "--oracle",
                  "--initial-labels-file", str(initial)]) == 0, capsys.readouterr().err
     assert main(["campaign", "run", root]) == 0, capsys.readouterr().err
     assert campaign.load_state(root)["status"] == "done"
+    metrics = storage.read_json(campaign.cycle_uri(root, 0, "metrics.json"))
+    assert metrics["labeled"] == 30 and metrics["labeled_rejected"] == 1
     selection = storage.read_json(campaign.cycle_uri(root, 0, "selection.json"))
     assert selection["rows_rejected"] == 3
     chosen = storage.read_parquet(campaign.cycle_uri(root, 0, "selection.parquet")).column("id").to_pylist()

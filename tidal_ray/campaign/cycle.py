@@ -87,7 +87,11 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
 
         # --trainer local holds the labeled rows in this process: for small campaigns.
         label_of = dict(zip(ids.tolist(), y.tolist()))
-        ids, x, _, _ = load_rows(config.pool, ids=list(label_of), input_shape=train_config.input_shape)
+        ids, x, _, _ = load_rows(config.pool, ids=list(label_of), input_shape=train_config.input_shape,
+                                 skip_undecodable=True)
+        if not len(ids):
+            raise BadInput(f"none of the labeled rows in {config.pool} can be decoded")
+        rejected = len(label_of) - len(ids)
         y = np.array([label_of[i] for i in ids.tolist()], dtype=np.int64)
         _, _, session = train_in_process(train_config, ids, x, y)
         checkpoint = save_checkpoint(session.last_state, checkpoint_dir).rsplit("/", 1)[0]

@@ -75,12 +75,14 @@ def decode_tables(tables, spec, input_shape, uri: str):
     return ids[first], x[first], None if labels is None else labels[first], input_shape
 
 
-def load_rows(uri: str, ids=None, input_shape=None):
+def load_rows(uri: str, ids=None, input_shape=None, skip_undecodable: bool = False):
     """A small pool or labeled set in memory, decoded: ``(ids, x, labels or None, input_shape)``.
 
     ``input_shape``: what to decode to (default: ``pool.input_shape_for`` the pool, the
-    default recipe). With ``ids``, only those rows, in the order given, read by id
-    (BadInput if one is missing or none of its rows decodes)."""
+    default recipe). With ``ids``, only those rows, in the order given, read by id:
+    BadInput if one is not in the pool; an id none of whose rows decodes is BadInput too,
+    or, with ``skip_undecodable``, left out (warned about on stderr), as the Ray trainer's
+    ingest leaves it out."""
     spec = describe_pool(uri)
     if ids is None:
         columns = None if spec.format == "files" else ["id", spec.column] + (["label"] if spec.has_label else [])
@@ -88,14 +90,20 @@ def load_rows(uri: str, ids=None, input_shape=None):
     wanted = id_utils.to_numpy(id_utils.from_user(list(ids), spec.id_type, uri), spec.id_type)
     if spec.format == "files":  # the wanted files alone, asked for by key
         keys = wanted.tolist()
-        uris = [spec.key_uri(k) for k, ok in zip(keys, image_keys_present(spec, keys)) if ok]
+        present = list(image_keys_present(spec, keys))
+        uris = [spec.key_uri(k) for k, ok in zip(keys, present) if ok]
         spec = replace(spec, rows=len(uris), sample=tuple(uris[:SAMPLED_IMAGES]))
+        found = wanted[np.asarray(present, dtype=bool)]
         tables = image_tables(uris)
     else:
         if input_shape is None:
             input_shape = input_shape_for(spec)
         columns = [spec.column] + (["label"] if spec.has_label else [])
         tables = [winning_rows(read_rows(spec, wanted, columns), spec, input_shape)]
+        found = id_utils.to_numpy(tables[0].column("id"), spec.id_type)
     got_ids, x, labels, input_shape = decode_tables(tables, spec, input_shape, uri)
+    if skip_undecodable:
+        id_utils.find(found, wanted, uri)  # an id not in the pool at all is still bad input
+        wanted = wanted[np.isin(wanted, got_ids)]
     take = id_utils.find(got_ids, wanted, uri)
     return got_ids[take], x[take], None if labels is None else labels[take], input_shape
