@@ -56,7 +56,7 @@ def test_campaign_init_typical_with_the_oracle(tmp_path):
     root = str(tmp_path / "campaign")
     assert main(["campaign", "init", root, "--pool", str(tmp_path / "pool"), "--num-classes", str(BLOBS),
                  "--k", "5", "--cycles", "1", "--initial-labels", str(BLOBS), "--initial-draw", "typical",
-                 "--oracle", "--trainer", "local", "--epochs", "1", "--min-steps", "0"]) == 0
+                 "--oracle", "--trainer", "local", "--epochs", "1"]) == 0
     labels = storage.read_parquet(campaign.labels_uri(root, 0))
     assert sorted(labels.column("id").to_pylist()) == centres
     assert sorted(labels.column("label").to_pylist()) == list(range(BLOBS))   # one per blob, the oracle's labels
