@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tidal_ray.campaign.labeling import sample_refs
 from tidal_ray.data import storage
 from tidal_ray.data.lookup import labels_of, rows_at_positions, winning_positions
 from tidal_ray.data.make_pool import synthetic_rows
@@ -33,7 +34,9 @@ def features_pool(root, files=3, rows_per_file=400) -> str:
         part = slice(f * rows_per_file, (f + 1) * rows_per_file)
         pq.write_table(pa.table({"id": ids[part],
                                  "features": pa.FixedSizeListArray.from_arrays(pa.array(values[part].ravel()), DIM),
-                                 "label": labels[part]}), f"{root}/part-{f:05d}.parquet", row_group_size=GROUP_ROWS)
+                                 "label": labels[part],
+                                 "source": [f"s3://originals/{i}.jpg" for i in ids[part]]}),
+                       f"{root}/part-{f:05d}.parquet", row_group_size=GROUP_ROWS)
     return root
 
 
@@ -125,8 +128,9 @@ def test_features_pool_positions_feed_training_and_the_oracle(ray_local, tmp_pat
 
 def test_reading_by_position_never_touches_row_groups_without_labels(ray_local, tmp_path):
     """Labeled rows in 3 of the 12 row groups; the other 9 are overwritten with garbage
-    after the positions were looked up. Training and the oracle by position read the 3
-    and reject nothing; found by id, the garbage is read and the read fails."""
+    after the positions were looked up. Training, the oracle and the labeling export by
+    position read the 3 and reject nothing; found by id, the garbage is read and the read
+    fails."""
     from tidal_ray.train.ingest import labeled_rows
 
     pool = features_pool(str(tmp_path / "pool"))
@@ -148,10 +152,15 @@ def test_reading_by_position_never_touches_row_groups_without_labels(ray_local, 
     got_ids, got_labels = labels_of(spec, wanted, positions=positions)
     _, truth = synthetic_rows(np.array(wanted), (DIM,), 10, seed=0)
     assert got_ids.tolist() == wanted and got_labels.tolist() == truth.tolist()
+    selection = positions.append_column("rank", pa.array(np.arange(1, 10)))
+    refs = sample_refs(selection, spec, str(tmp_path / "export"))
+    assert refs == [{"text": str(i), "source": f"s3://originals/{i}.jpg"} for i in selection.column("id").to_pylist()]
     with pytest.raises(Exception):
         labeled_rows(pool, wanted, np.arange(9) % 10, spec=spec)
     with pytest.raises(Exception):
         labels_of(spec, wanted)
+    with pytest.raises(Exception):
+        sample_refs(selection.select(["id", "rank"]), spec, str(tmp_path / "export"))
 
 
 def test_a_position_that_no_longer_holds_its_id_is_bad_input(tmp_path):

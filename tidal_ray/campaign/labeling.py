@@ -58,14 +58,21 @@ def _as_picture(value, spec) -> np.ndarray:
     return decode_image(value, channels)
 
 
+def _selected_rows(selection: pa.Table, spec, columns: list[str]) -> pa.Table:
+    """``id`` and ``columns`` of the selected rows: read at the positions the selection
+    records (so an export's cost follows k, not the pool), by id where it has none."""
+    from tidal_ray.campaign.state import positions_of
+    from tidal_ray.data.lookup import rows_of
+
+    return rows_of(spec, selection.column("id").to_pylist(), columns, positions_of(selection))
+
+
 def render_samples(selection: pa.Table, spec, out_uri: str) -> dict:
     """One PNG per selected row of a parquet ``pixels``/``image`` pool, under
     ``out_uri/samples/``; returns ``{id: uri}``. Only the selected rows are read."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tidal_ray.data.lookup import read_selected
-
-    rows = read_selected(spec, selection.column("id").to_pylist(), [spec.column]).to_pylist()
+    rows = _selected_rows(selection, spec, [spec.column]).to_pylist()
     data = {row["id"]: row[spec.column] for row in rows}
     rank = dict(zip(selection.column("id").to_pylist(), selection.column("rank").to_pylist()))
     targets = {}
@@ -93,9 +100,7 @@ def sample_refs(selection: pa.Table, spec, out_uri: str) -> list[dict]:
     if spec.format in ("pixels", "image"):
         rendered = render_samples(selection, spec, out_uri)
         return [{IMAGE_NAME: rendered[i]} if i in rendered else {TEXT_NAME: str(i)} for i in ids]
-    from tidal_ray.data.lookup import read_selected
-
-    table = read_selected(spec, ids, list(REFERENCE_COLUMNS))
+    table = _selected_rows(selection, spec, list(REFERENCE_COLUMNS))
     refs = {name: dict(zip(table.column("id").to_pylist(), table.column(name).to_pylist()))
             for name in REFERENCE_COLUMNS if name in table.column_names}
     return [{TEXT_NAME: str(i), **{name: refs[name].get(i) for name in refs}} for i in ids]
