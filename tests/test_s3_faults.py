@@ -102,15 +102,12 @@ def _campaign_cycle(root: str, endpoint: str) -> list:
 
 
 @pytest.mark.slow
-def test_a_campaign_cycle_on_the_ray_trainer_through_faults_finishes_like_the_fault_free_one(s3_bucket, s3_endpoint):
+def test_a_campaign_cycle_on_the_ray_trainer_through_faults_picks_the_same_samples(s3_bucket, s3_endpoint):
     """An oracle cycle (Ray trainer, Ray Data scoring) with every S3 request of the driver
-    and of the Ray workers going through 5% SlowDown and 2% resets finishes, with the same
-    initial draw as the fault-free run and 20 new, distinct samples selected.
-    (Measured once: 526 requests, 33 SlowDown, 14 resets.)
-
-    It does not check that the selections are equal: in the full suite they were not, in
-    2 of 2 runs (CI, and here), even with 300 training steps, while a run of this test
-    alone matched 3 times in 4; the cause is not found yet (tests/README.md)."""
+    and of the Ray workers going through 5% SlowDown and 2% resets labels and selects
+    exactly what the fault-free run does. (Measured once: 526 requests, 33 SlowDown,
+    14 resets.) Faults and load change the order in which the oracle's reads finish, so
+    this also holds training to the labels' order (it once did not: tests/README.md)."""
     from tidal_ray.data.make_pool import make_pool
 
     make_pool(f"{s3_bucket}/pool", source="digits", rows=1200, fmt="pixels", shards=3)
@@ -120,10 +117,8 @@ def test_a_campaign_cycle_on_the_ray_trainer_through_faults_finishes_like_the_fa
         faulty = _campaign_cycle(f"{s3_bucket}/faulty", proxy.endpoint)
     finally:
         proxy.stop()
-    for labeled, selected in (clean, faulty):
-        assert len(selected) == len(set(selected)) == 20 and len(labeled) == 60
-        assert set(selected) <= set(labeled)
-    initial = lambda run: sorted(set(run[0]) - set(run[1]))  # noqa: E731
-    assert initial(faulty) == initial(clean) and len(initial(clean)) == 40
+    labeled, selected = clean
+    assert len(selected) == len(set(selected)) == 20 and len(labeled) == 60 and set(selected) <= set(labeled)
+    assert faulty == clean
     assert proxy.counts["slowdown"] and proxy.counts["reset"], proxy.counts
     print(f"campaign through faults: {proxy.counts}")

@@ -56,7 +56,10 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
     from tidal_ray.train.loop import train_in_process
     from tidal_ray.train.on_ray import train_on_ray
 
-    labels = labeled_table(root)
+    # Sorted by id: the labeled table is in arrival order (the oracle's reads finish in any
+    # order), and the trainer's index of each sample, hence its batches, follow the order
+    # it is given; sorted, a seeded cycle trains the same model every time.
+    labels = labeled_table(root).sort_by("id")
     ids, y = labels.column("id").to_numpy(zero_copy_only=False), labels.column("label").to_numpy()
     spec = describe_pool(config.pool)
     train_config = TrainConfig(num_classes=config.num_classes, input_shape=tuple(input_shape_of(config)),
