@@ -17,7 +17,7 @@ read after each step, so a step's figure is the peak so far; Ray's daemons and o
 store are other processes and are not counted. Not ``ru_maxrss``: Linux carries it over
 an exec from the process that spawned the child, so every child would report at least
 this benchmark's own RSS, which holds the loopback S3 server's objects. Prints per-step wall time and peak RSS
-and the 10N / N ratios: driver peak RSS for ``init`` and the whole cycle, and wall time
+(and the select step's driver CPU seconds: the reduction and Ray Data's executor, all threads) and the 10N / N ratios: driver peak RSS for ``init`` and the whole cycle, and wall time
 for train, select, final train and the whole cycle (every step after ``ray start``), with
 the load average at the start of each run (the machine is shared). ``--pools DIR`` keeps
 the local pools in DIR and reuses them on the next run (a 10M-row pool takes about a
@@ -73,9 +73,12 @@ def child_cycle(root: str) -> dict:
     ]
     out = []
     for name, run in steps:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         run()
-        out.append({"step": name, "seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()})
+        # The driver's own CPU (this process, Ray's workers not counted): on two cores it
+        # competes with the scorer for the select step.
+        out.append({"step": name, "seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
+                    "driver_cpu_seconds": time.process_time() - cpu})
     metrics = [campaign.storage.read_json(campaign.cycle_uri(root, c, "metrics.json")) for c in (0, 1)]
     selection = campaign.storage.read_json(campaign.cycle_uri(root, 0, "selection.json"))
     return {"steps": out, "labeled": [m["labeled"] for m in metrics],
@@ -157,6 +160,7 @@ def main() -> None:
                     results["runs"].append(run)
                     by_size.setdefault(rows, []).append(run)
                     line = ", ".join(f"{s['step']} {s['seconds']:.1f}s/{s['peak_rss_mb']:.0f}MB"
+                                     + (f" (driver CPU {s['driver_cpu_seconds']:.1f}s)" if s["step"] == "select" else "")
                                      for s in run["init"]["steps"] + run["cycle"]["steps"])
                     print(f"{store} {rows:>10,} rows #{repeat}: {line}; labeled {run['cycle']['labeled']}, "
                           f"load {run['load_average'][0]:.1f}", flush=True)
