@@ -24,7 +24,7 @@ from tidal_ray.data import storage
 from tidal_ray.data.decode import decode_for_scoring, format_shape
 from tidal_ray.errors import BadInput
 from tidal_ray.data.pool import PoolSpec, check_compatible, describe_pool
-from tidal_ray.data.read import arrival_order_for_tests, read_batches, read_unit, read_units, repeated_ids
+from tidal_ray.data.read import arrival_order_for_tests, read_batches, read_tasks, read_unit, read_units, repeated_ids
 from tidal_ray.method.batch import BatchParams, check_batch_params, sample_threshold
 from tidal_ray.score.centroids import fit_centroids
 from tidal_ray.score.reduce import Progress, Reduction, ScoresWriter
@@ -190,11 +190,12 @@ def score_batches_on_ray(plan: Plan, use_gpu: bool | None = None, extra: dict | 
         actor_resources = {"num_cpus": fits[0] if fits else ACTOR_CPU_STEPS[-1]}
         scorer = _scorer_kwargs(plan, extra, device="cpu", num_threads=max(1, int(node_cpus // high)))
 
-    # Our own read, one task per parquet row group (or run of image files), in fractional
-    # CPUs: Ray Data 2.60's read_parquet adds a ListFiles task that asks for a whole CPU
+    # Our own read, tasks over runs of parquet row groups (or one per run of image files),
+    # in fractional CPUs: Ray Data 2.60's read_parquet adds a ListFiles task that asks for a whole CPU
     # and hung a 1-CPU node with the scorer actor placed. Every row keeps its position.
     units = read_units(spec)
-    ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+    tasks = read_tasks(spec, len(units), ray.cluster_resources().get("CPU", 1.0))
+    ds = ray.data.from_items(units, override_num_blocks=tasks)
     ds = ds.map_batches(read_batches, batch_size=1, batch_format="pyarrow", num_cpus=DECODE_CPUS,
                         fn_kwargs={"spec": spec.slim(), "block_rows": block_rows,
                                    "max_bytes": READ_BLOCK_BYTES})

@@ -1,9 +1,9 @@
 """The labeled rows of a pool as a Ray Dataset for training, read and decoded on Ray
 tasks, never through the driver (DESIGN §1).
 
-    labeled ids -> read tasks (ids whose position is known, e.g. from a selection: one
-    task per row group holding some, reading just those rows; other ids: one task per
-    parquet file, id filter on each row group that can hold a labeled id; image files:
+    labeled ids -> read tasks, a few per CPU, over units (ids whose position is known,
+    e.g. from a selection: a row group holding some, reading just those rows; other ids:
+    a parquet file, id filter on each row group that can hold a labeled id; image files:
     exactly the labeled keys)
     -> decode_batch (CPU tasks) -> materialize (object store) -> id, index, label, x
 
@@ -35,6 +35,7 @@ from tidal_ray.data.decode import decode_batch
 from tidal_ray.errors import BadInput
 from tidal_ray.data.lookup import POSITION_COLUMNS, encode_positions, group_rows, position_units, rows_with_ids
 from tidal_ray.data.listing import image_keys_present
+from tidal_ray.data.read import TASKS_PER_CPU
 from tidal_ray.data.pool import PoolSpec, describe_pool
 
 READ_CPUS = 0.25      # read + decode tasks, fractional so training workers keep room
@@ -118,7 +119,9 @@ def _read_dataset(spec: PoolSpec, wanted: pa.Array, input_shape, positions: pa.T
         units += [{"uri": uri, "file": i, "row_group": -1, "rows": []} for i, (uri, _) in enumerate(spec.files)]
     if not units:
         return None
-    ds = ray.data.from_items(units, override_num_blocks=min(len(units), 256))
+    # Units share tasks (a task costs more than reading a unit's few rows): a few per CPU.
+    tasks = min(len(units), max(1, int(TASKS_PER_CPU * ray.cluster_resources().get("CPU", 1.0))))
+    ds = ray.data.from_items(units, override_num_blocks=tasks)
     return ds.map_batches(_read_parquet_units, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
                           fn_kwargs={"wanted": wanted, "unplaced": unplaced, "spec": spec.slim(),
                                      "input_shape": input_shape})
