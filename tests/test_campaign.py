@@ -29,7 +29,7 @@ def test_three_oracle_cycles_on_s3(ray_local, s3_bucket, capsys):
     pool, test = write_digits_split(f"{s3_bucket}/data")
     root = f"{s3_bucket}/campaigns/digits"
     config = campaign.CampaignConfig(pool=pool, test=test, k=40, cycles=3, initial_labels=30, oracle=True,
-                                     trainer="ray", workers=1, **FAST)
+                                     trainer="ray", workers=1, warm_start=True, **FAST)
     campaign.init(root, config)
     state = campaign.run(root)
     assert state["status"] == "done" and state["cycle"] == 3
@@ -44,6 +44,9 @@ def test_three_oracle_cycles_on_s3(ray_local, s3_bucket, capsys):
     assert not set(initial) & set(sum(chosen, []))                       # labeled ids never selected
     labeled_counts = [storage.read_json(campaign.cycle_uri(root, c, "metrics.json"))["labeled"] for c in range(4)]
     assert labeled_counts == [30, 70, 110, 150]                          # grows by k each cycle
+    metrics = [storage.read_json(campaign.cycle_uri(root, c, "metrics.json")) for c in range(4)]
+    # warm start: each cycle's Ray workers began at the previous cycle's checkpoint on S3
+    assert [m["started_from"] for m in metrics] == [None] + [m["checkpoint"] for m in metrics[:3]]
 
     manifest = storage.read_bytes(campaign.cycle_uri(root, 0, "export", "ground-truth-input.manifest")).decode()
     assert [json.loads(line)["tidal-ray-id"] for line in manifest.splitlines()] == chosen[0]

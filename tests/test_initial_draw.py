@@ -62,7 +62,7 @@ def test_campaign_init_typical_with_the_oracle(tmp_path):
     assert sorted(labels.column("label").to_pylist()) == list(range(BLOBS))   # one per blob, the oracle's labels
     state = campaign.load_state(root)
     assert state["step"] == "train" and state["config"]["initial_draw"] == "typical"
-    assert state["config"]["min_steps"] == 300 and state["config"]["warm_start"] is False
+    assert state["config"]["min_steps"] == 300 and state["config"]["warm_start"] is True
 
 
 def test_initial_draw_without_oracle_is_exported_and_waits_for_labels(ray_local, tmp_path):
@@ -70,7 +70,8 @@ def test_initial_draw_without_oracle_is_exported_and_waits_for_labels(ray_local,
     root = str(tmp_path / "campaign")
     assert main(["campaign", "init", root, "--pool", str(tmp_path / "pool"), "--num-classes", str(BLOBS),
                  "--k", "5", "--cycles", "1", "--initial-labels", str(BLOBS), "--initial-draw", "typical",
-                 "--trainer", "local", "--epochs", "1", "--min-steps", "0", "--warm-start"]) == 0
+                 "--trainer", "local", "--epochs", "1", "--min-steps", "0", "--no-warm-start"]) == 0
+    assert campaign.load_state(root)["config"]["warm_start"] is False
     assert not storage.exists(campaign.labels_uri(root, 0))
     state = campaign.run(root)
     assert state["status"] == "waiting-for-labels" and state["step"] == "initial-wait"

@@ -294,8 +294,9 @@ def add_campaign_parser(sub) -> None:
                         "pool (the --weights model's features, a features pool's vectors, else 8x8 thumbnails)")
     a.add_argument("--min-steps", type=int, default=300,  # train.config.MIN_STEPS (the CLI imports no torch)
                    help="every training runs at least --epochs epochs and never fewer than this many steps (default 300)")
-    a.add_argument("--warm-start", action="store_true",
-                   help="each cycle's training starts from the previous cycle's weights (fresh optimizer, empty TD table)")
+    a.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=True,
+                   help="each cycle's training starts from the previous cycle's weights (fresh optimizer, empty TD "
+                        "table); on by default, --no-warm-start trains each cycle from scratch")
     a.add_argument("--initial-labels-file", help="CSV/JSONL/parquet of id,label to start from")
     a.add_argument("--oracle", action="store_true",
                    help="simulation: labels come from the pool's label column, no person needed")

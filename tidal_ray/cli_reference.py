@@ -69,8 +69,8 @@ def _name(action: argparse.Action) -> str:
 def _default(action: argparse.Action) -> str:
     if action.required:
         return "required"
-    if action.nargs == 0:  # a switch: store_true and friends
-        return "off"
+    if action.nargs == 0:  # a switch: store_true, --x/--no-x and friends
+        return "on" if action.default is True else "off"
     if action.default is None or action.default == argparse.SUPPRESS:
         return "—"
     if isinstance(action.default, list):

@@ -105,7 +105,7 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
         + ("n/a (no test set)" if accuracy is None else f"{accuracy:.4f}"))
     storage.write_json(metrics_uri, {
         "cycle": cycle, "labeled": len(ids), "labeled_rejected": rejected, "skipped": skipped_table(root).num_rows,
-        "checkpoint": checkpoint,
+        "checkpoint": checkpoint, "started_from": train_config.init_checkpoint,   # None: from scratch
         "s3_retries": storage.s3_retries(),
         "test_accuracy": accuracy, "td_kl": history[-1]["kl"] if history else None,
         "train_seconds": train_seconds, "train_history": history,

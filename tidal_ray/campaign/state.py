@@ -51,7 +51,9 @@ class CampaignConfig:
     # `min_steps` optimiser steps (train.config.scaled_epochs). 0 here (exact epochs, as
     # campaigns made before it); `campaign init --min-steps` defaults to 300.
     min_steps: int = 0
-    warm_start: bool = False      # each cycle starts from the previous cycle's weights
+    # Each cycle starts from the previous cycle's weights. False here (from scratch, as
+    # campaigns made before it); `campaign init` defaults to --warm-start.
+    warm_start: bool = False
     initial_draw: str = "random"  # random | typical (TypiClust), for --initial-labels N
 
     def check(self) -> None:
