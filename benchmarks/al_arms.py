@@ -269,7 +269,7 @@ def merge_runs(runs_dir: str, out_dir: str, regime: str, plot: bool = True) -> d
 _EVERY = ["random", "margin", "tidal-margin", "margin-subset10k", "margin-power", "margin-cluster",
           "tidal-margin-power", "tidal-margin-cluster", "margin-warm", "margin-power-warm"]
 ARMS = {"large": _EVERY, "balanced": _EVERY + ["tidal-margin-warm"],
-        "imbalanced": _EVERY, "cold": _EVERY + ["margin-typical"],
+        "imbalanced": _EVERY, "cold": _EVERY + ["margin-typical", "margin-warm-typical"],
         "reference": ["tidal-entropy-subset10k-warm", "margin-subset10k-warm"]}
 
 
