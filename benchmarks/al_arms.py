@@ -265,9 +265,11 @@ def merge_runs(runs_dir: str, out_dir: str, regime: str, plot: bool = True) -> d
 
 # ---- the arms of issue 19, and fitting the reference recipe into a time budget --------------------
 
-# Warm start is campaign init's default, so every regime also runs top-k and power warm.
+# Warm start is campaign init's default, so every regime also runs top-k, power and the
+# 10k subset warm (the whole pool against the subset under the default).
 _EVERY = ["random", "margin", "tidal-margin", "margin-subset10k", "margin-power", "margin-cluster",
-          "tidal-margin-power", "tidal-margin-cluster", "margin-warm", "margin-power-warm"]
+          "tidal-margin-power", "tidal-margin-cluster", "margin-warm", "margin-power-warm",
+          "margin-subset10k-warm"]
 ARMS = {"large": _EVERY, "balanced": _EVERY + ["tidal-margin-warm"],
         "imbalanced": _EVERY, "cold": _EVERY + ["margin-typical", "margin-warm-typical"],
         "reference": ["tidal-entropy-subset10k-warm", "margin-subset10k-warm"]}
