@@ -142,7 +142,11 @@ class RayTrainSession:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        with checkpoint.as_directory() as directory:
+        # A directory of this worker's own: Checkpoint.as_directory() shares one per node,
+        # and a second worker that takes its lock after the first's download downloads
+        # again over the files the first is reading (an empty metrics.json, seen in CI).
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint.to_directory(directory)
             state = load_checkpoint(directory)
             self.history = storage.read_json(os.path.join(directory, "metrics.json"))
         if state["labeled_ids"] != self.ids:
