@@ -89,6 +89,11 @@ def test_topk_is_exact_excludes_and_is_identical_across_runs_and_actor_counts(ra
     selection = read(f"{s3_bucket}/out-a/selection.parquet")
     for name in "bc":
         assert read(f"{s3_bucket}/out-{name}/selection.parquet").equals(selection), name
+        # Without --save-scores the scorers drop what cannot be selected; the counts stay whole.
+        for key in ("rows_read", "rows_scored", "rows_excluded", "rows_rejected", "score_histogram"):
+            assert runs[name][key] == runs["a"][key], (name, key)
+        assert runs[name]["rows_at_driver"] < 20_200 // 2, name
+    assert runs["a"]["rows_at_driver"] == 20_200
 
     summary = runs["a"]
     assert summary["rows_read"] == 20_200 and summary["rows_excluded"] == 105 and summary["rows_rejected"] == 0

@@ -90,3 +90,47 @@ def test_exclusion_ids_of_another_type_are_an_error_not_ignored():
 
     with pytest.raises(BadInput, match="ids must be integers to match the pool"):
         from_user(np.array(["img/1.png", "img/2.png"]), pa.int64(), "exclude_ids")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_block_filter_drops_rows_on_the_scorers_without_changing_the_selection_or_the_counts(seed):
+    """The same blocks through a Reduction as they are and through BlockFilter first (as
+    the scorers send them): the same selection, accounting, rejects and histogram, in
+    every batch mode, with exclusions, repeated ids, rejects, non-finite scores and ties."""
+    from tidal_ray.method.batch import BatchParams
+    from tidal_ray.score.reduce import BlockFilter
+
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(300, 2000)), int(rng.integers(1, 40))
+    ids = rng.permutation(n * 2)[:n].astype(np.int64)
+    ids[rng.choice(n, 10, replace=False)] = ids[:10]  # repeated ids (some rows repeat themselves: harmless)
+    scores = -rng.integers(0, 30, n).astype(np.float64) / 30   # margins, many ties
+    scores[rng.choice(n, 3, replace=False)] = np.inf
+    reasons = np.where(rng.random(n) < 0.02, "undecodable image", "")
+    scores[reasons != ""] = np.nan
+    classes = rng.integers(0, 4, n)
+    batch = [BatchParams("topk"), BatchParams("power", beta=2.0),
+             BatchParams("cluster", clusters=3, candidates=3 * k)][seed % 3]
+    quota = seed % 2 == 1
+    exclude = np.unique(rng.choice(ids, n // 5, replace=False))
+    repeated = np.unique(ids[np.unique(ids, return_counts=True)[1][np.searchsorted(np.unique(ids), ids)] > 1])
+    kept = batch.candidates if batch.mode == "cluster" else k
+    block_filter = BlockFilter(kept, "margin", 4, pa.int64(), exclude, repeated, quota, batch, seed, 3)
+
+    def reduce(filtered: bool) -> Reduction:
+        reduction = Reduction(k, "margin", 4, pa.int64(), exclude, lambda f, i: "pool", repeated=repeated,
+                              per_class_quota=quota, batch=batch, seed=seed, cycle=3)
+        for part in np.array_split(rng.permutation(n) if filtered else np.arange(n), 7):
+            block = {"id": ids[part], "file": np.zeros(len(part), np.int32), "row": part.astype(np.int64),
+                     "reason": reasons[part], "predicted_class": np.where(reasons[part] == "", classes[part], -1),
+                     "margin": scores[part], "cluster": classes[part] % 3}
+            block = pa.table(block) if filtered and seed % 4 == 0 else block
+            reduction.add(block_filter(block) if filtered else block)
+        return reduction
+
+    plain, filtered = reduce(False), reduce(True)
+    assert filtered.selection_table().equals(plain.selection_table())
+    assert filtered.accounting() == plain.accounting() and plain.rows_read == n
+    assert filtered.score_histogram() == plain.score_histogram()
+    assert sorted(filtered.reject_reasons) == sorted(plain.reject_reasons)
+    assert filtered.rows_at_driver < n // 2 < plain.rows_at_driver

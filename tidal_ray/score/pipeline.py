@@ -4,7 +4,8 @@
     [cluster mode: the same pipeline once more first, the scorers sending only a hashed
       sample's embeddings -> k-means (a Ray task) -> centroids for the scorers]
     read by position (Ray Data tasks) -> decode (CPU tasks) -> BatchScorer (actor pool,
-      a GPU each if any) -> iter_batches to the driver, in any order
+      a GPU each if any; each block then loses the rows that cannot be selected:
+      BlockFilter) -> iter_batches to the driver, in any order
       -> Reduction: duplicates by position, exclusions, the batch mode's selection
 
 ``score_pool`` runs it; with ``use_ray=False`` the same read, decode and ``BatchScorer``
@@ -27,7 +28,7 @@ from tidal_ray.data.pool import PoolSpec, check_compatible, describe_pool
 from tidal_ray.data.read import arrival_order_for_tests, read_batches, read_tasks, read_unit, read_units, repeated_ids
 from tidal_ray.method.batch import BatchParams, check_batch_params, sample_threshold
 from tidal_ray.score.centroids import fit_centroids
-from tidal_ray.score.reduce import Progress, Reduction, ScoresWriter
+from tidal_ray.score.reduce import BlockFilter, Progress, Reduction, ScoresWriter
 from tidal_ray.score.scorer import BALD_SAMPLES, PRECISIONS, BatchScorer
 from tidal_ray.method.uncertainty import STRATEGIES, check_strategy
 
@@ -283,6 +284,11 @@ def score_pool(checkpoint_uri, pool_uri, k, out_uri, strategy="tidal-entropy", e
         extra = {"centroids": centroids}
         mode_record.update(sampled_rows=sampled, embedding_dim=int(centroids.shape[1]),
                            centroid_seconds=round(time.perf_counter() - fit_started, 3))
+    if not save_scores:  # --save-scores writes every row, so every row comes to the driver
+        kept = plan.batch.candidates if plan.batch.mode == "cluster" else plan.k
+        extra = {**(extra or {}), "block_filter": BlockFilter(
+            kept, plan.strategy, plan.num_classes, plan.spec.id_type, plan.exclude, repeated,
+            plan.per_class_quota, plan.batch, plan.seed, plan.cycle)}
     scores = ScoresWriter(out_uri, plan.spec.id_type, plan.strategies) if save_scores else None
     reduction = Reduction(plan.k, plan.strategy, plan.num_classes, plan.spec.id_type, plan.exclude,
                           plan.spec.file_name, repeated=repeated, per_class_quota=plan.per_class_quota,
@@ -330,6 +336,8 @@ def score_pool(checkpoint_uri, pool_uri, k, out_uri, strategy="tidal-entropy", e
         "timing": {"first_row_seconds": round((first_at or started) - started, 3),
                    "steady_rows_per_s": round((reduction.rows_read - first_rows) / (last_at - first_at), 1)
                    if last_at is not None and last_at > first_at else None},
+        # Rows the driver read (the rest were dropped on the scorers: reduce.BlockFilter).
+        "rows_at_driver": reduction.rows_at_driver,
         "precision": plan.precision, "repeated_ids": int(len(repeated)),
         "batch_size": plan.batch_size, "actors": list(plan.actors), "ray": bool(use_ray),
         "outputs": {"selection": storage.join(out_uri, "selection.parquet"),

@@ -1,10 +1,12 @@
-"""The driver's side of scoring: row accounting, rejects, duplicates, exclusions and
-the selection by batch mode (DESIGN §8), plus the ``--save-scores`` writer and the
-progress line.
+"""The reduction of a scored pool: ``BlockFilter`` on the scorer actors (each block
+loses the rows that cannot be selected), then ``Reduction`` on the driver (row
+accounting, rejects, duplicates, exclusions and the selection by batch mode, DESIGN
+§8), plus the ``--save-scores`` writer and the progress line.
 
-Memory: O(k) for the selection (``cluster``: O(M) candidates), O(bins) for the score
-histogram, O(rejects) for the rejects table, and the repeated ids (found before
-scoring by ``ids.repeated_ids``) with one held row each.
+Driver memory: O(k) for the selection (``cluster``: O(M) candidates), O(bins) for the
+score histogram, O(rejects) for the rejects table, and the repeated ids (found before
+scoring by ``ids.repeated_ids``) with one held row each; what it reads is about k rows
+per block (``BlockFilter``), not the pool.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +32,8 @@ SCORES_ROWS_PER_PART = 1_000_000
 NONFINITE_SCORE = "non-finite score"
 HISTOGRAM_BINS = 50
 POSITION = "position"        # a kept row's lookup.encode_positions, carried through the selection
+# BlockFilter's tally of the rows it dropped: per block, on one row of what it keeps.
+DROPPED_SCORED, DROPPED_EXCLUDED, DROPPED_HISTOGRAM = "dropped_scored", "dropped_excluded", "dropped_histogram"
 
 
 def score_range(strategy: str, num_classes: int) -> tuple[float, float]:
@@ -59,6 +64,72 @@ class ScoreHistogram:
         selected = np.bincount(self.bin_of(selected_scores), minlength=len(self.counts))
         return {"low": self.low, "high": self.high, "bins": len(self.counts),
                 "counts": self.counts.tolist(), "selected": selected.tolist()}
+
+
+def selection_keys(batch: batch_modes.BatchParams, strategy: str, score: np.ndarray, ids: np.ndarray,
+                   seed: int, cycle: int) -> np.ndarray:
+    """What the selection ranks rows by (higher first, ties by id): the power keys, or
+    the score itself (``topk``, and ``cluster``'s candidates)."""
+    if batch.mode == "power":
+        return batch_modes.power_keys(strategy, score, ids, batch.beta, seed, cycle)
+    return score
+
+
+@dataclass(frozen=True)
+class BlockFilter:
+    """The reduction's first half, run by the scorer on each block it scores, so the
+    driver reads about ``kept`` rows per block instead of every row: the object store's
+    pages of every block the driver reads count in its RSS, which then grew with the pool.
+
+    A decoded row with a finite score and an id the pool holds once (not in
+    ``repeated``) is dropped when its id is in ``exclude`` or when it is outside the
+    block's own top ``kept`` in the selection's order (``selection_keys``; per predicted
+    class with a quota, as ``StreamingTopK`` keeps them). A row of the pool's top is in
+    its block's top, so the selection does not change. Every other row reaches the driver
+    as it was: rejects, non-finite scores and repeated ids are settled there. The dropped
+    rows are counted, and the scored ones' scores put in the histogram's bins, in three
+    columns that the driver adds up (``Reduction.add``), held by the first kept row; one
+    row always stays to hold them."""
+    kept: int
+    strategy: str
+    num_classes: int
+    id_type: pa.DataType
+    exclude: np.ndarray
+    repeated: np.ndarray
+    per_class_quota: bool = False
+    batch: batch_modes.BatchParams = batch_modes.BatchParams()
+    seed: int = 0
+    cycle: int = 0
+
+    def __call__(self, block):
+        """``block``: the scorer's output, an Arrow table or a dict of columns (the same kind back)."""
+        ids = id_utils.to_numpy(block["id"], self.id_type)
+        score = numpy_column(block, self.strategy)
+        droppable = is_decoded(block["reason"]) & np.isfinite(score) & ~is_member(self.repeated, ids)
+        excluded = droppable & is_member(self.exclude, ids)
+        rows = np.flatnonzero(droppable & ~excluded)
+        best = StreamingTopK(self.kept, per_class_quota=self.per_class_quota, num_classes=self.num_classes)
+        keys = selection_keys(self.batch, self.strategy, score[rows], ids[rows], self.seed, self.cycle)
+        best.add(ids[rows], keys, numpy_column(block, "predicted_class")[rows], {"row": rows})
+        keep = ~droppable
+        keep[best.result_with_extra()[3].get("row", np.array([], np.int64))] = True
+        if len(keep) and not keep.any():
+            keep[0] = True
+        histogram = ScoreHistogram(*score_range(self.strategy, self.num_classes))
+        histogram.add(score[~keep & ~excluded])
+        held = np.zeros(int(keep.sum()), np.int64)
+        tally = {DROPPED_SCORED: held.copy(), DROPPED_EXCLUDED: held.copy()}
+        if len(held):
+            tally[DROPPED_SCORED][0] = int((~keep & ~excluded).sum())
+            tally[DROPPED_EXCLUDED][0] = int((~keep & excluded).sum())
+        bins = [histogram.counts.tolist()] + [None] * (len(held) - 1) if len(held) else []
+        if isinstance(block, pa.Table):
+            out = block.filter(pa.array(keep))
+            for name, values in tally.items():
+                out = out.append_column(name, pa.array(values, pa.int64()))
+            return out.append_column(DROPPED_HISTOGRAM, pa.array(bins, pa.list_(pa.int64())))
+        return {**{name: np.asarray(values)[keep] for name, values in block.items()}, **tally,
+                DROPPED_HISTOGRAM: bins}
 
 
 class ScoresWriter:
@@ -149,6 +220,7 @@ class Reduction:
         if batch.mode == "cluster":
             self.columns += ("cluster",)
         self.rows_read = self.rows_scored = self.rows_excluded = 0
+        self.rows_at_driver = 0  # of rows_read: those that reached the driver (BlockFilter drops the rest)
         self.reject_ids, self.reject_files, self.reject_reasons = [], [], []
         self.rejects_by_reason: Counter = Counter()
         self.finished = False
@@ -164,6 +236,9 @@ class Reduction:
         ids = id_utils.to_numpy(batch["id"], self.id_type)
         files = numpy_column(batch, "file")
         self.rows_read += len(ids)
+        self.rows_at_driver += len(ids)
+        if DROPPED_SCORED in (batch.column_names if isinstance(batch, pa.Table) else batch):
+            self._count_dropped(batch)
         decoded = is_decoded(batch["reason"])
         if not decoded.all():
             self._reject(ids[~decoded], files[~decoded], numpy_column(batch, "reason")[~decoded])
@@ -182,6 +257,19 @@ class Reduction:
             self._admit(ids, files, columns)
         else:
             self._admit(ids[decoded], files[decoded], {name: v[decoded] for name, v in columns.items()})
+
+    def _count_dropped(self, batch) -> None:
+        """The rows a ``BlockFilter`` dropped from this batch's blocks: read, and scored
+        or excluded."""
+        scored = int(numpy_column(batch, DROPPED_SCORED).sum())
+        excluded = int(numpy_column(batch, DROPPED_EXCLUDED).sum())
+        self.rows_read += scored + excluded
+        self.rows_scored += scored
+        self.rows_excluded += excluded
+        bins = batch[DROPPED_HISTOGRAM]
+        for counts in (bins.to_pylist() if isinstance(bins, (pa.Array, pa.ChunkedArray)) else bins):
+            if counts is not None:
+                self.histogram.counts += np.asarray(counts, np.int64)
 
     def finish(self) -> None:
         """Admit the winning row of each repeated id (after the last ``add``)."""
@@ -211,14 +299,13 @@ class Reduction:
         kept = columns if keep.all() else {name: v[keep] for name, v in columns.items()}
         score, predicted = kept[self.strategy], kept["predicted_class"]
         self.histogram.add(score)
+        keys = selection_keys(self.batch, self.strategy, score, rows, self.seed, self.cycle)
         extra = {POSITION: kept[POSITION]}
         if self.batch.mode == "power":
-            keys = batch_modes.power_keys(self.strategy, score, rows, self.batch.beta, self.seed, self.cycle)
-            self.topk.add(rows, keys, predicted, {**extra, "score": score})
+            extra["score"] = score
         elif self.batch.mode == "cluster":
-            self.topk.add(rows, score, predicted, {**extra, "cluster": kept["cluster"].astype(np.int64)})
-        else:
-            self.topk.add(rows, score, predicted, extra)
+            extra["cluster"] = kept["cluster"].astype(np.int64)
+        self.topk.add(rows, keys, predicted, extra)
         if self.scores is not None:
             self.scores.add({"id": ids, "predicted_class": columns["predicted_class"], "excluded": excluded,
                              **{s: columns[s] for s in self.scores.strategies}})

@@ -65,11 +65,14 @@ class BatchScorer:
     centroid (-1 for rejected rows). With ``sample`` (``{"seed", "cycle",
     "threshold"}``) the scorer is the centroids' sampler instead: it keeps only the
     decoded rows whose ``method.batch.sample_hashes`` is at most the threshold and
-    returns their ``id``, ``file``, ``row`` and ``embedding``, scoring nothing."""
+    returns their ``id``, ``file``, ``row`` and ``embedding``, scoring nothing.
+
+    With ``block_filter`` (``reduce.BlockFilter``) the scored output goes through it: the
+    rows that cannot be selected stay here, counted."""
 
     def __init__(self, checkpoint_uri: str, seed: int = 0, mc_samples: int = 0, device: str | None = None,
                  *, strategies=None, pad_to: int | None = None, num_threads: int | None = None,
-                 precision: str = "fp32", centroids=None, sample: dict | None = None):
+                 precision: str = "fp32", centroids=None, sample: dict | None = None, block_filter=None):
         import torch
 
         from tidal_ray.train.checkpoint import load_checkpoint, model_from_checkpoint
@@ -94,6 +97,7 @@ class BatchScorer:
         self.centroids = None if centroids is None else np.asarray(centroids, dtype=np.float32)
         self.sample = sample
         self.embed = self.centroids is not None or sample is not None
+        self.block_filter = block_filter
 
     def _forward(self, x: np.ndarray, ids: np.ndarray):
         """Logits, TD logits, MC passes (or None) and, when the run needs them, each
@@ -169,9 +173,11 @@ class BatchScorer:
                 columns["cluster"][good] = cluster
         passed = [k for k in ("id", "file", "row", "reason") if k in names]
         if arrow:  # pass the input's columns through as they are
-            return pa.table({**{k: batch.column(k) for k in passed}, "predicted_class": pa.array(predicted),
-                             **{k: pa.array(v) for k, v in columns.items()}})
-        return {**{k: np.asarray(batch[k]) for k in passed}, "predicted_class": predicted, **columns}
+            out = pa.table({**{k: batch.column(k) for k in passed}, "predicted_class": pa.array(predicted),
+                            **{k: pa.array(v) for k, v in columns.items()}})
+        else:
+            out = {**{k: np.asarray(batch[k]) for k in passed}, "predicted_class": predicted, **columns}
+        return out if self.block_filter is None else self.block_filter(out)
 
     def _sample(self, batch, arrow, names, ids, x, good):
         """The centroids' sampler: the sampled decoded rows' positions and embeddings."""
