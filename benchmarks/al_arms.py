@@ -270,7 +270,7 @@ def merge_runs(runs_dir: str, out_dir: str, regime: str, plot: bool = True) -> d
 _EVERY = ["random", "margin", "tidal-margin", "margin-subset10k", "margin-power", "margin-cluster",
           "tidal-margin-power", "tidal-margin-cluster", "margin-warm", "margin-power-warm",
           "margin-subset10k-warm"]
-ARMS = {"large": _EVERY, "balanced": _EVERY + ["tidal-margin-warm"],
+ARMS = {"large": _EVERY + ["margin-cluster-warm"], "balanced": _EVERY + ["tidal-margin-warm", "margin-cluster-warm"],
         "imbalanced": _EVERY, "cold": _EVERY + ["margin-typical", "margin-warm-typical"],
         "reference": ["tidal-entropy-subset10k-warm", "margin-subset10k-warm"]}
 
