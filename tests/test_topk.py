@@ -113,7 +113,8 @@ def test_block_filter_drops_rows_on_the_scorers_without_changing_the_selection_o
              BatchParams("cluster", clusters=3, candidates=3 * k)][seed % 3]
     quota = seed % 2 == 1
     exclude = np.unique(rng.choice(ids, n // 5, replace=False))
-    repeated = np.unique(ids[np.unique(ids, return_counts=True)[1][np.searchsorted(np.unique(ids), ids)] > 1])
+    values, counts = np.unique(ids, return_counts=True)
+    repeated = values[counts > 1]
     kept = batch.candidates if batch.mode == "cluster" else k
     block_filter = BlockFilter(kept, "margin", 4, pa.int64(), exclude, repeated, quota, batch, seed, 3)
 
