@@ -115,14 +115,13 @@ class BlockFilter:
         keep[best.result_with_extra()[3].get("row", np.array([], np.int64))] = True
         if len(keep) and not keep.any():
             keep[0] = True
+        dropped = ~keep
         histogram = ScoreHistogram(*score_range(self.strategy, self.num_classes))
-        histogram.add(score[~keep & ~excluded])
-        held = np.zeros(int(keep.sum()), np.int64)
-        tally = {DROPPED_SCORED: held.copy(), DROPPED_EXCLUDED: held.copy()}
-        if len(held):
-            tally[DROPPED_SCORED][0] = int((~keep & ~excluded).sum())
-            tally[DROPPED_EXCLUDED][0] = int((~keep & excluded).sum())
-        bins = [histogram.counts.tolist()] + [None] * (len(held) - 1) if len(held) else []
+        histogram.add(score[dropped & ~excluded])
+        first = np.arange(int(keep.sum())) == 0  # the kept row that holds the tally
+        tally = {DROPPED_SCORED: first * int((dropped & ~excluded).sum()),
+                 DROPPED_EXCLUDED: first * int((dropped & excluded).sum())}
+        bins = [histogram.counts.tolist() if holds else None for holds in first]
         if isinstance(block, pa.Table):
             out = block.filter(pa.array(keep))
             for name, values in tally.items():
