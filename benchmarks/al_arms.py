@@ -1,10 +1,12 @@
 """Fashion-MNIST arms (issue 19): one (seed, arm) run per call, each written to its own JSON,
 and the merge of those files into ``<out>/fashion-mnist-<regime>.json``.
 
-An arm is ``<strategy>[-<mode>][-subset10k][-warm][-typical]``:
+An arm is ``<strategy>[-<mode>][-quota][-subset10k][-warm][-typical]``:
 - mode ``topk`` (default), ``power[BETA]`` (Gumbel-top-k on s ** BETA, ``method.batch.power_keys``),
   ``cluster[K]`` (Cluster-Margin: round-robin over K k-means clusters of the model's
   embedding among the top M = 10 k candidates, ``method.batch.kmeans/round_robin``);
+- ``-quota``: ``--per-class-quota`` (``topk`` and ``power``): at most ceil(k / C) rows per
+  predicted class, the top k of their union (``method.topk.StreamingTopK``);
 - ``-subset10k``: the strategy scores a fresh random 10,000-row subset each cycle;
 - ``-warm``: each cycle's training starts from the previous cycle's checkpoint (backbone and
   TD module; fresh optimizer, empty TD table);
@@ -39,9 +41,10 @@ _MODE = re.compile(r"^(topk|power|cluster)(\d+(?:\.\d+)?)?$")
 
 def parse_arm(name: str) -> dict:
     """``margin-power2-subset10k-warm`` -> its parts; ValueError naming the arm otherwise."""
-    arm = {"name": name, "subset": False, "warm": False, "typical": False, "mode": "topk", "param": None}
+    arm = {"name": name, "subset": False, "warm": False, "typical": False, "quota": False, "mode": "topk",
+           "param": None}
     rest = name
-    for flag, suffix in (("typical", "-typical"), ("warm", "-warm"), ("subset", aq.SUBSET_SUFFIX)):
+    for flag, suffix in (("typical", "-typical"), ("warm", "-warm"), ("subset", aq.SUBSET_SUFFIX), ("quota", "-quota")):
         if rest.endswith(suffix):
             arm[flag], rest = True, rest[: -len(suffix)]
     head, _, last = rest.rpartition("-")
@@ -49,9 +52,11 @@ def parse_arm(name: str) -> dict:
     if match and head:
         arm["mode"], rest = match.group(1), head
         arm["param"] = float(match.group(2)) if match.group(2) else None
-    if rest not in STRATEGY_NAMES or (arm["mode"] == "topk" and arm["param"] is not None):
-        raise ValueError(f"arm {name!r}: expected <strategy>[-topk|-power[BETA]|-cluster[K]][-subset10k][-warm]"
-                         f"[-typical] with a strategy of {', '.join(STRATEGY_NAMES)}")
+    if rest not in STRATEGY_NAMES or (arm["mode"] == "topk" and arm["param"] is not None) or \
+            (arm["quota"] and (arm["mode"] == "cluster" or rest == "random")):
+        raise ValueError(f"arm {name!r}: expected <strategy>[-topk|-power[BETA]|-cluster[K]][-quota][-subset10k]"
+                         f"[-warm][-typical] with a strategy of {', '.join(STRATEGY_NAMES)} (-quota: not with "
+                         f"cluster or random)")
     arm["strategy"] = rest
     return arm
 
@@ -86,17 +91,22 @@ def hashed_sample(ids: np.ndarray, size: int, salt: int) -> np.ndarray:
 
 
 def select(arm: dict, scored: dict, column: str, k: int, seed: int, cycle: int, net=None, data=None,
-           unlabeled=None, chunk: int = 128) -> np.ndarray:
-    """The ids an arm picks this cycle from its scored rows."""
+           unlabeled=None, chunk: int = 128, num_classes: int | None = None) -> np.ndarray:
+    """The ids an arm picks this cycle from its scored rows (``num_classes``: for ``-quota``)."""
     from tidal_ray.method.batch import kmeans, nearest_centroid, power_keys, round_robin
-    from tidal_ray.method.topk import rank_order
+    from tidal_ray.method.topk import StreamingTopK, rank_order
 
     ids, scores = scored["id"], np.asarray(scored[column], dtype=np.float64)
     if arm["mode"] == "power":
         beta = arm["param"] if arm["param"] is not None else DEFAULT_BETA
-        keys = power_keys(column, scores, ids, beta, seed, cycle)
-        return ids[rank_order(ids, keys)[:k]]
+        scores = power_keys(column, scores, ids, beta, seed, cycle)
+    if arm["quota"]:
+        best = StreamingTopK(k, per_class_quota=True, num_classes=num_classes)
+        best.add(ids, scores, scored["predicted_class"])
+        return best.result()[0]
     top = rank_order(ids, scores)
+    if arm["mode"] == "power":
+        return ids[top[:k]]
     if arm["mode"] == "topk":
         return ids[top[:k]]
     clusters = int(arm["param"]) if arm["param"] is not None else min(k, MAX_CLUSTERS)
@@ -178,7 +188,7 @@ def run_arm(regime: str, arm_name: str, seed: int, spec: dict, recipe: dict, dat
             else:
                 scorer = BatchScorer(previous, seed=seed, device=device)
                 scored = aq.score(scorer, data, rows, aq.MODEL_COLUMNS, chunk)
-            chosen = select(arm, scored, column, spec["k"], seed, cycle, net, data, unlabeled, chunk)
+            chosen = select(arm, scored, column, spec["k"], seed, cycle, net, data, unlabeled, chunk, data["classes"])
             record["selected_class_counts"].append(np.bincount(data["labels"][chosen], minlength=data["classes"]).tolist())
             record["selected_score_mean"].append(float(scored[column][np.isin(scored["id"], chosen)].mean()))
             record["scored_rows"].append(len(rows))

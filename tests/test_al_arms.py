@@ -15,18 +15,22 @@ from test_fashion_mnist import write_fashion_dir  # noqa: E402
 
 
 @pytest.mark.parametrize("name, parts", [
-    ("margin", ("margin", "topk", None, False, False, False)),
-    ("tidal-margin-power-warm", ("tidal-margin", "power", None, False, True, False)),
-    ("margin-power2-subset10k", ("margin", "power", 2.0, True, False, False)),
-    ("margin-cluster50-typical", ("margin", "cluster", 50.0, False, False, True)),
-    ("least-confidence-subset10k", ("least-confidence", "topk", None, True, False, False)),
+    ("margin", ("margin", "topk", None, False, False, False, False)),
+    ("tidal-margin-power-warm", ("tidal-margin", "power", None, False, True, False, False)),
+    ("margin-power2-subset10k", ("margin", "power", 2.0, True, False, False, False)),
+    ("margin-cluster50-typical", ("margin", "cluster", 50.0, False, False, True, False)),
+    ("least-confidence-subset10k", ("least-confidence", "topk", None, True, False, False, False)),
+    ("margin-quota-warm", ("margin", "topk", None, False, True, False, True)),
+    ("margin-power-quota-warm", ("margin", "power", None, False, True, False, True)),
 ])
 def test_arm_names(name, parts):
     arm = al_arms.parse_arm(name)
-    assert (arm["strategy"], arm["mode"], arm["param"], arm["subset"], arm["warm"], arm["typical"]) == parts
+    assert (arm["strategy"], arm["mode"], arm["param"], arm["subset"], arm["warm"], arm["typical"],
+            arm["quota"]) == parts
 
 
-@pytest.mark.parametrize("bad", ["margin-warm-subset10k", "bald-power", "margin-topk3", "power"])
+@pytest.mark.parametrize("bad", ["margin-warm-subset10k", "bald-power", "margin-topk3", "power",
+                                 "margin-cluster-quota", "random-quota", "margin-warm-quota"])
 def test_bad_arm_names(bad):
     with pytest.raises(ValueError, match="arm"):
         al_arms.parse_arm(bad)
@@ -52,6 +56,19 @@ def test_cluster_covers_every_cluster_where_topk_does_not():
     assert set(cluster) == {0, 1, 20, 21}           # best first within each cluster
     power = al_arms.select(al_arms.parse_arm("margin-power1"), scored, "margin", 4, 0, 0)
     assert len(set(power)) == 4
+
+
+def test_quota_spreads_a_batch_over_the_predicted_classes():
+    # The 6 best rows are all predicted class 0; a quota of ceil(6 / 3) = 2 per class takes
+    # each class's best 2, under top-k and under power alike.
+    ids = np.arange(30)
+    scored = {"id": ids, "margin": -ids * 0.01, "predicted_class": np.where(ids < 10, 0, np.where(ids < 20, 1, 2))}
+    topk = al_arms.select(al_arms.parse_arm("margin"), scored, "margin", 6, 0, 0)
+    quota = al_arms.select(al_arms.parse_arm("margin-quota"), scored, "margin", 6, 0, 0, num_classes=3)
+    assert set(topk) == set(range(6))
+    assert set(quota) == {0, 1, 10, 11, 20, 21}
+    power = al_arms.select(al_arms.parse_arm("margin-power-quota"), scored, "margin", 6, 3, 1, num_classes=3)
+    assert len(set(power)) == 6 and np.bincount(scored["predicted_class"][power], minlength=3).tolist() == [2, 2, 2]
 
 
 def test_runs_write_their_own_json_and_merge(tmp_path):
