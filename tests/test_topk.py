@@ -65,6 +65,14 @@ def test_string_ids_tie_break_by_id():
     assert topk.result()[0].tolist() == ["img/c.png", "img/0.png", "img/a.png"]
 
 
+def test_a_quota_leaves_the_batch_short_when_few_classes_are_predicted():
+    # k = 10 over 5 classes: at most 2 a class; only classes 0 and 3 are predicted.
+    topk = StreamingTopK(10, per_class_quota=True, num_classes=5)
+    topk.add(np.arange(40), np.linspace(1, 0, 40), np.where(np.arange(40) < 30, 0, 3))
+    ids, _, classes = topk.result()
+    assert ids.tolist() == [0, 1, 30, 31] and classes.tolist() == [0, 0, 3, 3]
+
+
 def test_memory_stays_bounded():
     rng = np.random.default_rng(0)
     topk = StreamingTopK(100)

@@ -22,6 +22,8 @@ checkpoint, so scoring decodes as training did. The run goes to OUT/NAME:
 a checkpoint directory every --checkpoint-every epochs and after the last (model.pt,
 metrics.json; the last two kept) and metrics.json. Rerunning with the same OUT and
 --name resumes that run."""
+QUOTA_HELP = ("at most ceil(k / classes) rows per predicted class, with any batch mode; the batch is "
+              "smaller than k when some class is predicted for fewer rows than that")
 
 
 def parse_actors(text: str) -> tuple[int, int]:
@@ -256,8 +258,7 @@ def add_score_parser(sub) -> None:
     p.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="URI",
                    help="parquet/csv files (or prefixes) whose 'id's are never selected: labeled, pending")
     add_batch_mode_arguments(p)
-    p.add_argument("--per-class-quota", action="store_true",
-                   help="at most ceil(k / classes) per predicted class (with any batch mode)")
+    p.add_argument("--per-class-quota", action="store_true", help=QUOTA_HELP)
     p.add_argument("--save-scores", action="store_true", help="also write every row's scores (all strategies)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--actors", default="1,1", metavar="MIN,MAX", help="scorer actors (a GPU each when there are GPUs)")
@@ -305,7 +306,7 @@ def add_campaign_parser(sub) -> None:
                    help="ray: Ray Train workers; local: in the driver process, which then holds the labeled rows (small campaigns)")
     a.add_argument("--workers", type=int, default=1)
     a.add_argument("--actors", default="1,1", help="scorer actors MIN,MAX")
-    a.add_argument("--per-class-quota", action="store_true")
+    a.add_argument("--per-class-quota", action="store_true", help=QUOTA_HELP)
     add_batch_mode_arguments(a)
     a.add_argument("--class-names", metavar="A,B,...|FILE", default=None,
                    help="class names, comma-separated or one per line in a file; labels may then come as names")
