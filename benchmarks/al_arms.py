@@ -181,7 +181,7 @@ def run_arm(regime: str, arm_name: str, seed: int, spec: dict, recipe: dict, dat
                 break
             started = time.perf_counter()
             unlabeled = np.setdiff1d(data["pool"], labeled)
-            rows = aq.candidate_rows(arm_name if arm["subset"] else column, unlabeled,
+            rows = aq.candidate_rows(column + aq.SUBSET_SUFFIX if arm["subset"] else column, unlabeled,
                                      spec.get("subset", len(unlabeled)), seed, cycle)
             if column == "random":
                 scored = aq.random_selection_scores(data, rows, seed)

@@ -76,13 +76,14 @@ def test_runs_write_their_own_json_and_merge(tmp_path):
     spec = dict(al_quality.FASHION_REGIMES["cold"], initial=10, k=6, cycles=2, subset=15)
     recipe = dict(al_quality.FASHION_RECIPE, epochs=1, min_steps=2)
     runs = str(tmp_path / "runs")
-    arms = ["margin", "margin-power-warm", "margin-cluster3", "random-typical", "margin-subset10k"]
+    arms = ["margin", "margin-power-warm", "margin-cluster3", "random-typical", "margin-subset10k",
+            "margin-subset10k-warm"]
     paths = al_arms.run_many("cold", arms, [0], spec, recipe, data_dir, "cpu", runs, jobs=1)
     records = {json.load(open(p))["arm"]: json.load(open(p))["record"] for p in paths}
     for arm, record in records.items():
         assert record["labeled"] == [10, 16, 22] and record["epochs"] == [2, 2, 2]  # 1 batch an epoch: 2 steps
         assert [sum(c) for c in record["selected_class_counts"]] == [6, 6]
-    assert records["margin-subset10k"]["scored_rows"] == [15, 15]
+    assert records["margin-subset10k"]["scored_rows"] == records["margin-subset10k-warm"]["scored_rows"] == [15, 15]
     assert records["margin"]["accuracy"][0] == records["margin-cluster3"]["accuracy"][0]  # same initial set
     # an earlier result of another recipe is kept, marked, and no longer summarised
     out = tmp_path / "results"
