@@ -105,9 +105,7 @@ def select(arm: dict, scored: dict, column: str, k: int, seed: int, cycle: int, 
         best.add(ids, scores, scored["predicted_class"])
         return best.result()[0]
     top = rank_order(ids, scores)
-    if arm["mode"] == "power":
-        return ids[top[:k]]
-    if arm["mode"] == "topk":
+    if arm["mode"] != "cluster":
         return ids[top[:k]]
     clusters = int(arm["param"]) if arm["param"] is not None else min(k, MAX_CLUSTERS)
     candidates = top[:min(CANDIDATES_PER_K * k, len(top))]

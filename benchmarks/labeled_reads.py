@@ -1,6 +1,6 @@
 """What training pays to read its labeled rows by position, in a pool of N and of 10N rows.
 
-    python benchmarks/labeled_reads.py [--rows 1000000] [--labels 1000] [--repeat 2] [--pools DIR]
+    python benchmarks/labeled_reads.py [--rows 1000000] [--labels 1000] [--repeat 3] [--pools DIR]
 
 The pools are ``campaign_scale.py``'s (synthetic 64-d float32 features, 100,000 rows per
 parquet file, one row group per file; ``--pools DIR`` reuses them). ``--labels`` positions
