@@ -13,6 +13,9 @@ STAMP := $(VENV)/.installed
 LS_VENV := .venv-label-studio
 LS_STAMP := $(LS_VENV)/.installed
 LABEL_STUDIO_SPEC ?= label-studio==1.23.2
+# Label Studio pins few of its dependencies: a new release of one (sentry-sdk 3.0.0) stopped
+# its server from starting. Every package is pinned here, so CI installs what was tested.
+LS_CONSTRAINTS := tests/label-studio-constraints.txt
 
 .PHONY: demo test test-fast bench clean fashion-mnist chromium label-studio
 
@@ -35,10 +38,10 @@ test-fast: $(STAMP)
 # About 80 s the first time; a second run installs nothing.
 label-studio: $(LS_STAMP)
 
-$(LS_STAMP):
+$(LS_STAMP): $(LS_CONSTRAINTS)
 	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
 	$(LS_VENV)/bin/python -m pip install -q --upgrade pip
-	$(LS_VENV)/bin/python -m pip install -q "$(LABEL_STUDIO_SPEC)"
+	$(LS_VENV)/bin/python -m pip install -q -c $(LS_CONSTRAINTS) "$(LABEL_STUDIO_SPEC)"
 	touch $(LS_STAMP)
 
 # Fashion-MNIST's original idx files under /usr/share/datasets/fashion-mnist (Debian/Ubuntu).

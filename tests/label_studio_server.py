@@ -1,8 +1,9 @@
 """A real Label Studio server on 127.0.0.1 for slow tests (stdlib only).
 
-Label Studio lives in its own virtual environment, never in the project's:
+Label Studio lives in its own virtual environment, never in the project's, with every
+package pinned by tests/label-studio-constraints.txt:
 
-    python3 -m venv .venv-label-studio && .venv-label-studio/bin/pip install label-studio
+    make label-studio
 
     with running_label_studio(document_root) as ls:
         pid = ls.create_project(config_xml)
@@ -107,8 +108,7 @@ def _free_port():
 def running_label_studio(document_root, timeout=300.0, env=None):
     """Start Label Studio on a free loopback port, yield a LabelStudio client, stop it on exit."""
     if not LABEL_STUDIO.exists():
-        raise RuntimeError(f"{LABEL_STUDIO} not found: python3 -m venv .venv-label-studio && "
-                           ".venv-label-studio/bin/pip install label-studio")
+        raise RuntimeError(f"{LABEL_STUDIO} not found: `make label-studio` installs it")
     data_dir = tempfile.mkdtemp(prefix="label-studio-")
     port, token = _free_port(), secrets.token_hex(20)
     full_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
