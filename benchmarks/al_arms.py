@@ -200,6 +200,20 @@ def run_path(runs_dir: str, regime: str, seed: int, arm: str) -> str:
     return os.path.join(runs_dir, f"fashion-mnist-{regime}", f"seed{seed}-{arm}.json")
 
 
+def run_environment() -> dict:
+    """What a run's floats depend on besides its seed. Two runs of one (seed, arm) on two machines
+    differed by up to 0.006 AUC (benchmarks/README); this says which runs can be paired."""
+    import platform
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return {"torch": torch.__version__, "numpy": np.__version__, "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": cpu,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def run_one(regime: str, arm: str, seed: int, spec: dict, recipe: dict, data_dir: str | None, device: str,
             runs_dir: str) -> str:
     """Runs (seed, arm) unless its JSON is already there; writes it atomically."""
@@ -208,6 +222,7 @@ def run_one(regime: str, arm: str, seed: int, spec: dict, recipe: dict, data_dir
         return path
     started = time.perf_counter()
     record = run_arm(regime, arm, seed, spec, recipe, data_dir, device)
+    record["environment"] = run_environment()  # after the run: it sets torch's threads
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump({"dataset": "fashion-mnist", "regime": regime, "arm": arm, "seed": seed, "spec": spec,

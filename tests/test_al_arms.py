@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
@@ -85,6 +86,8 @@ def test_runs_write_their_own_json_and_merge(tmp_path):
         assert [sum(c) for c in record["selected_class_counts"]] == [6, 6]
     assert records["margin-subset10k"]["scored_rows"] == records["margin-subset10k-warm"]["scored_rows"] == [15, 15]
     assert records["margin"]["accuracy"][0] == records["margin-cluster3"]["accuracy"][0]  # same initial set
+    assert records["margin"]["environment"]["torch"] == torch.__version__
+    assert records["margin"]["environment"]["threads"] == torch.get_num_threads()
     # an earlier result of another recipe is kept, marked, and no longer summarised
     out = tmp_path / "results"
     out.mkdir()
@@ -97,6 +100,7 @@ def test_runs_write_their_own_json_and_merge(tmp_path):
     saved = json.loads((out / "fashion-mnist-cold.json").read_text())
     assert saved["old_recipe"]["recipe"] == {"steps": 300} and "entropy" in saved["old_recipe"]["summary"]
     assert "margin-power-warm − margin" in [d["pair"] for d in saved["paired_differences"]]
+    assert all("environment" in r for r in saved["runs"])  # which runs pair stays readable after the merge
     # a finished run is not redone
     before = os.path.getmtime(paths[0])
     al_arms.run_many("cold", arms[:1], [0], spec, recipe, data_dir, "cpu", runs)
