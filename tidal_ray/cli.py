@@ -254,7 +254,9 @@ def add_score_parser(sub) -> None:
     p.add_argument("--pool", required=True, metavar="URI", help="the pool: local dir or s3:// prefix")
     p.add_argument("--k", required=True, type=int, help="how many samples to select")
     p.add_argument("--out", required=True, metavar="URI", help="where selection.parquet/json and rejects go")
-    p.add_argument("--strategy", default="tidal-entropy", help=f"one of {', '.join(STRATEGIES)}")
+    p.add_argument("--strategy", default="margin",
+                   help=f"one of {', '.join(STRATEGIES)}; default margin, as campaign init: it led every "
+                        "Fashion-MNIST regime, and tidal-entropy with top-k trailed random (benchmarks/README.md)")
     p.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="URI",
                    help="parquet/csv files (or prefixes) whose 'id's are never selected: labeled, pending")
     add_batch_mode_arguments(p)
