@@ -16,7 +16,7 @@ Driver peak RSS is the process's own high-water mark (VmHWM in /proc/self/status
 read after each step, so a step's figure is the peak so far; Ray's daemons and object
 store are other processes and are not counted. Not ``ru_maxrss``: Linux carries it over
 an exec from the process that spawned the child, so every child would report at least
-this benchmark's own RSS, which holds the loopback S3 server's objects. Prints per-step wall time and peak RSS
+this benchmark's own RSS, which holds the loopback S3 server's objects. Prints per-step wall time and peak RSS, each training split into its labeled-row read, its epochs and the rest,
 (and the select step's driver CPU seconds: the reduction and Ray Data's executor, all threads) and the 10N / N ratios: driver peak RSS for ``init`` and the whole cycle, and wall time
 for train, select, final train and the whole cycle (every step after ``ray start``), with
 the load average at the start of each run (the machine is shared). ``--pools DIR`` keeps
@@ -81,7 +81,14 @@ def child_cycle(root: str) -> dict:
                     "driver_cpu_seconds": time.process_time() - cpu})
     metrics = [campaign.storage.read_json(campaign.cycle_uri(root, c, "metrics.json")) for c in (0, 1)]
     selection = campaign.storage.read_json(campaign.cycle_uri(root, 0, "selection.json"))
-    return {"steps": out, "labeled": [m["labeled"] for m in metrics],
+    # A training step's parts: the labeled rows read from the pool, the epochs themselves,
+    # the rest of the training (Ray Train's workers starting, the checkpoint), and what the
+    # step does around it (the pool's description, the labels table, the test set).
+    trains = [{"step": name, "seconds": step["seconds"], "read": m["read_seconds"],
+               "epochs": sum(h.get("epoch_seconds", 0.0) for h in m["train_history"]),
+               "training": m["train_seconds"]}
+              for name, step, m in zip(("train", "final train"), (out[1], out[6]), metrics)]
+    return {"steps": out, "trains": trains, "labeled": [m["labeled"] for m in metrics],
             "test_accuracy": [m["test_accuracy"] for m in metrics], "rows_scored": selection["rows_scored"]}
 
 
@@ -164,6 +171,11 @@ def main() -> None:
                                      for s in run["init"]["steps"] + run["cycle"]["steps"])
                     print(f"{store} {rows:>10,} rows #{repeat}: {line}; labeled {run['cycle']['labeled']}, "
                           f"load {run['load_average'][0]:.1f}", flush=True)
+                    for t in run["cycle"].get("trains", []):
+                        print(f"    {t['step']} {t['seconds']:.1f}s: labeled rows read {t['read']:.1f}s, "
+                              f"epochs {t['epochs']:.1f}s, the rest of the training "
+                              f"{t['training'] - t['read'] - t['epochs']:.1f}s, around it (pool, labels, test set) "
+                              f"{t['seconds'] - t['training']:.1f}s", flush=True)
             for repeat in range(args.repeat):
                 small, large = by_size[args.rows][repeat], by_size[10 * args.rows][repeat]
                 ratio = {"storage": store, "repeat": repeat,

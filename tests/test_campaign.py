@@ -44,6 +44,7 @@ def test_three_oracle_cycles_on_s3(ray_local, s3_bucket, capsys):
     assert not set(initial) & set(sum(chosen, []))                       # labeled ids never selected
     metrics = [storage.read_json(campaign.cycle_uri(root, c, "metrics.json")) for c in range(4)]
     assert [m["labeled"] for m in metrics] == [30, 70, 110, 150]        # grows by k each cycle
+    assert all(0 < m["read_seconds"] < m["train_seconds"] for m in metrics)  # the read is part of training
     # warm start: each cycle's Ray workers began at the previous cycle's checkpoint on S3
     assert [m["started_from"] for m in metrics] == [None] + [m["checkpoint"] for m in metrics[:3]]
 

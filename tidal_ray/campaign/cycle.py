@@ -80,6 +80,7 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
         # The labeled rows go from the pool to the workers on Ray Data, never through here.
         rows = labeled_rows(config.pool, ids, y, train_config.input_shape, spec, label_positions(root, cycle))
         ids, y, rejected = rows.ids, rows.labels, rows.rejected
+        read_seconds = time.perf_counter() - started
         result = train_on_ray(train_config, ids, y, rows.dataset, storage_uri=checkpoint_dir,
                               num_workers=config.workers, use_gpu=config.use_gpu,
                               max_failures=config.max_failures, name="train")
@@ -92,6 +93,7 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
         label_of = dict(zip(ids.tolist(), y.tolist()))
         ids, x, _, _ = load_rows(config.pool, ids=list(label_of), input_shape=train_config.input_shape,
                                  skip_undecodable=True)
+        read_seconds = time.perf_counter() - started
         if not len(ids):
             raise BadInput(f"none of the labeled rows in {config.pool} can be decoded")
         rejected = len(label_of) - len(ids)
@@ -101,14 +103,14 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
         history = session.history
     train_seconds = time.perf_counter() - started
     accuracy = accuracy(checkpoint, config.test)
-    log(f"cycle {cycle}: trained in {train_seconds:.1f}s; test accuracy "
+    log(f"cycle {cycle}: trained in {train_seconds:.1f}s (reading the labeled rows {read_seconds:.1f}s); test accuracy "
         + ("n/a (no test set)" if accuracy is None else f"{accuracy:.4f}"))
     storage.write_json(metrics_uri, {
         "cycle": cycle, "labeled": len(ids), "labeled_rejected": rejected, "skipped": skipped_table(root).num_rows,
         "checkpoint": checkpoint, "started_from": train_config.init_checkpoint,   # None: from scratch
         "s3_retries": storage.s3_retries(),
         "test_accuracy": accuracy, "td_kl": history[-1]["kl"] if history else None,
-        "train_seconds": train_seconds, "train_history": history,
+        "train_seconds": train_seconds, "read_seconds": read_seconds, "train_history": history,
         "label_counts": np.bincount(y, minlength=config.num_classes).tolist(),
     })
 
