@@ -381,10 +381,12 @@ def test_ray_job_submit_scores_a_pool_on_a_token_auth_cluster(ray_start_cluster,
     assert "selected 50 of 1,797 scored rows" in logs, logs
     ids, scores = _check_selection(out, 50, 1797)
 
-    # The cluster's selection is the one the same code makes in-process.
+    # The cluster's selection is the one the same code makes in-process, with the CLI's
+    # default strategy (margin, as campaign init's).
     from tidal_ray.score.pipeline import score_pool
 
-    score_pool(checkpoint, str(pool), 50, str(tmp_path / "local"), use_ray=False, progress=False)
+    assert json.loads((out / "selection.json").read_text())["strategy"] == "margin"
+    score_pool(checkpoint, str(pool), 50, str(tmp_path / "local"), strategy="margin", use_ray=False, progress=False)
     local = pq.read_table(tmp_path / "local" / "selection.parquet")
     assert local.column("id").to_pylist() == ids
     np.testing.assert_array_equal(local.column("score").to_numpy(), np.array(scores))
