@@ -16,8 +16,9 @@ Driver peak RSS is the process's own high-water mark (VmHWM in /proc/self/status
 read after each step, so a step's figure is the peak so far; Ray's daemons and object
 store are other processes and are not counted. Not ``ru_maxrss``: Linux carries it over
 an exec from the process that spawned the child, so every child would report at least
-this benchmark's own RSS, which holds the loopback S3 server's objects. Prints per-step wall time and peak RSS, each training split into its labeled-row read, its epochs and the rest,
-(and the select step's driver CPU seconds: the reduction and Ray Data's executor, all threads) and the 10N / N ratios: driver peak RSS for ``init`` and the whole cycle, and wall time
+this benchmark's own RSS, which holds the loopback S3 server's objects. Prints per-step wall time and peak RSS
+(and the select step's driver CPU seconds: the reduction and Ray Data's executor, all threads), each training
+step split into its labeled-row read, its epochs, the rest of the training and the step around it, and the 10N / N ratios: driver peak RSS for ``init`` and the whole cycle, and wall time
 for train, select, final train and the whole cycle (every step after ``ray start``), with
 the load average at the start of each run (the machine is shared). ``--pools DIR`` keeps
 the local pools in DIR and reuses them on the next run (a 10M-row pool takes about a
@@ -84,10 +85,11 @@ def child_cycle(root: str) -> dict:
     # A training step's parts: the labeled rows read from the pool, the epochs themselves,
     # the rest of the training (Ray Train's workers starting, the checkpoint), and what the
     # step does around it (the pool's description, the labels table, the test set).
-    trains = [{"step": name, "seconds": step["seconds"], "read": m["read_seconds"],
+    seconds_of = {s["step"]: s["seconds"] for s in out}
+    trains = [{"step": name, "seconds": seconds_of[name], "read": m["read_seconds"],
                "epochs": sum(h.get("epoch_seconds", 0.0) for h in m["train_history"]),
                "training": m["train_seconds"]}
-              for name, step, m in zip(("train", "final train"), (out[1], out[6]), metrics)]
+              for name, m in zip(("train", "final train"), metrics)]
     return {"steps": out, "trains": trains, "labeled": [m["labeled"] for m in metrics],
             "test_accuracy": [m["test_accuracy"] for m in metrics], "rows_scored": selection["rows_scored"]}
 
