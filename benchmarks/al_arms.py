@@ -6,7 +6,8 @@ An arm is ``<strategy>[-<mode>][-quota][-subset10k][-warm][-typical]``:
   ``cluster[K]`` (Cluster-Margin: round-robin over K k-means clusters of the model's
   embedding among the top M = 10 k candidates, ``method.batch.kmeans/round_robin``);
 - ``-quota``: ``--per-class-quota`` (``topk`` and ``power``): at most ceil(k / C) rows per
-  predicted class, the top k of their union (``method.topk.StreamingTopK``);
+  predicted class, the top k of their union, filled to k by the best rows left when a class
+  falls short (``method.topk.StreamingTopK``);
 - ``-subset10k``: the strategy scores a fresh random 10,000-row subset each cycle;
 - ``-warm``: each cycle's training starts from the previous cycle's checkpoint (backbone and
   TD module; fresh optimizer, empty TD table);

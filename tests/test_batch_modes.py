@@ -145,6 +145,12 @@ def test_cluster_pick_honours_the_per_class_quota():
     picked = batch_modes.cluster_pick(ids, scores, clusters, classes, 6, quota=3)
     assert np.bincount(classes[picked]).tolist() == [3, 3]
     assert batch_modes.cluster_pick(ids, scores, clusters, classes, 6).tolist() == [0, 1, 2, 3, 4, 5]
+    # k = 10 asks for more than the quota of 5 a class can give class 1 (4 rows): the
+    # class 0 rows passed over fill the batch, in the round-robin's order.
+    filled = batch_modes.cluster_pick(ids, scores, clusters, classes, 10, quota=5)
+    assert len(filled) == 10 and np.bincount(classes[filled]).tolist() == [6, 4]
+    order = batch_modes.round_robin(ids, scores, clusters, 12).tolist()
+    assert filled.tolist()[-1] == [i for i in order if classes[i] == 0][5]
 
 
 # ---- bad input -------------------------------------------------------------------------------------

@@ -215,9 +215,11 @@ def test_cli_make_pool_then_score(ray_local, tmp_path, checkpoint, capsys):
     assert f"selected {summary['selected']} of 1,797 scored rows by least-confidence" in capsys.readouterr().out
     assert summary["k"] == 25 and summary["per_class_quota"] is True and summary["checkpoint"] == checkpoint
     assert summary["versions"]["ray"] and summary["versions"]["tidal_ray"] and summary["rows_per_s"] > 0
-    # At most ceil(25 / 10) per predicted class (fewer than k when the model predicts few classes).
-    classes = read(f"{out}/selection.parquet").column("predicted_class").to_numpy()
-    assert np.bincount(classes).max() <= 3 and len(classes) == summary["selected"] <= 25
+    # At most ceil(25 / 10) = 3 per predicted class, unless some class falls short and the
+    # best rows left fill the batch to k.
+    counts = np.bincount(read(f"{out}/selection.parquet").column("predicted_class").to_numpy(), minlength=10)
+    assert counts.sum() == summary["selected"] == 25
+    assert counts.max() <= 3 or (counts < 3).any()
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,14 @@ from tidal_ray.method.topk import StreamingTopK
 def sort_topk(ids, scores, classes, k, exclude=(), quota=None):
     keep = ~np.isin(ids, np.asarray(list(exclude), dtype=ids.dtype)) if len(exclude) else np.ones(len(ids), bool)
     rows = sorted(zip(-scores[keep], ids[keep], classes[keep]))
-    if quota is not None:
+    if quota is not None:  # the top k of each class's best `quota`, then the best rows left up to k
         per_class, kept = {}, []
         for row in rows:
             if per_class.get(row[2], 0) < quota:
                 per_class[row[2]] = per_class.get(row[2], 0) + 1
                 kept.append(row)
-        rows = kept
+        kept = kept[:k]
+        rows = sorted(kept + [row for row in rows if row not in kept][: k - len(kept)])
     rows = rows[:k]
     return [r[1] for r in rows], [-r[0] for r in rows]
 
@@ -43,7 +44,7 @@ def test_streaming_equals_sort(seed):
     n = int(rng.integers(50, 3000))
     ids = rng.permutation(n * 3)[:n].astype(np.int64)
     scores = rng.integers(0, 20, n).astype(np.float64) / 7   # many tied scores
-    classes = rng.integers(0, 5, n)
+    classes = rng.choice(5, n, p=[0.5, 0.3, 0.15, 0.04, 0.01])  # a quota often falls short
     k = int(rng.integers(1, n + 50))
     exclude = rng.choice(ids, size=rng.integers(0, n // 2), replace=False) if seed % 2 else ()
     quota = bool(seed % 3 == 0)
@@ -65,20 +66,27 @@ def test_string_ids_tie_break_by_id():
     assert topk.result()[0].tolist() == ["img/c.png", "img/0.png", "img/a.png"]
 
 
-def test_a_quota_leaves_the_batch_short_when_few_classes_are_predicted():
-    # k = 10 over 5 classes: at most 2 a class; only classes 0 and 3 are predicted.
+def test_a_quota_fills_the_batch_with_the_best_rows_left_when_few_classes_are_predicted():
+    # k = 10 over 5 classes: 2 a class; only classes 0 and 3 are predicted, so the quota
+    # gives 0, 1, 30, 31 and the six best rows left (2-7, all class 0) fill the batch.
     topk = StreamingTopK(10, per_class_quota=True, num_classes=5)
-    topk.add(np.arange(40), np.linspace(1, 0, 40), np.where(np.arange(40) < 30, 0, 3))
+    for part in np.array_split(np.arange(40)[::-1], 3):  # the best rows arrive last
+        topk.add(part, 1 - part / 40, np.where(part < 30, 0, 3))
     ids, _, classes = topk.result()
-    assert ids.tolist() == [0, 1, 30, 31] and classes.tolist() == [0, 0, 3, 3]
+    assert ids.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 30, 31]
+    assert np.bincount(classes).tolist() == [8, 0, 0, 2]
+    # Within quota the batch is as before: class 3 keeps 2 rows although 7 beat 30.
+    few = StreamingTopK(4, per_class_quota=True, num_classes=2)
+    few.add(np.arange(40), 1 - np.arange(40) / 40, np.where(np.arange(40) < 30, 0, 1))
+    assert few.result()[0].tolist() == [0, 1, 30, 31]
 
 
 def test_memory_stays_bounded():
     rng = np.random.default_rng(0)
     topk = StreamingTopK(100)
     for start in range(0, 200_000, 5000):
-        topk.add(np.arange(start, start + 5000), rng.random(5000))
-        assert len(topk._buckets[-1].ids) <= 100
+        topk.add(np.arange(start, start + 5000), rng.random(5000), extra={"row": np.arange(5000)})
+        assert len(topk.held()["row"]) <= 100
 
 
 @pytest.mark.parametrize("k", [0, -3])
@@ -116,7 +124,7 @@ def test_block_filter_drops_rows_on_the_scorers_without_changing_the_selection_o
     scores[rng.choice(n, 3, replace=False)] = np.inf
     reasons = np.where(rng.random(n) < 0.02, "undecodable image", "")
     scores[reasons != ""] = np.nan
-    classes = rng.integers(0, 4, n)
+    classes = np.where(rng.random(n) < 0.01, 3, rng.integers(0, 3, n))  # class 3 short of a quota
     batch = [BatchParams("topk"), BatchParams("power", beta=2.0),
              BatchParams("cluster", clusters=3, candidates=3 * k)][seed % 3]
     quota = seed % 2 == 1
@@ -142,4 +150,8 @@ def test_block_filter_drops_rows_on_the_scorers_without_changing_the_selection_o
     assert filtered.accounting() == plain.accounting() and plain.rows_read == n
     assert filtered.score_histogram() == plain.score_histogram()
     assert sorted(filtered.reject_reasons) == sorted(plain.reject_reasons)
-    assert filtered.rows_at_driver < n // 2 < plain.rows_at_driver
+    # Each of the 7 blocks sends at most what its StreamingTopK of `kept` holds (with a
+    # quota, each class's best ceil(kept / 4) as well), plus the rows the driver settles.
+    held = kept + (4 * -(-kept // 4) if quota else 0)
+    settled = int((~np.isfinite(scores) | np.isin(ids, repeated)).sum())
+    assert plain.rows_at_driver == n and filtered.rows_at_driver <= 7 * held + settled

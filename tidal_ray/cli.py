@@ -22,8 +22,8 @@ checkpoint, so scoring decodes as training did. The run goes to OUT/NAME:
 a checkpoint directory every --checkpoint-every epochs and after the last (model.pt,
 metrics.json; the last two kept) and metrics.json. Rerunning with the same OUT and
 --name resumes that run."""
-QUOTA_HELP = ("at most ceil(k / classes) rows per predicted class, with any batch mode; the batch is "
-              "smaller than k when some class is predicted for fewer rows than that")
+QUOTA_HELP = ("at most ceil(k / classes) rows per predicted class, with any batch mode; when some class is "
+              "predicted for fewer rows than that, the best rows left fill the batch to k")
 
 
 def parse_actors(text: str) -> tuple[int, int]:

@@ -202,20 +202,21 @@ def round_robin(ids: np.ndarray, scores: np.ndarray, clusters: np.ndarray, k: in
 
 def cluster_pick(ids, scores, clusters, classes, k: int, quota: int | None = None) -> np.ndarray:
     """``round_robin``'s order over all candidates, cut at ``k``; with a per-class
-    ``quota``, a row whose predicted class already has ``quota`` picks is passed over."""
+    ``quota``, a row whose predicted class already has ``quota`` picks is passed over
+    until the order runs out, and then the rows passed over fill up to ``k`` in that order."""
     order = round_robin(ids, scores, clusters, len(ids))
     if quota is None:
         return order[:k]
     taken: dict[int, int] = {}
-    picks = []
+    picks, passed = [], []
     for i in order.tolist():
         c = int(classes[i])
         if taken.get(c, 0) < quota:
             taken[c] = taken.get(c, 0) + 1
             picks.append(i)
-            if len(picks) == k:
-                break
-    return np.array(picks, dtype=np.int64)
+        else:
+            passed.append(i)
+    return np.array((picks + passed)[:k], dtype=np.int64)
 
 
 def sample_hashes(ids: np.ndarray, seed: int, cycle: int) -> np.ndarray:

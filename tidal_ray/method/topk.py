@@ -2,7 +2,9 @@
 
 Order: higher score first, ties by smaller id. Memory stays O(k) (plus one batch)
 however many rows stream through. With a per-class quota, each predicted class
-keeps at most ceil(k / C) rows and the selection is the top k of their union.
+gives at most ceil(k / C) rows, the top k of their union; when some class is predicted
+for fewer rows than that, the best rows left fill the selection to k (a batch the user
+pays for is never short while the pool has rows).
 """
 from __future__ import annotations
 
@@ -58,7 +60,8 @@ class StreamingTopK:
             if not num_classes:
                 raise BadInput("a per-class quota needs the number of classes")
             self.quota = math.ceil(self.k / num_classes)
-        self._buckets: dict[int, _Best] = {}
+        self._best = _Best(self.k)  # the fill of a quota's shortfall is always among these
+        self._by_class: dict[int, _Best] = {}
         self.rows_in = 0
 
     def add(self, ids, scores, classes=None, extra: dict | None = None) -> None:
@@ -70,12 +73,12 @@ class StreamingTopK:
         if np.isnan(scores).any():
             raise ValueError("NaN score reached the top-k; the scorer must reject such rows first")
         self.rows_in += len(ids)
+        self._best.add(ids, scores, classes, extra)
         if self.quota is None:
-            self._buckets.setdefault(-1, _Best(self.k)).add(ids, scores, classes, extra)
             return
         for c in np.unique(classes):
             mask = classes == c
-            self._buckets.setdefault(int(c), _Best(self.quota)).add(
+            self._by_class.setdefault(int(c), _Best(self.quota)).add(
                 ids[mask], scores[mask], classes[mask], {name: v[mask] for name, v in extra.items()})
 
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -84,12 +87,38 @@ class StreamingTopK:
 
     def result_with_extra(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
         """``(ids, scores, classes, extra)``, best first (at most k rows)."""
-        full = [b for b in self._buckets.values() if b.ids is not None]
-        if not full:
+        if self._best.ids is None:
             return np.array([]), np.array([], dtype=np.float64), np.array([], dtype=np.int64), {}
-        ids = np.concatenate([b.ids for b in full])
-        scores = np.concatenate([b.scores for b in full])
-        classes = np.concatenate([b.classes for b in full])
-        extra = {name: np.concatenate([b.extra[name] for b in full]) for name in full[0].extra}
-        order = rank_order(ids, scores)[: self.k]
-        return ids[order], scores[order], classes[order], {name: v[order] for name, v in extra.items()}
+        if self.quota is None:
+            return _rows(self._best)
+        union = _concat([_rows(b) for b in self._by_class.values()])
+        picks = _take(union, rank_order(union[0], union[1])[: self.k])
+        short = self.k - len(picks[0])
+        if short > 0:  # some class has fewer rows than its quota: the best rows left fill up
+            left = np.flatnonzero(~np.isin(self._best.ids, picks[0]))[:short]
+            picks = _concat([picks, _rows(self._best, left)])
+        return _take(picks, rank_order(picks[0], picks[1]))
+
+    def held(self) -> dict:
+        """The ``extra`` columns of every row held, picked or not: a superset of this
+        stream's part in the selection of any stream it is part of (``reduce.BlockFilter``)."""
+        if self._best.ids is None:
+            return {}
+        return _concat([_rows(b) for b in (self._best, *self._by_class.values())])[3]
+
+
+# A bucket's rows as (ids, scores, classes, extra).
+
+def _take(rows: tuple, index) -> tuple:
+    ids, scores, classes, extra = rows
+    return ids[index], scores[index], classes[index], {name: v[index] for name, v in extra.items()}
+
+
+def _rows(bucket: _Best, index=slice(None)) -> tuple:
+    return _take((bucket.ids, bucket.scores, bucket.classes, bucket.extra), index)
+
+
+def _concat(parts: list[tuple]) -> tuple:
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            np.concatenate([p[2] for p in parts]),
+            {name: np.concatenate([p[3][name] for p in parts]) for name in parts[0][3]})

@@ -83,9 +83,10 @@ class BlockFilter:
 
     A decoded row with a finite score and an id the pool holds once (not in
     ``repeated``) is dropped when its id is in ``exclude`` or when it is outside the
-    block's own top ``kept`` in the selection's order (``selection_keys``; per predicted
-    class with a quota, as ``StreamingTopK`` keeps them). A row of the pool's top is in
-    its block's top, so the selection does not change. Every other row reaches the driver
+    rows the block's own ``StreamingTopK`` of ``kept`` holds in the selection's order
+    (``selection_keys``: its top, and with a quota each predicted class's top as well). A
+    row of the pool's selection is among what its block holds, so the selection does not
+    change. Every other row reaches the driver
     as it was: rejects, non-finite scores and repeated ids are settled there. The dropped
     rows are counted, and the scored ones' scores put in the histogram's bins, in three
     columns that the driver adds up (``Reduction.add``), held by the first kept row; one
@@ -112,7 +113,7 @@ class BlockFilter:
         keys = selection_keys(self.batch, self.strategy, score[rows], ids[rows], self.seed, self.cycle)
         best.add(ids[rows], keys, numpy_column(block, "predicted_class")[rows], {"row": rows})
         keep = ~droppable
-        keep[best.result_with_extra()[3].get("row", np.array([], np.int64))] = True
+        keep[best.held().get("row", np.array([], np.int64))] = True
         if len(keep) and not keep.any():
             keep[0] = True
         dropped = ~keep
