@@ -18,6 +18,7 @@ from tidal_ray.data.make_pool import make_pool, synthetic_rows
 from tidal_ray.data.decode import NOT_FINITE, NULL_ID, UNDECODABLE, WRONG_LENGTH
 from tidal_ray.data.ids import SeenIds
 from tidal_ray.data.pool import SHAPE_KEY
+from tidal_ray.method.uncertainty import DEFAULT_STRATEGY
 from tidal_ray.score.pipeline import score_pool
 from tidal_ray.score.scorer import BatchScorer
 from tidal_ray.train.config import TrainConfig
@@ -106,17 +107,17 @@ def test_topk_is_exact_excludes_and_is_identical_across_runs_and_actor_counts(ra
     ids = selection.column("id").to_pylist()
     assert not excluded & set(ids)
     assert selection.column("rank").to_pylist() == list(range(1, 501))
-    assert set(selection.column("strategy").to_pylist()) == {"tidal-entropy"}
+    assert set(selection.column("strategy").to_pylist()) == {DEFAULT_STRATEGY} == {"margin"}
     # The exact top-k: a plain sort of every saved score (score desc, ties by id).
     scores = read_scores(f"{s3_bucket}/out-a")
     assert scores.num_rows == 20_200 and sorted(scores.column("id").to_pylist()) == list(range(20_200))
     assert {i for i, e in zip(scores.column("id").to_pylist(), scores.column("excluded").to_pylist()) if e} == excluded
     kept = scores.filter(pa.compute.invert(scores.column("excluded")))
-    assert ids == plain_topk(kept, "tidal-entropy", 500)
+    assert ids == plain_topk(kept, DEFAULT_STRATEGY, 500)
     np.testing.assert_array_equal(selection.column("score").to_numpy(),
-                                  np.sort(kept.column("tidal-entropy").to_numpy())[::-1][:500])
+                                  np.sort(kept.column(DEFAULT_STRATEGY).to_numpy())[::-1][:500])
     # Ties really occur (copied rows) and the smaller id wins them.
-    by_id = dict(zip(scores.column("id").to_pylist(), scores.column("tidal-entropy").to_pylist()))
+    by_id = dict(zip(scores.column("id").to_pylist(), scores.column(DEFAULT_STRATEGY).to_pylist()))
     assert all(by_id[i] == by_id[20_000 + i] for i in range(200))
     # Ray and the in-process path score identically: the unexcluded picks come first, in order.
     assert ids[:395] == [i for i in picked if i not in excluded]

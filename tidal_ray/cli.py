@@ -247,15 +247,15 @@ def add_train_parser(sub) -> None:
 
 
 def add_score_parser(sub) -> None:
-    from tidal_ray.method.uncertainty import STRATEGIES
+    from tidal_ray.method.uncertainty import DEFAULT_STRATEGY, STRATEGIES
 
     p = sub.add_parser("score", help="score a whole pool on Ray Data and select k (top k, or a batch mode)")
     p.add_argument("--checkpoint", required=True, metavar="URI", help="a checkpoint dir (model.pt) or file")
     p.add_argument("--pool", required=True, metavar="URI", help="the pool: local dir or s3:// prefix")
     p.add_argument("--k", required=True, type=int, help="how many samples to select")
     p.add_argument("--out", required=True, metavar="URI", help="where selection.parquet/json and rejects go")
-    p.add_argument("--strategy", default="margin",
-                   help=f"one of {', '.join(STRATEGIES)}; default margin, as campaign init: it led every "
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY,
+                   help=f"one of {', '.join(STRATEGIES)}; default {DEFAULT_STRATEGY}, as campaign init: it led every "
                         "Fashion-MNIST regime, and tidal-entropy with top-k trailed random (benchmarks/README.md)")
     p.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="URI",
                    help="parquet/csv files (or prefixes) whose 'id's are never selected: labeled, pending")
@@ -277,6 +277,8 @@ def add_score_parser(sub) -> None:
 
 
 def add_campaign_parser(sub) -> None:
+    from tidal_ray.method.uncertainty import DEFAULT_STRATEGY
+
     p = sub.add_parser("campaign", help="labeling campaigns: init | run | status | export | import-labels")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
@@ -286,8 +288,8 @@ def add_campaign_parser(sub) -> None:
     a.add_argument("--num-classes", type=int, required=True)
     a.add_argument("--k", type=int, required=True, help="samples to label per cycle")
     a.add_argument("--cycles", type=int, required=True, help="selection cycles")
-    a.add_argument("--strategy", default="margin",
-                   help="default margin: it led every Fashion-MNIST regime (benchmarks/README.md)")
+    a.add_argument("--strategy", default=DEFAULT_STRATEGY,
+                   help=f"default {DEFAULT_STRATEGY}: it led every Fashion-MNIST regime (benchmarks/README.md)")
     add_recipe_arguments(a)
     a.add_argument("--initial-labels", type=int, default=0,
                    help="draw N initial rows (--initial-draw); labeled by the oracle with --oracle, else exported "

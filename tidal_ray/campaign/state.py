@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from tidal_ray.data import storage
 from tidal_ray.errors import BadInput
+from tidal_ray.method.uncertainty import DEFAULT_STRATEGY
 
 
 @dataclass
@@ -18,7 +19,7 @@ class CampaignConfig:
     num_classes: int
     k: int
     cycles: int
-    strategy: str = "tidal-entropy"
+    strategy: str = DEFAULT_STRATEGY
     backbone: str | None = None   # the model spec (built-in name or MODULE:FACTORY); init settles the default
     epochs: int = 60
     batch_size: int = 64

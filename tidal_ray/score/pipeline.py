@@ -30,7 +30,7 @@ from tidal_ray.method.batch import BatchParams, check_batch_params, sample_thres
 from tidal_ray.score.centroids import fit_centroids
 from tidal_ray.score.reduce import BlockFilter, Progress, Reduction, ScoresWriter
 from tidal_ray.score.scorer import BALD_SAMPLES, PRECISIONS, BatchScorer
-from tidal_ray.method.uncertainty import STRATEGIES, check_strategy
+from tidal_ray.method.uncertainty import DEFAULT_STRATEGY, STRATEGIES, check_strategy
 
 # CPUs per scorer actor on CPU-only clusters: the largest step that leaves the read
 # tasks room (DESIGN §5). None equals DECODE_CPUS: Ray Data fuses map stages with equal
@@ -90,7 +90,7 @@ def _check_actors(actors) -> tuple[int, int]:
     return low, high
 
 
-def plan_scoring(checkpoint_uri, pool_uri, k, strategy="tidal-entropy", exclude_uris=(), exclude_ids=None,
+def plan_scoring(checkpoint_uri, pool_uri, k, strategy=DEFAULT_STRATEGY, exclude_uris=(), exclude_ids=None,
                  per_class_quota=False, save_scores=False, batch_size=256, actors=(1, 1), seed=0,
                  precision="fp32", batch_mode="topk", beta=None, clusters=None, candidates=None,
                  cycle=0) -> Plan:
@@ -259,7 +259,7 @@ def _centroids(plan: Plan, use_ray: bool, use_gpu) -> tuple[np.ndarray, int]:
     return fit_centroids(score_batches_on_ray(sampler, use_gpu, sample), plan, run_kmeans)
 
 
-def score_pool(checkpoint_uri, pool_uri, k, out_uri, strategy="tidal-entropy", exclude_uris=(), exclude_ids=None,
+def score_pool(checkpoint_uri, pool_uri, k, out_uri, strategy=DEFAULT_STRATEGY, exclude_uris=(), exclude_ids=None,
                per_class_quota=False, save_scores=False, batch_size=256, actors=(1, 1), seed=0, progress=True,
                *, use_ray=True, use_gpu=None, precision="fp32", batch_mode="topk", beta=None, clusters=None,
                candidates=None, cycle=0) -> dict:
