@@ -93,6 +93,11 @@ def _decode_files(table: pa.Table, numbers: dict[str, int], spec: PoolSpec, inpu
 def _read_dataset(spec: PoolSpec, wanted: pa.Array, input_shape, positions: pa.Table | None):
     import ray.data
 
+    # At most one read task per CPU at a time: a task decodes on a whole core, and fractional
+    # CPUs alone let Ray start four worker processes per core, whose start-up then costs
+    # more than the reads (10M-row pool, 2 CPUs: 6-7 s against 3 s; 1,000 PNG files: 3.2 s
+    # against 2.0 s; benchmarks/README). The tasks still ask for READ_CPUS each.
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1.0)))
     if spec.format == "files":
         keys = wanted.to_pylist()  # asked for one by one: the prefix may hold millions more
         paths = sorted(storage.resolve(spec.key_uri(k))[1]
@@ -100,8 +105,10 @@ def _read_dataset(spec: PoolSpec, wanted: pa.Array, input_shape, positions: pa.T
         if not paths:
             return None
         filesystem = storage.s3_filesystem() if storage.is_s3(spec.uri) else None
-        ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=filesystem, num_cpus=READ_CPUS)
+        ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=filesystem, num_cpus=READ_CPUS,
+                                        concurrency=cpus)
         return ds.map_batches(_decode_files, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS,
+                              concurrency=cpus,
                               fn_kwargs={"numbers": {p: i for i, p in enumerate(paths)}, "spec": spec.slim(),
                                          "input_shape": input_shape})
     placed = np.zeros(len(wanted), bool)
@@ -120,14 +127,10 @@ def _read_dataset(spec: PoolSpec, wanted: pa.Array, input_shape, positions: pa.T
     if not units:
         return None
     # Units share tasks (a task costs more than reading a unit's few rows): a few per CPU.
-    # At most one task per CPU at a time: a task decodes on a whole core, and fractional
-    # CPUs alone let Ray start four worker processes per core, whose start-up then costs
-    # more than the reads (10M-row pool, 2 CPUs: 6-7 s against 3 s; benchmarks/README).
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    tasks = min(len(units), max(1, int(TASKS_PER_CPU * cpus)))
+    tasks = min(len(units), TASKS_PER_CPU * cpus)
     ds = ray.data.from_items(units, override_num_blocks=tasks)
     return ds.map_batches(_read_parquet_units, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
-                          concurrency=min(tasks, max(1, int(cpus))),
+                          concurrency=min(tasks, cpus),
                           fn_kwargs={"wanted": wanted, "unplaced": unplaced, "spec": spec.slim(),
                                      "input_shape": input_shape})
 
