@@ -103,3 +103,25 @@ def test_typical_draw_without_an_embedding_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--initial-draw typical" in err[0]
     assert not storage.exists(campaign.state_uri(root))
+
+
+def test_random_draw_on_an_image_prefix_is_exported_and_waits_for_labels(ray_local, s3_bucket):
+    # 300 PNG files on loopback S3, listed in runs of 64: the draw lists only the runs it needs.
+    import boto3
+
+    from tidal_ray.data.make_pool import make_pool
+
+    pool, root = f"{s3_bucket}/photos", f"{s3_bucket}/campaign"
+    make_pool(pool, "synthetic", rows=300, fmt="files", shards=3, shape=(1, 8, 8))
+    assert len(describe_pool(pool).ranges) == 5
+    assert main(["campaign", "init", root, "--pool", pool, "--num-classes", "10", "--k", "5", "--cycles", "1",
+                 "--initial-labels", "12", "--seed", "3"]) == 0
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=s3_bucket[5:], Prefix="photos/")
+    keys = sorted(o["Key"][len("photos/"):] for page in pages for o in page["Contents"])
+    drawn = np.sort(np.random.default_rng(3).choice(len(keys), 12, replace=False))
+    drawn_ids = storage.read_parquet(f"{root}/initial/selection.parquet").column("id").to_pylist()
+    assert drawn_ids == [keys[i] for i in drawn]
+    state = campaign.run(root)
+    assert state["status"] == "waiting-for-labels" and state["step"] == "initial-wait"
+    exported = storage.read_bytes(f"{root}/initial/export/selection.csv").decode().splitlines()
+    assert sorted(line.split(",")[1] for line in exported[1:]) == sorted(drawn_ids)

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from tidal_ray.data import ids as id_utils
-from tidal_ray.data.lookup import labels_of, rows_by_position
+from tidal_ray.data.lookup import image_ids_by_position, labels_of, rows_by_position
 from tidal_ray.errors import BadInput
 
 DRAWS = ("random", "typical")
@@ -24,6 +24,8 @@ EMBED_CHUNK = 256
 
 def random_ids(spec, n: int, seed: int) -> list:
     """``n`` random ids of the pool (no labels needed): rows drawn by position."""
+    if spec.format == "files":
+        return image_ids_by_position(spec, n, seed)
     return rows_by_position(spec, n, seed, ["id"]).column("id").to_pylist()
 
 

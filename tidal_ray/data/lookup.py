@@ -14,6 +14,8 @@ in scoring: ``winning_rows`` decodes the rows of repeated ids to find it.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,7 +24,7 @@ import pyarrow.parquet as pq
 from tidal_ray.data import ids as id_utils
 from tidal_ray.data import storage
 from tidal_ray.data.decode import decode_batch
-from tidal_ray.data.listing import image_keys_present
+from tidal_ray.data.listing import image_files, image_keys_present
 from tidal_ray.data.pool import PoolSpec, describe_pool, input_shape_for
 from tidal_ray.errors import BadInput
 
@@ -250,6 +252,27 @@ def rows_by_position(spec: PoolSpec, n: int, seed: int, columns: list[str],
         table = table.filter(pc.is_valid(table.column(name)))
     first = id_utils.SeenIds().first_seen(id_utils.to_numpy(table.column("id"), spec.id_type))
     return table.filter(pa.array(first))
+
+
+def image_ids_by_position(spec: PoolSpec, n: int, seed: int) -> list[str]:
+    """``n`` ids (at most the pool's) of an image-file pool drawn uniformly by position
+    with ``seed``, as ``rows_by_position`` draws rows: only the runs of the listing
+    (``spec.ranges``) that hold a drawn position are listed again, a few at a time."""
+    chosen = np.sort(np.random.default_rng(seed).choice(spec.rows, size=min(n, spec.rows), replace=False))
+    run_of = np.searchsorted(np.array([first for _, _, first, _ in spec.ranges]), chosen, side="right") - 1
+
+    def files_at(run: int) -> list[str]:
+        after, last, first, count = spec.ranges[run]
+        files = [uri for uri, _ in image_files(spec, after, last)]
+        if len(files) != count:
+            raise BadInput(f"{spec.uri}: the pool changed since it was listed: {len(files)} image files up to "
+                           f"{last}, where {count} were listed")
+        return [files[i] for i in chosen[run_of == run] - first]
+
+    root = spec.root.rstrip("/") + "/"
+    with ThreadPoolExecutor(max_workers=16) as pool:  # one listing page per run: many small LISTs on S3
+        runs = list(pool.map(files_at, np.unique(run_of).tolist()))
+    return [storage.resolve(uri)[1][len(root):] for files in runs for uri in files]
 
 
 def sample_labels(spec: PoolSpec, n: int, seed: int) -> pa.Table:
