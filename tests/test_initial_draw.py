@@ -1,5 +1,6 @@
 """The initial draw of a campaign: TypiClust on planted blobs, with the oracle and for a person."""
 import numpy as np
+import pytest
 import pyarrow as pa
 
 from tidal_ray.campaign import cycle as campaign
@@ -38,6 +39,37 @@ def test_typical_draw_takes_each_blob_centre(tmp_path):
     spec = describe_pool(str(tmp_path / "pool"))
     picked = typical_ids(spec, BLOBS, seed=0, input_shape=(DIM,), backbone="mlp", num_classes=BLOBS)
     assert sorted(picked) == centres
+
+
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_typical_draw_is_the_same_whatever_the_chunks_it_decodes_in(tmp_path, monkeypatch, with_weights):
+    # Images decoded and embedded 7 rows at a time, a bad row among them: the same picks as
+    # in one chunk (the label-free standardisation and projection are over the whole sample;
+    # with --weights, the model's features).
+    import torch
+
+    from tidal_ray.campaign import initial
+    from tidal_ray.data.make_pool import make_pool
+    from tidal_ray.models import build_model
+
+    weights = None
+    if with_weights:
+        torch.manual_seed(0)
+        weights = str(tmp_path / "backbone.pt")
+        torch.save(build_model("small_cnn", 10, (1, 8, 8)).backbone.state_dict(), weights)
+
+    pool = str(tmp_path / "pool")
+    make_pool(pool, "synthetic", rows=200, fmt="pixels", shards=1, shape=(1, 8, 8))
+    storage.write_parquet(f"{pool}/part-00001.parquet", pa.table({
+        "id": pa.array([10_000], pa.int64()), "pixels": pa.array([b"short"], pa.binary()),
+        "label": pa.array([0], pa.int64())}).replace_schema_metadata(
+            storage.read_parquet(f"{pool}/part-00000.parquet").schema.metadata))
+    spec = describe_pool(pool)
+    common = dict(seed=1, input_shape=(1, 8, 8), backbone="small_cnn", num_classes=10, weights=weights)
+    whole = typical_ids(spec, 6, **common)
+    monkeypatch.setattr(initial, "EMBED_CHUNK", 7)
+    assert typical_ids(spec, 6, **common) == whole
+    assert len(set(whole)) == 6 and 10_000 not in whole
 
 
 def test_label_free_embedding_is_seeded_and_keeps_the_layout():

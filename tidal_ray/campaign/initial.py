@@ -29,9 +29,10 @@ def random_ids(spec, n: int, seed: int) -> list:
     return rows_by_position(spec, n, seed, ["id"]).column("id").to_pylist()
 
 
-def model_embedding(x: np.ndarray, backbone: str, num_classes: int, input_shape, weights: str,
-                    feature_layers=None, normalize: str = "none") -> np.ndarray:
-    """The ``--weights`` model's embedding: its backbone's pooled last-stage features."""
+def model_features(backbone: str, num_classes: int, input_shape, weights: str, feature_layers=None,
+                   normalize: str = "none"):
+    """The ``--weights`` model's embedding, as a function of a chunk of decoded rows: its
+    backbone's pooled last-stage features."""
     import torch
 
     from tidal_ray.models import build_model, prepare_input
@@ -43,34 +44,45 @@ def model_embedding(x: np.ndarray, backbone: str, num_classes: int, input_shape,
     if not hasattr(net.backbone, "forward_features"):
         raise BadInput(f"--initial-draw typical: the model {backbone} has no pooled features to embed with")
     net.eval()
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(x), EMBED_CHUNK):
-            z = prepare_input(torch.from_numpy(np.ascontiguousarray(x[s:s + EMBED_CHUNK])))
-            out.append(net.backbone.forward_features(net.input_norm(z))[0].float().numpy())
-    return np.concatenate(out)
+
+    def embed(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            z = prepare_input(torch.from_numpy(np.ascontiguousarray(x)))
+            return net.backbone.forward_features(net.input_norm(z))[0].float().numpy()
+    return embed
 
 
 def typical_ids(spec, n: int, seed: int, input_shape, backbone: str, num_classes: int, weights: str | None = None,
                 feature_layers=None, normalize: str = "none", sample_rows: int = SAMPLE_ROWS) -> list:
     """TypiClust's ``n`` ids, in pick order, from a sample of the pool. BadInput (one line)
-    when no embedding can be built from it."""
+    when no embedding can be built from it.
+
+    The sample is decoded and embedded ``EMBED_CHUNK`` rows at a time, so the driver holds
+    the sample's stored bytes and its embedding, never the sample at the model's input
+    size (20,000 rows of 3x224x224 would be 12 GB)."""
     from tidal_ray.data.decode import decode_batch
     from tidal_ray.method.batch import typical_rows
-    from tidal_ray.method.embedding import label_free_embedding
+    from tidal_ray.method.embedding import label_free_embedding, thumbnail
 
     if spec.format == "files":
         raise BadInput(f"--initial-draw typical: the pool {spec.uri} is image files; it needs a parquet pool")
     table = rows_by_position(spec, max(sample_rows, n), seed, ["id", spec.column])
-    good, _ = decode_batch(table, spec, input_shape)
-    x, keys = np.asarray(good["x"]), id_utils.to_numpy(good["id"], spec.id_type)
-    if len(x) < n:
-        raise BadInput(f"--initial-draw typical: only {len(x)} decodable rows in a sample of the pool {spec.uri} "
-                       f"for {n} initial labels")
     if weights:
-        embedding = model_embedding(x, backbone, num_classes, input_shape, weights, feature_layers, normalize)
-    else:
-        embedding = label_free_embedding(x, seed, dims=x.shape[1] if x.ndim == 2 else 32)
+        embed = model_features(backbone, num_classes, input_shape, weights, feature_layers, normalize)
+    else:  # per row here; standardised and projected over the whole sample below
+        embed = thumbnail if len(input_shape) == 3 else lambda x: np.asarray(x, np.float32)
+    parts, keys = [], []
+    for start in range(0, table.num_rows, EMBED_CHUNK):
+        good, _ = decode_batch(table.slice(start, EMBED_CHUNK), spec, input_shape)
+        if len(good["id"]):
+            parts.append(embed(np.asarray(good["x"])))
+            keys.append(id_utils.to_numpy(good["id"], spec.id_type))
+    if sum(len(k) for k in keys) < n:
+        raise BadInput(f"--initial-draw typical: only {sum(len(k) for k in keys)} decodable rows in a sample of "
+                       f"the pool {spec.uri} for {n} initial labels")
+    embedding, keys = np.concatenate(parts), np.concatenate(keys)
+    if not weights:
+        embedding = label_free_embedding(embedding, seed, dims=embedding.shape[1] if len(input_shape) == 1 else 32)
     if not np.isfinite(embedding).all():
         raise BadInput(f"--initial-draw typical: the embedding of the pool {spec.uri} is not finite")
     return keys[typical_rows(embedding, keys, n, seed)].tolist()
