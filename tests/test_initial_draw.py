@@ -157,3 +157,17 @@ def test_random_draw_on_an_image_prefix_is_exported_and_waits_for_labels(ray_loc
     assert state["status"] == "waiting-for-labels" and state["step"] == "initial-wait"
     exported = storage.read_bytes(f"{root}/initial/export/selection.csv").decode().splitlines()
     assert sorted(line.split(",")[1] for line in exported[1:]) == sorted(drawn_ids)
+
+
+def test_typical_draw_on_an_image_prefix_picks_what_it_picks_on_the_same_pixels_in_parquet(s3_bucket):
+    # The same synthetic rows as PNG files on loopback S3 and as a pixels parquet pool, in the
+    # same order: the same positions are drawn and the same rows picked.
+    from tidal_ray.data.make_pool import make_pool
+
+    make_pool(f"{s3_bucket}/photos", "synthetic", rows=300, fmt="files", shards=3, shape=(1, 8, 8), seed=4)
+    make_pool(f"{s3_bucket}/pixels", "synthetic", rows=300, fmt="pixels", shards=3, shape=(1, 8, 8), seed=4)
+    common = dict(seed=2, input_shape=(1, 8, 8), backbone="small_cnn", num_classes=10)
+    files = typical_ids(describe_pool(f"{s3_bucket}/photos"), 8, **common)
+    pixels = typical_ids(describe_pool(f"{s3_bucket}/pixels"), 8, **common)
+    assert [int(key.split("/")[1][:-4]) for key in files] == pixels
+    assert all(key.startswith("part-0000") and key.endswith(".png") for key in files)

@@ -2,7 +2,8 @@
 
 ``typical`` is TypiClust (Hacohen et al., ICML 2022; ``method.batch.typical_rows``) over an
 embedding of a bounded sample of the pool (``SAMPLE_ROWS`` rows drawn by position with the
-seed with ``lookup.rows_by_position``: the pool never comes to the driver whole):
+seed: ``lookup.rows_by_position``, or for an image-file prefix ``lookup.image_ids_by_position``
+and those files alone; the pool never comes to the driver whole):
 - the ``--weights`` model's features when given (the backbone's pooled last stage);
 - a features pool's own vectors (standardised);
 - otherwise the label-free embedding of ``method.embedding`` (8x8 grayscale thumbnail,
@@ -61,19 +62,23 @@ def typical_ids(spec, n: int, seed: int, input_shape, backbone: str, num_classes
     the sample's stored bytes and its embedding, never the sample at the model's input
     size (20,000 rows of 3x224x224 would be 12 GB)."""
     from tidal_ray.data.decode import decode_batch
+    from tidal_ray.data.loader import image_tables
     from tidal_ray.method.batch import typical_rows
     from tidal_ray.method.embedding import label_free_embedding, thumbnail
 
-    if spec.format == "files":
-        raise BadInput(f"--initial-draw typical: the pool {spec.uri} is image files; it needs a parquet pool")
-    table = rows_by_position(spec, max(sample_rows, n), seed, ["id", spec.column])
+    if spec.format == "files":  # the drawn files alone, asked for by key
+        keys = image_ids_by_position(spec, max(sample_rows, n), seed)
+        chunks = image_tables([spec.key_uri(k) for k in keys], EMBED_CHUNK)
+    else:
+        table = rows_by_position(spec, max(sample_rows, n), seed, ["id", spec.column])
+        chunks = (table.slice(start, EMBED_CHUNK) for start in range(0, table.num_rows, EMBED_CHUNK))
     if weights:
         embed = model_features(backbone, num_classes, input_shape, weights, feature_layers, normalize)
     else:  # per row here; standardised and projected over the whole sample below
         embed = thumbnail if len(input_shape) == 3 else lambda x: np.asarray(x, np.float32)
     parts, keys = [], []
-    for start in range(0, table.num_rows, EMBED_CHUNK):
-        good, _ = decode_batch(table.slice(start, EMBED_CHUNK), spec, input_shape)
+    for chunk in chunks:
+        good, _ = decode_batch(chunk, spec, input_shape)
         if len(good["id"]):
             parts.append(embed(np.asarray(good["x"])))
             keys.append(id_utils.to_numpy(good["id"], spec.id_type))
