@@ -7,7 +7,7 @@ features --shape 64``), 100,000 rows per parquet file, on local disk and/or on a
 loopback S3 server (moto's ThreadedMotoServer, started here on 127.0.0.1, reached
 through the AWS environment like a real endpoint). Each run is two fresh driver
 processes, so the peak RSS is that run's own:
-- ``init``: ``campaign.init`` with the oracle drawing the initial labels;
+- ``init``: ``campaign.init`` with the oracle drawing the initial labels at random;
 - ``cycle``: a local Ray started, then the campaign's steps as ``campaign.run`` calls
   them: train (Ray Train, 1 worker), select (score the whole pool on Ray Data), export,
   oracle labels, merge, and the final train; a 10,000-row test set is evaluated after
@@ -48,7 +48,8 @@ def child_init(root: str, pool: str, test: str, args) -> dict:
 
     config = campaign.CampaignConfig(pool=pool, test=test, num_classes=10, k=args.k, cycles=1,
                                      backbone="mlp", epochs=args.epochs, batch_size=256, seed=0,
-                                     initial_labels=args.initial, oracle=True, trainer="ray", workers=1)
+                                     initial_labels=args.initial, oracle=True, trainer="ray", workers=1,
+                                     initial_draw="random")  # as measured before typical became the default
     started = time.perf_counter()
     campaign.init(root, config, log=lambda line: print(line, file=sys.stderr))
     return {"steps": [{"step": "init", "seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}]}

@@ -70,7 +70,8 @@ def test_a_cycle_trains_the_same_model_whatever_order_its_labels_arrived_in(ray_
     the same seeded cycle trained different models (tests/test_s3_faults.py saw it)."""
     pool, test = write_digits_split(str(tmp_path / "data"))
     config = campaign.CampaignConfig(pool=pool, test=test, k=10, cycles=1, initial_labels=30, oracle=True,
-                                     trainer="ray", workers=1, min_steps=0, **{**FAST, "epochs": 2, "batch_size": 8})
+                                     initial_draw="random", trainer="ray", workers=1, min_steps=0,
+                                     **{**FAST, "epochs": 2, "batch_size": 8})
     histories = []
     for name, reverse in (("arrived", False), ("reversed", True)):
         root = str(tmp_path / name)

@@ -147,7 +147,7 @@ def test_random_draw_on_an_image_prefix_is_exported_and_waits_for_labels(ray_loc
     make_pool(pool, "synthetic", rows=300, fmt="files", shards=3, shape=(1, 8, 8))
     assert len(describe_pool(pool).ranges) == 5
     assert main(["campaign", "init", root, "--pool", pool, "--num-classes", "10", "--k", "5", "--cycles", "1",
-                 "--initial-labels", "12", "--seed", "3"]) == 0
+                 "--initial-labels", "12", "--initial-draw", "random", "--seed", "3"]) == 0
     pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=s3_bucket[5:], Prefix="photos/")
     keys = sorted(o["Key"][len("photos/"):] for page in pages for o in page["Contents"])
     drawn = np.sort(np.random.default_rng(3).choice(len(keys), 12, replace=False))

@@ -41,7 +41,7 @@ def run_demo(workdir: str, initial: int = 50, k: int = 50, cycles: int = 5, stra
         config = campaign.CampaignConfig(
             pool=pool_uri, test=test_uri, num_classes=DIGITS_CLASSES, k=k, cycles=cycles, strategy=strategy,
             backbone="small_cnn", epochs=epochs, batch_size=32, seed=seed, initial_labels=initial, oracle=True,
-            trainer="ray", workers=1)
+            initial_draw="random", trainer="ray", workers=1)
         campaign.init(root, config)
     campaign.run(root)
 

@@ -4,7 +4,7 @@
 embedding of a bounded sample of the pool (``SAMPLE_ROWS`` rows drawn by position with the
 seed: ``lookup.rows_by_position``, or for an image-file prefix ``lookup.image_ids_by_position``
 and those files alone; the pool never comes to the driver whole):
-- the ``--weights`` model's features when given (the backbone's pooled last stage);
+- the ``--weights`` model's features when given (its last feature layer, pooled);
 - a features pool's own vectors (standardised);
 - otherwise the label-free embedding of ``method.embedding`` (8x8 grayscale thumbnail,
   standardised, seeded random projection to 32-d; the module says why).
@@ -33,23 +33,22 @@ def random_ids(spec, n: int, seed: int) -> list:
 def model_features(backbone: str, num_classes: int, input_shape, weights: str, feature_layers=None,
                    normalize: str = "none"):
     """The ``--weights`` model's embedding, as a function of a chunk of decoded rows: its
-    backbone's pooled last-stage features."""
+    last feature layer, pooled (``models.stage_embedding``, as the cluster batch mode
+    embeds), which any model has, a factory's own included."""
     import torch
 
-    from tidal_ray.models import build_model, prepare_input
+    from tidal_ray.models import build_model, prepare_input, stage_embedding
     from tidal_ray.models.spec import apply_weights
     from tidal_ray.train.checkpoint import read_weights
 
     net = build_model(backbone, num_classes, tuple(input_shape), feature_layers, normalize)
     apply_weights(net.backbone, read_weights(weights), num_classes, weights)
-    if not hasattr(net.backbone, "forward_features"):
-        raise BadInput(f"--initial-draw typical: the model {backbone} has no pooled features to embed with")
     net.eval()
 
     def embed(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            z = prepare_input(torch.from_numpy(np.ascontiguousarray(x)))
-            return net.backbone.forward_features(net.input_norm(z))[0].float().numpy()
+            _, features = net.backbone(net.input_norm(prepare_input(torch.from_numpy(np.ascontiguousarray(x)))))
+            return stage_embedding(features[-1]).float().numpy()
     return embed
 
 
