@@ -54,6 +54,16 @@ def test_kmeans_is_seeded_and_finds_planted_blobs():
     assert len(set(assign)) == 5
 
 
+def test_nearest_centroid_is_the_same_whatever_the_chunk_of_rows(monkeypatch):
+    rng = np.random.default_rng(3)
+    x, centroids = rng.normal(size=(1001, 5)), rng.normal(size=(37, 5))
+    exact = np.array([np.argmin(((row - centroids) ** 2).sum(1)) for row in x])
+    assert batch.nearest_centroid(x, centroids).tolist() == exact.tolist()
+    monkeypatch.setattr(batch, "DISTANCE_CELLS", 37 * 10 + 5)  # 10 rows a chunk, the last one short
+    assert batch.nearest_centroid(x, centroids).tolist() == exact.tolist()
+    assert batch.nearest_centroid(x[:0], centroids).tolist() == []
+
+
 def test_typical_rows_take_one_row_per_blob_near_its_centre():
     rng = np.random.default_rng(2)
     centres = rng.normal(size=(6, 4)) * 15
