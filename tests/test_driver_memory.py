@@ -64,7 +64,8 @@ def test_training_rows_never_pass_through_the_driver(ray_local, tmp_path):
     roots = [str(tmp_path / "small"), str(tmp_path / "large")]
     for root, labels in zip(roots, (64, LABELED)):
         config = campaign.CampaignConfig(pool=str(pool), num_classes=2, k=10, cycles=1, backbone="mlp", epochs=1,
-                                         batch_size=512, initial_labels=labels, oracle=True, trainer="ray", workers=1)
+                                         batch_size=512, initial_labels=labels, oracle=True, trainer="ray", workers=1,
+                                         initial_draw="random")  # what is measured is training's read
         campaign.init(root, config, log=lambda _: None)
 
     out = subprocess.run([sys.executable, "-c", DRIVER, *roots, ray_local.get_runtime_context().gcs_address],

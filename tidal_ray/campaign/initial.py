@@ -5,7 +5,8 @@ embedding of a bounded sample of the pool (``SAMPLE_ROWS`` rows drawn by positio
 seed: ``lookup.rows_by_position``, or for an image-file prefix ``lookup.image_ids_by_position``
 and those files alone; the pool never comes to the driver whole):
 - the ``--weights`` model's features when given (its last feature layer, pooled);
-- a features pool's own vectors (standardised);
+- a features pool's own vectors (standardised, then projected as below when longer than
+  ``method.embedding.DIMS``: k-means with K = N costs rows x N x dims);
 - otherwise the label-free embedding of ``method.embedding`` (8x8 grayscale thumbnail,
   standardised, seeded random projection to 32-d; the module says why).
 """
@@ -86,7 +87,7 @@ def typical_ids(spec, n: int, seed: int, input_shape, backbone: str, num_classes
                        f"the pool {spec.uri} for {n} initial labels")
     embedding, keys = np.concatenate(parts), np.concatenate(keys)
     if not weights:
-        embedding = label_free_embedding(embedding, seed, dims=embedding.shape[1] if len(input_shape) == 1 else 32)
+        embedding = label_free_embedding(embedding, seed)
     if not np.isfinite(embedding).all():
         raise BadInput(f"--initial-draw typical: the embedding of the pool {spec.uri} is not finite")
     return keys[typical_rows(embedding, keys, n, seed)].tolist()
