@@ -105,10 +105,11 @@ def _read_dataset(spec: PoolSpec, wanted: pa.Array, input_shape, positions: pa.T
         if not paths:
             return None
         filesystem = storage.s3_filesystem() if storage.is_s3(spec.uri) else None
+        tasks = min(len(paths), TASKS_PER_CPU * cpus)  # fewer tasks than the cap: Ray warns
         ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=filesystem, num_cpus=READ_CPUS,
-                                        concurrency=cpus)
+                                        override_num_blocks=tasks, concurrency=min(tasks, cpus))
         return ds.map_batches(_decode_files, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS,
-                              concurrency=cpus,
+                              concurrency=min(tasks, cpus),
                               fn_kwargs={"numbers": {p: i for i, p in enumerate(paths)}, "spec": spec.slim(),
                                          "input_shape": input_shape})
     placed = np.zeros(len(wanted), bool)
