@@ -97,12 +97,15 @@ def test_campaign_init_typical_with_the_oracle(tmp_path):
     assert state["config"]["min_steps"] == 300 and state["config"]["warm_start"] is True
 
 
-def test_initial_draw_without_oracle_is_exported_and_waits_for_labels(ray_local, tmp_path):
+def test_initial_draw_without_oracle_is_exported_and_waits_for_labels(ray_local, tmp_path, capsys):
     centres = blob_pool(str(tmp_path / "pool"))
     root = str(tmp_path / "campaign")
     assert main(["campaign", "init", root, "--pool", str(tmp_path / "pool"), "--num-classes", str(BLOBS),
                  "--k", "5", "--cycles", "1", "--initial-labels", str(BLOBS), "--initial-draw", "typical",
                  "--trainer", "local", "--epochs", "1", "--min-steps", "0", "--no-warm-start"]) == 0
+    said = capsys.readouterr()
+    assert f"the most typical row of each of {BLOBS} clusters of a {BLOBS * (2 * PAIRS + 1)}-row sample" \
+        in said.out + said.err
     assert campaign.load_state(root)["config"]["warm_start"] is False
     assert not storage.exists(campaign.labels_uri(root, 0))
     state = campaign.run(root)
