@@ -67,8 +67,8 @@ def typical_ids(spec, n: int, seed: int, input_shape, backbone: str, num_classes
     from tidal_ray.method.embedding import label_free_embedding, thumbnail
 
     if spec.format == "files":  # the drawn files alone, asked for by key
-        keys = image_ids_by_position(spec, max(sample_rows, n), seed)
-        chunks = image_tables([spec.key_uri(k) for k in keys], EMBED_CHUNK)
+        drawn = image_ids_by_position(spec, max(sample_rows, n), seed)
+        chunks = image_tables([spec.key_uri(key) for key in drawn], EMBED_CHUNK)
     else:
         table = rows_by_position(spec, max(sample_rows, n), seed, ["id", spec.column])
         chunks = (table.slice(start, EMBED_CHUNK) for start in range(0, table.num_rows, EMBED_CHUNK))
@@ -82,9 +82,10 @@ def typical_ids(spec, n: int, seed: int, input_shape, backbone: str, num_classes
         if len(good["id"]):
             parts.append(embed(np.asarray(good["x"])))
             keys.append(id_utils.to_numpy(good["id"], spec.id_type))
-    if sum(len(k) for k in keys) < n:
-        raise BadInput(f"--initial-draw typical: only {sum(len(k) for k in keys)} decodable rows in a sample of "
-                       f"the pool {spec.uri} for {n} initial labels")
+    decoded = sum(len(k) for k in keys)
+    if decoded < n:
+        raise BadInput(f"--initial-draw typical: only {decoded} decodable rows in a sample of the pool {spec.uri} "
+                       f"for {n} initial labels")
     embedding, keys = np.concatenate(parts), np.concatenate(keys)
     if not weights:
         embedding = label_free_embedding(embedding, seed)
