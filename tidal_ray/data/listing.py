@@ -137,6 +137,16 @@ def image_files(spec, start_after: str = "", last: str | None = None):
             yield uri, size
 
 
+def run_files(spec, after: str, last: str, count: int, when: str = "since it was listed") -> list[tuple[str, int]]:
+    """The image files of one run of ``spec.ranges``, listed again; BadInput (saying the
+    pool changed ``when``) if it no longer holds the ``count`` files it held when listed."""
+    files = list(image_files(spec, after, last))
+    if len(files) != count:
+        raise BadInput(f"{spec.uri}: the pool changed {when}: {len(files)} image files up to {last}, "
+                       f"where {count} were listed")
+    return files
+
+
 def image_keys_present(spec, keys) -> list[bool]:
     """Which of ``keys`` (ids of an image-file pool) are image files in it, asking for
     those files alone (a few at a time), never listing the prefix."""

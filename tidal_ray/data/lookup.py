@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from tidal_ray.data import ids as id_utils
 from tidal_ray.data import storage
 from tidal_ray.data.decode import decode_batch
-from tidal_ray.data.listing import image_files, image_keys_present
+from tidal_ray.data.listing import image_keys_present, run_files
 from tidal_ray.data.pool import PoolSpec, describe_pool, input_shape_for
 from tidal_ray.errors import BadInput
 
@@ -263,11 +263,8 @@ def image_ids_by_position(spec: PoolSpec, n: int, seed: int) -> list[str]:
 
     def files_at(run: int) -> list[str]:
         after, last, first, count = spec.ranges[run]
-        files = [uri for uri, _ in image_files(spec, after, last)]
-        if len(files) != count:
-            raise BadInput(f"{spec.uri}: the pool changed since it was listed: {len(files)} image files up to "
-                           f"{last}, where {count} were listed")
-        return [files[i] for i in chosen[run_of == run] - first]
+        files = run_files(spec, after, last, count)
+        return [files[i][0] for i in chosen[run_of == run] - first]
 
     root = spec.root.rstrip("/") + "/"
     with ThreadPoolExecutor(max_workers=16) as pool:  # one listing page per run: many small LISTs on S3

@@ -19,8 +19,7 @@ import pyarrow.parquet as pq
 
 from tidal_ray.data import ids as id_utils
 from tidal_ray.data import storage
-from tidal_ray.errors import BadInput
-from tidal_ray.data.listing import image_files
+from tidal_ray.data.listing import run_files
 from tidal_ray.data.pool import PoolSpec
 
 FILES_PER_TABLE = 64         # image files in one table a unit yields
@@ -81,11 +80,7 @@ def read_unit(unit: dict, spec: PoolSpec, block_rows: int = 65536, max_bytes: in
 def _read_image_range(unit: dict, spec: PoolSpec, max_bytes: int):
     """A range of image files, listed again here, as tables of at most ``FILES_PER_TABLE``
     files and (unless one file is larger) ``max_bytes``."""
-    after, last = unit["uris"]
-    files = list(image_files(spec, after, last))
-    if len(files) != unit["rows"]:
-        raise BadInput(f"{spec.uri}: the pool changed while it was scored: {len(files)} image files up to "
-                       f"{last}, where {unit['rows']} were listed at the start")
+    files = run_files(spec, *unit["uris"], unit["rows"], when="while it was scored")
     first = int(unit["file"])
     with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
         start = 0
