@@ -1,10 +1,11 @@
-"""Driver memory of scoring an image-file pool on S3, for a prefix of N and of 10N images.
+"""Driver memory and wall time of scoring an image-file pool, for a prefix of N and of 10N images.
 
-    python benchmarks/image_pool_scale.py [--images 20000]
+    python benchmarks/image_pool_scale.py [--images 20000] [--storage s3|local] [--folder-images 10000]
 
 Two prefixes of 8x8 PNG files (``make_pool --source synthetic --format files``, 10,000
-per folder) on a loopback S3 server (moto's ThreadedMotoServer in this process,
-reached through the AWS environment like a real endpoint). For each, fresh driver
+per folder, or ``--folder-images 0``: all in one folder) on a loopback S3 server (moto's
+ThreadedMotoServer in this process, reached through the AWS environment like a real
+endpoint), or ``--storage local`` in a temporary directory. For each, fresh driver
 processes measure their own peak RSS (VmHWM in /proc/self/status; Ray's daemons and
 object store are other processes):
 - ``score``: ``describe_pool``, then ``score_pool`` on a local Ray (2 CPUs, 1 actor) with a
@@ -78,6 +79,9 @@ def train_checkpoint(path: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=20_000, help="N (the other prefix has 10N)")
+    parser.add_argument("--storage", choices=["s3", "local"], default="s3")
+    parser.add_argument("--folder-images", type=int, default=IMAGES_PER_FOLDER,
+                        help="images per folder; 0: every image in one folder")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "image_pool_scale.json"))
     args = parser.parse_args()
@@ -88,17 +92,18 @@ def main() -> None:
 
     from tidal_ray.data.make_pool import make_pool
 
-    base = start_s3("image-pool-scale")
     results = {"machine": machine(),
-               "settings": {"n": args.images, "shape": "x".join(map(str, SHAPE)), "k": 100, "backbone": "small_cnn"},
+               "settings": {"n": args.images, "shape": "x".join(map(str, SHAPE)), "k": 100, "backbone": "small_cnn",
+                            "storage": args.storage, "folder_images": args.folder_images},
                "runs": []}
     with tempfile.TemporaryDirectory(prefix="image-pool-scale-") as local:
+        base = start_s3("image-pool-scale") if args.storage == "s3" else local
         checkpoint = train_checkpoint(os.path.join(local, "ck"))
         for images in (args.images, 10 * args.images):
             pool = f"{base}/pool-{images}"
             started = time.perf_counter()
             make_pool(pool, source="synthetic", rows=images, fmt="files", shape="x".join(map(str, SHAPE)),
-                      shards=max(1, images // IMAGES_PER_FOLDER))
+                      shards=max(1, images // args.folder_images) if args.folder_images else 1)
             print(f"wrote {images:,} images in {time.perf_counter() - started:.0f}s", flush=True)
             run = {"images": images, "load_average": os.getloadavg(),
                    "score": run_child("score", pool, checkpoint, f"{base}/out-{images}"),

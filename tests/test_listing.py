@@ -37,7 +37,11 @@ def test_local_listing_is_in_uri_order_and_resumes_after_any_uri(tmp_path):
     assert [s for _, s in listed] == [len(u[len(root) + 1:]) for u in expected]
     for i, after in enumerate(expected):
         assert [u for u, _ in storage.iter_files(root, start_after=after)] == expected[i + 1:]
+        for j, last in enumerate(expected):  # a window: after one uri, up to another
+            assert [u for u, _ in storage.iter_files(root, start_after=after, last=last)] == expected[i + 1:j + 1]
+        assert [u for u, _ in storage.iter_files(root, last=after)] == expected[:i + 1]
     assert [u for u, _ in storage.iter_files(f"{root}/a.png")] == [f"{root}/a.png"]
+    assert list(storage.iter_files(f"{root}/a.png", last=f"{root}/a-b.png")) == []
     assert list(storage.iter_files(f"{root}/missing")) == []
 
 
@@ -52,6 +56,7 @@ def test_s3_listing_pages_through_boto3_in_uri_order(s3_bucket):
     expected = sorted(f"{s3_bucket}/pool/{n}" for n in names)
     assert [u for u, _ in storage.iter_files(f"{s3_bucket}/pool")] == expected
     assert [u for u, _ in storage.iter_files(f"{s3_bucket}/pool/", start_after=expected[1500])] == expected[1501:]
+    assert [u for u, _ in storage.iter_files(f"{s3_bucket}/pool", expected[3], expected[1200])] == expected[4:1201]
     assert list(storage.iter_files(f"{s3_bucket}/pool/a.png")) == [(f"{s3_bucket}/pool/a.png", 5)]
 
 
@@ -89,11 +94,49 @@ def test_an_image_pool_is_described_by_ranges_and_read_back_whole(tmp_path, monk
     paths = [p for t in rows for p in t.column("path").to_pylist()]
     assert paths == sorted(str(p) for p in (tmp_path / "pool").rglob("*.png"))
 
+    # Many runs: read in fewer units (windows of runs, each listed once), every file once, in order.
+    monkeypatch.setattr(listing, "FILES_PER_RANGE", 8)
+    monkeypatch.setattr(listing, "MAX_RANGES", 4096)
+    many = describe_pool(str(tmp_path / "pool"))
+    units = read_units(many, cpus=1)
+    assert len(many.ranges) == 38 and 4 <= len(units) < 38
+    rows = [t for unit in units for t in read_unit(unit, many.slim())]
+    assert np.concatenate([t.column("file").to_numpy() for t in rows]).tolist() == list(range(300))
+    assert [p for t in rows for p in t.column("path").to_pylist()] == paths
+
     # A file added under the prefix after it was listed is caught, not silently skipped.
     unit = read_units(spec)[1]
     (tmp_path / "pool" / "part-00001" / "00000150a.png").write_bytes(b"late")
     with pytest.raises(BadInput, match="changed while it was scored: 129 image files .* 128 were listed"):
         list(read_unit(unit, spec.slim()))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_runs_join_into_windows_that_list_their_files_and_draw_by_position(where, tmp_path, monkeypatch, request):
+    # 300 files in runs of 8 (38 runs); a window holds at most 40 files. On S3 only adjacent
+    # runs join (a listing starts where asked); locally runs join across the ones between.
+    from tidal_ray.data.lookup import image_ids_by_position
+
+    monkeypatch.setattr(listing, "FILES_PER_RANGE", 8)
+    monkeypatch.setattr(listing, "WINDOW_FILES", 40)
+    root = f"{request.getfixturevalue('s3_bucket')}/pool" if where == "s3" else str(tmp_path / "pool")
+    make_pool(root, "digits", rows=300, fmt="files", shards=3)
+    spec = describe_pool(root)
+    files = [uri for uri, _ in storage.iter_files(root)]
+    assert len(spec.ranges) == 38
+    wanted = [0, 1, 3, 4, 5, 9, 37]
+    windows = listing.windows(spec, wanted)
+    # (first run, run after the last) of each window; locally runs 0-4 hold 40 files, 5-9 the next 40
+    expected = [(0, 2), (3, 6), (9, 10), (37, 38)] if where == "s3" else [(0, 5), (5, 10), (37, 38)]
+    assert [(first // 8, -(-(first + count) // 8)) for _, _, first, count in windows] == expected
+    for after, last, first, count in windows:
+        assert [uri for uri, _ in listing.run_files(spec, after, last, count)] == files[first:first + count]
+        assert count <= 40
+
+    # A draw by position lists windows and picks the files at the drawn positions.
+    for n, seed in [(1, 0), (12, 3), (300, 5)]:
+        drawn = np.sort(np.random.default_rng(seed).choice(300, n, replace=False))
+        assert image_ids_by_position(spec, n, seed) == [files[i][len(root) + 1:] for i in drawn]
 
 
 def test_image_ids_are_looked_up_one_by_one_not_by_listing(tmp_path):

@@ -18,8 +18,9 @@ from tidal_ray.errors import BadInput
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 SAMPLED_IMAGES = 16          # image files kept from the listing to settle the input size
 SKIPPED_NAMES_KEPT = 10      # skipped files named (all are counted)
-FILES_PER_RANGE = 64         # image files: the shortest run of the listing one read task takes
+FILES_PER_RANGE = 64         # image files: the shortest run of the listing (runs join into windows)
 MAX_RANGES = 4096            # longer runs beyond this many (at most twice as many runs)
+WINDOW_FILES = 65536         # consecutive runs listed again as one window: at most this many files
 PARQUET_SUFFIX = ".parquet"
 
 
@@ -130,9 +131,7 @@ def is_image_prefix(uri: str) -> bool:
 def image_files(spec, start_after: str = "", last: str | None = None):
     """Yield the pool's image files as ``(uri, size)`` in pool order, listing as it goes:
     those after ``start_after`` and up to ``last`` (a range of ``spec.ranges``)."""
-    for uri, size in storage.iter_files(spec.uri, start_after or None):
-        if last is not None and uri > last:
-            return
+    for uri, size in storage.iter_files(spec.uri, start_after or None, last):
         if _kind_of_file(uri) == "image":
             yield uri, size
 
@@ -145,6 +144,24 @@ def run_files(spec, after: str, last: str, count: int, when: str = "since it was
         raise BadInput(f"{spec.uri}: the pool changed {when}: {len(files)} image files up to {last}, "
                        f"where {count} were listed")
     return files
+
+
+def windows(spec, runs) -> list[tuple[str, str, int, int]]:
+    """The runs ``runs`` (sorted indices into ``spec.ranges``) joined into windows to list
+    again, ``(after, last, first, count)`` like a run, of at most ``WINDOW_FILES`` files
+    (a longer run alone). On S3 a listing starts where it is asked to, so only adjacent
+    runs join; a local directory is read whole by every listing of it, so runs join across
+    the ones between them (those are listed too, and counted)."""
+    joined = []   # [first run, last run] pairs
+    across_gaps = not storage.is_s3(spec.uri)
+    for run in runs:
+        if joined and (across_gaps or run == joined[-1][1] + 1) and \
+                spec.ranges[run][2] + spec.ranges[run][3] - spec.ranges[joined[-1][0]][2] <= WINDOW_FILES:
+            joined[-1][1] = run
+        else:
+            joined.append([run, run])
+    return [(spec.ranges[a][0], spec.ranges[b][1], spec.ranges[a][2],
+             spec.ranges[b][2] + spec.ranges[b][3] - spec.ranges[a][2]) for a, b in joined]
 
 
 def image_keys_present(spec, keys) -> list[bool]:

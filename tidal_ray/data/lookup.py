@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from tidal_ray.data import ids as id_utils
 from tidal_ray.data import storage
 from tidal_ray.data.decode import decode_batch
-from tidal_ray.data.listing import image_keys_present, run_files
+from tidal_ray.data.listing import image_keys_present, run_files, windows
 from tidal_ray.data.pool import PoolSpec, describe_pool, input_shape_for
 from tidal_ray.errors import BadInput
 
@@ -257,19 +257,20 @@ def rows_by_position(spec: PoolSpec, n: int, seed: int, columns: list[str],
 def image_ids_by_position(spec: PoolSpec, n: int, seed: int) -> list[str]:
     """``n`` ids (at most the pool's) of an image-file pool drawn uniformly by position
     with ``seed``, as ``rows_by_position`` draws rows: only the runs of the listing
-    (``spec.ranges``) that hold a drawn position are listed again, a few at a time."""
+    (``spec.ranges``) that hold a drawn position are listed again, as windows
+    (``listing.windows``), a few at a time."""
     chosen = np.sort(np.random.default_rng(seed).choice(spec.rows, size=min(n, spec.rows), replace=False))
     run_of = np.searchsorted(np.array([first for _, _, first, _ in spec.ranges]), chosen, side="right") - 1
 
-    def files_at(run: int) -> list[str]:
-        after, last, first, count = spec.ranges[run]
+    def files_at(window) -> list[str]:
+        after, last, first, count = window
         files = run_files(spec, after, last, count)
-        return [files[i][0] for i in chosen[run_of == run] - first]
+        return [files[i][0] for i in chosen[(chosen >= first) & (chosen < first + count)] - first]
 
     root = spec.root.rstrip("/") + "/"
-    with ThreadPoolExecutor(max_workers=16) as pool:  # one listing page per run: many small LISTs on S3
-        runs = list(pool.map(files_at, np.unique(run_of).tolist()))
-    return [storage.resolve(uri)[1][len(root):] for files in runs for uri in files]
+    with ThreadPoolExecutor(max_workers=16) as pool:  # a listing page or a few per window on S3
+        found = list(pool.map(files_at, windows(spec, np.unique(run_of).tolist())))
+    return [storage.resolve(uri)[1][len(root):] for files in found for uri in files]
 
 
 def sample_labels(spec: PoolSpec, n: int, seed: int) -> pa.Table:

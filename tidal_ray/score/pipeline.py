@@ -191,11 +191,12 @@ def score_batches_on_ray(plan: Plan, use_gpu: bool | None = None, extra: dict | 
         actor_resources = {"num_cpus": fits[0] if fits else ACTOR_CPU_STEPS[-1]}
         scorer = _scorer_kwargs(plan, extra, device="cpu", num_threads=max(1, int(node_cpus // high)))
 
-    # Our own read, tasks over runs of parquet row groups (or one per run of image files),
+    # Our own read, tasks over runs of parquet row groups (or one per window of image files),
     # in fractional CPUs: Ray Data 2.60's read_parquet adds a ListFiles task that asks for a whole CPU
     # and hung a 1-CPU node with the scorer actor placed. Every row keeps its position.
-    units = read_units(spec)
-    tasks = read_tasks(spec, len(units), ray.cluster_resources().get("CPU", 1.0))
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    units = read_units(spec, cpus)
+    tasks = read_tasks(spec, len(units), cpus)
     ds = ray.data.from_items(units, override_num_blocks=tasks)
     ds = ds.map_batches(read_batches, batch_size=1, batch_format="pyarrow", num_cpus=DECODE_CPUS,
                         fn_kwargs={"spec": spec.slim(), "block_rows": block_rows,
