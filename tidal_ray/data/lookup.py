@@ -29,6 +29,8 @@ from tidal_ray.data.pool import PoolSpec, describe_pool, input_shape_for
 from tidal_ray.errors import BadInput
 
 BATCH_ROWS = 65536
+BATCH_BYTES = 4 << 20    # a read batch of wide rows (encoded images): about this much
+READ_BUFFER = 8 << 20
 ROW_BITS = 40         # one int64 per row: file << ROW_BITS | row within the file
 POSITION_COLUMNS = ("file", "row_group", "row")
 
@@ -56,13 +58,25 @@ def _may_hold(metadata: pq.FileMetaData, group: int, id_leaf: int | None, wanted
     return bool(high > low)
 
 
+def _open_parquet(f) -> pq.ParquetFile:
+    # A buffered stream rather than pre-buffering, which reads a row group's whole column
+    # chunks first: 40,000 encoded images in one row group took 880 MB to take 2,000 rows.
+    return pq.ParquetFile(f, buffer_size=READ_BUFFER, pre_buffer=False)
+
+
+def _batch_rows(meta: pq.FileMetaData, row_group: int, most: int) -> int:
+    """Rows per read batch of a row group: at most ``most``, and about ``BATCH_BYTES``."""
+    group = meta.row_group(row_group)
+    return max(1, min(most, BATCH_BYTES * group.num_rows // max(1, group.total_byte_size)))
+
+
 def rows_with_ids(uri: str, wanted: pa.Array, columns: list[str], batch_rows: int = BATCH_ROWS):
     """Yield ``(table, rows)``: the rows of one parquet file whose id is in ``wanted``
     (``columns`` only, ``id`` included) and their positions in the file, in file order."""
     fs, path = storage.resolve(uri)
     wanted_sorted = np.sort(wanted.to_numpy(zero_copy_only=False)) if pa.types.is_integer(wanted.type) else None
     with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
+        pf = _open_parquet(f)
         meta = pf.metadata
         id_leaf = id_leaf_index(meta)
         columns = [c for c in dict.fromkeys(["id", *columns]) if c in pf.schema_arrow.names]
@@ -77,7 +91,7 @@ def rows_with_ids(uri: str, wanted: pa.Array, columns: list[str], batch_rows: in
             if not pc.any(hit).as_py():
                 continue
             offset = start
-            for rb in pf.iter_batches(batch_size=batch_rows, row_groups=[g], columns=columns):
+            for rb in pf.iter_batches(batch_size=_batch_rows(meta, g, batch_rows), row_groups=[g], columns=columns):
                 table = pa.Table.from_batches([rb])
                 mask = pc.is_in(table.column("id").cast(wanted.type), value_set=wanted).fill_null(False)
                 where = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
@@ -214,17 +228,17 @@ def _file_row_counts(spec: PoolSpec) -> np.ndarray:
 
 def rows_at(uri: str, positions: np.ndarray, columns: list[str]) -> pa.Table:
     """Rows at sorted ``positions`` of one parquet file (``columns`` only), reading just
-    the row groups that hold them."""
+    the row groups that hold them, a batch at a time (``_group_parts``)."""
     fs, path = storage.resolve(uri)
     parts = []
     with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
+        pf = _open_parquet(f)
         start = 0
         for g in range(pf.metadata.num_row_groups):
             stop = start + pf.metadata.row_group(g).num_rows
             inside = positions[(positions >= start) & (positions < stop)]
             if len(inside):
-                parts.append(pf.read_row_group(g, columns=columns).take(pa.array(inside - start)))
+                parts += _group_parts(pf, g, start, inside, columns)
             start = stop
     return pa.concat_tables(parts) if parts else pf.schema_arrow.empty_table().select(columns)
 
@@ -248,10 +262,12 @@ def rows_by_position(spec: PoolSpec, n: int, seed: int, columns: list[str],
             parts.append(table.set_column(table.schema.get_field_index("id"), "id",
                                           id_utils.cast(table.column("id"), spec.id_type, uri)))
     table = pa.concat_tables(parts, promote_options="permissive")
+    # Filtered only when a row goes: a filter copies the table (a sample of encoded images).
     for name in required:
-        table = table.filter(pc.is_valid(table.column(name)))
+        if table.column(name).null_count:
+            table = table.filter(pc.is_valid(table.column(name)))
     first = id_utils.SeenIds().first_seen(id_utils.to_numpy(table.column("id"), spec.id_type))
-    return table.filter(pa.array(first))
+    return table if first.all() else table.filter(pa.array(first))
 
 
 def image_ids_by_position(spec: PoolSpec, n: int, seed: int) -> list[str]:
@@ -298,6 +314,26 @@ def row_group_of(row_groups, files, rows) -> np.ndarray:
     return out
 
 
+def _group_parts(pf: pq.ParquetFile, row_group: int, start: int, rows: np.ndarray, columns: list[str],
+                 batch_rows: int = 8192) -> list[pa.Table]:
+    """The rows at sorted ``rows`` (within the file; the row group's first is ``start``) of
+    one row group, read a bounded batch at a time (``_batch_rows``) and only up to the last
+    of them: a row group of wide rows (encoded images) can be far larger than the rows
+    taken from it."""
+    parts = []
+    if not len(rows):
+        return parts
+    for batch in pf.iter_batches(batch_size=_batch_rows(pf.metadata, row_group, batch_rows), row_groups=[row_group],
+                                 columns=columns):
+        if start > rows[-1]:
+            break
+        inside = rows[(rows >= start) & (rows < start + batch.num_rows)]
+        if len(inside):
+            parts.append(pa.Table.from_batches([batch]).take(pa.array(inside - start)))
+        start += batch.num_rows
+    return parts
+
+
 def group_rows(uri: str, row_group: int, rows: np.ndarray, columns: list[str],
                batch_rows: int = 8192) -> pa.Table:
     """The rows at sorted ``rows`` (within the file) of one row group of one parquet
@@ -306,21 +342,14 @@ def group_rows(uri: str, row_group: int, rows: np.ndarray, columns: list[str],
     fs, path = storage.resolve(uri)
     rows = np.asarray(rows, np.int64)
     with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
+        pf = _open_parquet(f)
         columns = [c for c in dict.fromkeys(columns) if c in pf.schema_arrow.names]
         start = sum(pf.metadata.row_group(g).num_rows for g in range(row_group))
         stop = start + pf.metadata.row_group(row_group).num_rows
         if len(rows) and (rows[0] < start or rows[-1] >= stop):
             raise BadInput(f"{uri}: no row {int(rows[0] if rows[0] < start else rows[-1])} in row group "
                            f"{row_group} (rows {start}..{stop - 1}): the pool changed since the positions were taken")
-        parts = []
-        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[row_group], columns=columns):
-            if start > rows[-1]:
-                break
-            inside = rows[(rows >= start) & (rows < start + batch.num_rows)]
-            if len(inside):
-                parts.append(pa.Table.from_batches([batch]).take(pa.array(inside - start)))
-            start += batch.num_rows
+        parts = _group_parts(pf, row_group, start, rows, columns, batch_rows)
         return pa.concat_tables(parts) if parts else pf.schema_arrow.empty_table().select(columns)
 
 
