@@ -42,7 +42,8 @@ def read_units(spec: PoolSpec, cpus: float = 1.0) -> list[dict]:
     it, so a task per run made scoring a flat directory quadratic (300,000 files: 4,688
     runs, 0.1-0.4 s of listing each)."""
     if spec.format == "files":
-        per_window = max(1, len(spec.ranges) // max(int(TASKS_PER_CPU * cpus), -(-spec.bytes // TASK_BYTES)))
+        windows_wanted = max(1, int(TASKS_PER_CPU * cpus), -(-spec.bytes // TASK_BYTES))
+        per_window = max(1, len(spec.ranges) // windows_wanted)
         runs = np.arange(len(spec.ranges))
         return [{"file": first, "row_group": -1, "uris": [after, last], "rows": count}
                 for start in range(0, len(runs), per_window)
