@@ -71,6 +71,14 @@ def test_typical_draw_is_the_same_whatever_the_chunks_it_decodes_in(tmp_path, mo
     assert typical_ids(spec, 6, **common) == whole
     assert len(set(whole)) == 6 and 10_000 not in whole
 
+    # Progress lines as the sample is read (here after every chunk), counting up to all of it.
+    monkeypatch.setattr(initial, "PROGRESS_SECONDS", 0.0)
+    lines = []
+    assert typical_ids(spec, 6, **common, log=lines.append) == whole
+    counts = [int(line.split(" embedded ")[1].split("/")[0]) for line in lines]
+    assert len(lines) == -(-201 // 7) and counts == sorted(counts) and counts[-1] == 201
+    assert all(line.startswith("initial draw: read and embedded ") and "/201 sample rows" in line for line in lines)
+
 
 def test_label_free_embedding_is_seeded_and_keeps_the_layout():
     x = np.zeros((3, 1, 28, 28), np.uint8)

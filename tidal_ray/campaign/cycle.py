@@ -351,7 +351,7 @@ def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = Non
             log(f"initial draw: the most typical row of each of {config.initial_labels} clusters of a "
                 f"{min(max(SAMPLE_ROWS, config.initial_labels), spec.rows):,}-row sample of the pool "
                 f"(--initial-draw typical)")
-        table = initial_draw(spec, config, input_shape)
+        table = initial_draw(spec, config, input_shape, log)
     else:
         raise BadInput("give initial labels: --initial-labels-file FILE, or --initial-labels N")
     if table.num_rows == 0:

@@ -12,6 +12,8 @@ and those files alone; the pool never comes to the driver whole):
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pyarrow as pa
 
@@ -22,6 +24,7 @@ from tidal_ray.errors import BadInput
 DRAWS = ("random", "typical")
 SAMPLE_ROWS = 20_000
 EMBED_CHUNK = 256
+PROGRESS_SECONDS = 10.0   # a progress line at most this often while the sample is read and embedded
 
 
 def random_ids(spec, n: int, seed: int) -> list:
@@ -54,9 +57,11 @@ def model_features(backbone: str, num_classes: int, input_shape, weights: str, f
 
 
 def typical_ids(spec, n: int, seed: int, input_shape, backbone: str, num_classes: int, weights: str | None = None,
-                feature_layers=None, normalize: str = "none", sample_rows: int = SAMPLE_ROWS) -> list:
+                feature_layers=None, normalize: str = "none", sample_rows: int = SAMPLE_ROWS, log=None) -> list:
     """TypiClust's ``n`` ids, in pick order, from a sample of the pool. BadInput (one line)
-    when no embedding can be built from it.
+    when no embedding can be built from it. ``log`` gets a progress line every
+    ``PROGRESS_SECONDS`` while the sample is read (on S3 an image prefix's sample is
+    20,000 GETs).
 
     The sample is decoded and embedded ``EMBED_CHUNK`` rows at a time, so the driver holds
     the sample's stored bytes and its embedding, never the sample at the model's input
@@ -68,20 +73,26 @@ def typical_ids(spec, n: int, seed: int, input_shape, backbone: str, num_classes
 
     if spec.format == "files":  # the drawn files alone, asked for by key
         drawn = image_ids_by_position(spec, max(sample_rows, n), seed)
-        chunks = image_tables([spec.key_uri(key) for key in drawn], EMBED_CHUNK)
+        chunks, total = image_tables([spec.key_uri(key) for key in drawn], EMBED_CHUNK), len(drawn)
     else:
         table = rows_by_position(spec, max(sample_rows, n), seed, ["id", spec.column])
         chunks = (table.slice(start, EMBED_CHUNK) for start in range(0, table.num_rows, EMBED_CHUNK))
+        total = table.num_rows
     if weights:
         embed = model_features(backbone, num_classes, input_shape, weights, feature_layers, normalize)
     else:  # per row here; standardised and projected over the whole sample below
         embed = thumbnail if len(input_shape) == 3 else lambda x: np.asarray(x, np.float32)
-    parts, keys = [], []
+    parts, keys, seen = [], [], 0
+    started = reported = time.perf_counter()
     for chunk in chunks:
         good, _ = decode_batch(chunk, spec, input_shape)
         if len(good["id"]):
             parts.append(embed(np.asarray(good["x"])))
             keys.append(id_utils.to_numpy(good["id"], spec.id_type))
+        seen += chunk.num_rows
+        if log and time.perf_counter() - reported >= PROGRESS_SECONDS:
+            reported = time.perf_counter()
+            log(f"initial draw: read and embedded {seen:,}/{total:,} sample rows, {reported - started:.0f}s")
     decoded = sum(len(k) for k in keys)
     if decoded < n:
         raise BadInput(f"--initial-draw typical: only {decoded} decodable rows in a sample of the pool {spec.uri} "
@@ -94,14 +105,15 @@ def typical_ids(spec, n: int, seed: int, input_shape, backbone: str, num_classes
     return keys[typical_rows(embedding, keys, n, seed)].tolist()
 
 
-def initial_draw(spec, config, input_shape) -> pa.Table:
+def initial_draw(spec, config, input_shape, log=None) -> pa.Table:
     """``--initial-labels N`` drawn at random or typical: with --oracle ``id, label`` (the
-    oracle's labels), else a selection to export (``rank, id, score, strategy, predicted_class``)."""
+    oracle's labels), else a selection to export (``rank, id, score, strategy, predicted_class``).
+    ``log``: the typical draw's progress lines."""
     if config.initial_labels > spec.rows:
         raise BadInput(f"--initial-labels {config.initial_labels} is more than the pool's {spec.rows} rows")
     if config.initial_draw == "typical":
         ids = typical_ids(spec, config.initial_labels, config.seed, input_shape, config.backbone, config.num_classes,
-                          config.weights, config.feature_layers, config.normalize)
+                          config.weights, config.feature_layers, config.normalize, log=log)
     else:
         ids = random_ids(spec, config.initial_labels, config.seed)
     if config.oracle:
