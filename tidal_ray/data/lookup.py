@@ -60,7 +60,8 @@ def _may_hold(metadata: pq.FileMetaData, group: int, id_leaf: int | None, wanted
 
 def _open_parquet(f) -> pq.ParquetFile:
     # A buffered stream rather than pre-buffering, which reads a row group's whole column
-    # chunks first: 40,000 encoded images in one row group took 880 MB to take 2,000 rows.
+    # chunks first: reading through one row group of 40,000 encoded images (480 MB) in
+    # 8,192-row batches peaked at 880 MB that way, 440 MB this way (and less in smaller batches).
     return pq.ParquetFile(f, buffer_size=READ_BUFFER, pre_buffer=False)
 
 
