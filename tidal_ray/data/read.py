@@ -44,10 +44,10 @@ def read_units(spec: PoolSpec, cpus: float = 1.0) -> list[dict]:
     if spec.format == "files":
         windows_wanted = max(1, int(TASKS_PER_CPU * cpus), -(-spec.bytes // TASK_BYTES))
         per_window = max(1, len(spec.ranges) // windows_wanted)
-        runs = np.arange(len(spec.ranges))
+        runs = range(len(spec.ranges))
         return [{"file": first, "row_group": -1, "uris": [after, last], "rows": count}
                 for start in range(0, len(runs), per_window)
-                for after, last, first, count in windows(spec, runs[start:start + per_window].tolist())]
+                for after, last, first, count in windows(spec, list(runs[start:start + per_window]))]
     return [{"file": i, "row_group": g, "uris": [uri], "rows": rows}
             for i, ((uri, _), groups) in enumerate(zip(spec.files, spec.row_groups)) for g, rows in enumerate(groups)]
 
