@@ -1,4 +1,7 @@
-# Two commands on a fresh machine: `make demo` and `make test`.
+# Two commands on a fresh machine: `make demo` and `make test`. `make test` leaves out the
+# tests marked slow (multi-node clusters, job submission, crashes, whole campaigns through
+# faults, the browser and Label Studio), about two thirds of the suite's time; `make test-slow`
+# runs them, and CI (.ci/run) runs both.
 # Each builds .venv if it is missing and installs the project once;
 # the stamp file makes a second run install nothing.
 PYTHON ?= python3
@@ -17,7 +20,7 @@ LABEL_STUDIO_SPEC ?= label-studio==1.23.2
 # its server from starting. Every package is pinned here, so CI installs what was tested.
 LS_CONSTRAINTS := tests/label-studio-constraints.txt
 
-.PHONY: demo test test-fast bench clean fashion-mnist chromium label-studio
+.PHONY: demo test test-slow bench clean fashion-mnist chromium label-studio
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,11 +32,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/tidal-ray demo
 
-test: $(STAMP) chromium
-	$(BIN)/python -m pytest -q -ra tests
-
-test-fast: $(STAMP)
+test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+
+test-slow: $(STAMP) chromium
+	$(BIN)/python -m pytest -q -ra -m slow tests
 
 # About 80 s the first time; a second run installs nothing.
 label-studio: $(LS_STAMP)
@@ -57,8 +60,8 @@ fashion-mnist:
 
 # Debian's chromium, for tests/test_report.py (the campaign's page in a headless browser).
 # Installed once, where apt-get exists and chromium is missing; if it cannot be installed
-# (no apt-get, no root or passwordless sudo, no such package) `make test` goes on and that
-# test skips, saying why.
+# (no apt-get, no root or passwordless sudo, no such package) `make test-slow` goes on and
+# the browser tests skip, saying why.
 chromium:
 	@if command -v chromium >/dev/null 2>&1; then :; \
 	elif command -v apt-get >/dev/null 2>&1; then \

@@ -21,7 +21,7 @@ from tidal_ray.data import storage
 from tidal_ray.demo import write_digits_split
 from tidal_ray.score.reduce import HISTOGRAM_BINS, Reduction
 
-NO_CHROMIUM = ("chromium is not installed: `make test` installs Debian's chromium where apt-get exists "
+NO_CHROMIUM = ("chromium is not installed: `make test-slow` installs Debian's chromium where apt-get exists "
                "(apt-get install chromium)")
 
 
