@@ -47,6 +47,12 @@ def test_three_oracle_cycles_on_s3(ray_local, s3_bucket, capsys):
     assert all(0 < m["read_seconds"] < m["train_seconds"] for m in metrics)  # the read is part of training
     # warm start: each cycle's Ray workers began at the previous cycle's checkpoint on S3
     assert [m["started_from"] for m in metrics] == [None] + [m["checkpoint"] for m in metrics[:3]]
+    out = capsys.readouterr().out
+    for c, m in enumerate(metrics[:3]):  # each selection said what it scored, read and set aside
+        sel = storage.read_json(campaign.cycle_uri(root, c, "selection.json"))
+        assert sel["rows_read"] == sel["rows_scored"] + m["labeled"]
+        assert (f"cycle {c}: selected 40 of {sel['rows_scored']:,} scored rows in" in out
+                and f"({sel['rows_read']:,} read, 0 rejected, {m['labeled']:,} excluded)" in out)
 
     manifest = storage.read_bytes(campaign.cycle_uri(root, 0, "export", "ground-truth-input.manifest")).decode()
     assert [json.loads(line)["tidal-ray-id"] for line in manifest.splitlines()] == chosen[0]

@@ -356,6 +356,9 @@ def test_photos_user_model_and_labelers_end_to_end_on_s3(s3_bucket, tmp_path):
     assert summary["pool"]["image_files"] == 205 and "files" not in summary["pool"]
     rejects = storage.read_parquet(f"{root}/cycles/000/rejects.parquet").to_pylist()
     assert [(r["id"], r["reason"]) for r in rejects] == [("broken.jpg", "undecodable image")]
+    assert "cycle 0: selected 8 of 192 scored rows in" in run.stdout
+    assert "(205 read, 1 rejected, 12 excluded)" in run.stdout
+    assert f"cycle 0: rows that could not be scored, with the reason: {root}/cycles/000/rejects.parquet" in run.stdout
     state = torch.load(io.BytesIO(storage.read_bytes(
         storage.read_json(f"{root}/cycles/000/metrics.json")["checkpoint"] + "/model.pt")), weights_only=True)
     assert (state["config"]["backbone"], tuple(state["config"]["feature_layers"]),

@@ -126,11 +126,16 @@ def step_select(root: str, config: CampaignConfig, cycle: int, log) -> None:
                      | set(selected_ids(root, cycle)))
     log(f"cycle {cycle}: scoring the pool, selecting {config.k} by {config.strategy}, "
         f"{config.batch_mode} batch mode ({len(exclude)} excluded)")
-    score_pool(metrics["checkpoint"], config.pool, config.k, out, strategy=config.strategy,
-               exclude_ids=exclude, per_class_quota=config.per_class_quota, actors=config.actors,
-               seed=config.seed, save_scores=False, use_gpu=True if config.use_gpu else None,
-               batch_mode=config.batch_mode, beta=config.beta, clusters=config.clusters,
-               candidates=config.candidates, cycle=cycle)
+    summary = score_pool(metrics["checkpoint"], config.pool, config.k, out, strategy=config.strategy,
+                         exclude_ids=exclude, per_class_quota=config.per_class_quota, actors=config.actors,
+                         seed=config.seed, save_scores=False, use_gpu=True if config.use_gpu else None,
+                         batch_mode=config.batch_mode, beta=config.beta, clusters=config.clusters,
+                         candidates=config.candidates, cycle=cycle)
+    log(f"cycle {cycle}: selected {summary['selected']} of {summary['rows_scored']:,} scored rows in "
+        f"{summary['wall_seconds']:.0f}s ({summary['rows_read']:,} read, {summary['rows_rejected']:,} rejected, "
+        f"{summary['rows_excluded']:,} excluded)")
+    if summary["rows_rejected"]:
+        log(f"cycle {cycle}: rows that could not be scored, with the reason: {summary['outputs']['rejects']}")
 
 
 def export(root: str, cycle: int | None = None, out_uri: str | None = None, document_root: str | None = None,
