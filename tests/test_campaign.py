@@ -14,6 +14,7 @@ from tidal_ray.campaign import state as campaign_state
 from tidal_ray.campaign.labeling import read_labels, validate_labels
 from tidal_ray.campaign.lock import read_lease
 from tidal_ray.data import storage
+from tidal_ray.data.make_pool import make_pool
 from tidal_ray.cli import main
 from tidal_ray.demo import write_digits_split
 
@@ -68,6 +69,27 @@ def test_three_oracle_cycles_on_s3(ray_local, s3_bucket, capsys):
     assert read_lease(root)["holder"] is None                            # released
     assert campaign.run(root)["status"] == "done"                        # a rerun finds it finished
     assert campaign.load_state(root)["status"] == "done"
+
+
+def test_a_campaign_that_runs_out_of_rows_ends_instead_of_failing(ray_local, tmp_path, capsys):
+    pool = str(tmp_path / "pool")
+    make_pool(pool, "digits", rows=60)
+    root = str(tmp_path / "campaign")
+    config = campaign.CampaignConfig(pool=pool, k=60, cycles=2, initial_labels=10, oracle=True, trainer="local",
+                                     initial_draw="random", min_steps=0, **{**FAST, "epochs": 1})
+    campaign.init(root, config)
+    assert "10 initial + 2 cycles of 60 = 130 samples, more than the pool's 60 rows" in capsys.readouterr().out
+    state = campaign.run(root)
+    out = capsys.readouterr().out
+    assert "cycle 0: selected 50 of 50 scored rows" in out                # fewer than k: it takes what is left
+    assert "cycle 1: " in out and "no row to select from (60 read, 0 rejected, 60 excluded); the campaign ends here" in out
+    assert (state["status"], state["step"], state["cycle"]) == ("done", "done", 1)
+    ids, _ = all_labels(root)
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 60             # every row labeled once
+    status = campaign.status(root)
+    assert status["status"] == "done" and status["ended_early"]["cycle"] == 1 and "error" not in status
+    assert "(ended at cycle 1: no row left to select" in storage.read_bytes(f"{root}/report/report.md").decode()
+    assert campaign.run(root)["status"] == "done"                        # a rerun finds it finished
 
 
 def test_a_cycle_trains_the_same_model_whatever_order_its_labels_arrived_in(ray_local, tmp_path):

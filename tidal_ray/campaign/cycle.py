@@ -28,7 +28,7 @@ from tidal_ray.campaign.state import (CampaignConfig, config_of, cycle_label_pro
                                       initial_selection_uri, input_shape_of, label_positions, labeled_table, labels_uri,
                                       load_state, positions_of,
                                       progress_line, save_state, selected_ids, skipped_table, state_uri)
-from tidal_ray.errors import BadInput
+from tidal_ray.errors import BadInput, NothingToSelect
 from tidal_ray.campaign.labeling import read_labels, validate_labels, write_exports
 from tidal_ray.campaign.lock import CampaignLock, holder_line, is_free, read_lease
 
@@ -115,10 +115,11 @@ def step_train(root: str, config: CampaignConfig, cycle: int, log) -> None:
     })
 
 
-def step_select(root: str, config: CampaignConfig, cycle: int, log) -> None:
+def step_select(root: str, config: CampaignConfig, cycle: int, log) -> bool:
+    """Score the pool and select; False when no row is left to select."""
     out = cycle_uri(root, cycle)
     if storage.exists(storage.join(out, "selection.json")):
-        return
+        return True
     from tidal_ray.score.pipeline import score_pool
 
     metrics = storage.read_json(cycle_uri(root, cycle, "metrics.json"))
@@ -126,16 +127,21 @@ def step_select(root: str, config: CampaignConfig, cycle: int, log) -> None:
                      | set(selected_ids(root, cycle)))
     log(f"cycle {cycle}: scoring the pool, selecting {config.k} by {config.strategy}, "
         f"{config.batch_mode} batch mode ({len(exclude)} excluded)")
-    summary = score_pool(metrics["checkpoint"], config.pool, config.k, out, strategy=config.strategy,
-                         exclude_ids=exclude, per_class_quota=config.per_class_quota, actors=config.actors,
-                         seed=config.seed, save_scores=False, use_gpu=True if config.use_gpu else None,
-                         batch_mode=config.batch_mode, beta=config.beta, clusters=config.clusters,
-                         candidates=config.candidates, cycle=cycle)
+    try:
+        summary = score_pool(metrics["checkpoint"], config.pool, config.k, out, strategy=config.strategy,
+                             exclude_ids=exclude, per_class_quota=config.per_class_quota, actors=config.actors,
+                             seed=config.seed, save_scores=False, use_gpu=True if config.use_gpu else None,
+                             batch_mode=config.batch_mode, beta=config.beta, clusters=config.clusters,
+                             candidates=config.candidates, cycle=cycle)
+    except NothingToSelect as e:
+        log(f"cycle {cycle}: {e}; the campaign ends here, with cycle {cycle}'s model")
+        return False
     log(f"cycle {cycle}: selected {summary['selected']} of {summary['rows_scored']:,} scored rows in "
         f"{summary['wall_seconds']:.0f}s ({summary['rows_read']:,} read, {summary['rows_rejected']:,} rejected, "
         f"{summary['rows_excluded']:,} excluded)")
     if summary["rows_rejected"]:
         log(f"cycle {cycle}: rows that could not be scored, with the reason: {summary['outputs']['rejects']}")
+    return True
 
 
 def export(root: str, cycle: int | None = None, out_uri: str | None = None, document_root: str | None = None,
@@ -238,7 +244,11 @@ def _advance(root: str, state: dict, lease: CampaignLock, log) -> None:
                 save()
                 return
         elif step == "select":
-            step_select(root, config, cycle, log)
+            if not step_select(root, config, cycle, log):
+                state.update(step="done", status="done", ended_early={
+                    "cycle": cycle, "reason": "no row left to select: every row is labeled, skipped or rejected"})
+                save()
+                return
         elif step == "export":
             step_export(root, config, cycle, log)
         elif step == "wait-for-labels":
@@ -311,12 +321,14 @@ def write_report(root: str) -> str:
 
     state = load_state(root)
     config = config_of(state)
+    ended = state.get("ended_early")
+    ended = f" (ended at cycle {ended['cycle']}: {ended['reason']})" if ended else ""
     heading = (f"# Campaign report: {root}\n\n"
-               f"Status **{state['status']}**, cycle {state['cycle']} of {config.cycles}, step `{state['step']}`. "
+               f"Status **{state['status']}**{ended}, cycle {state['cycle']} of {config.cycles}, step `{state['step']}`. "
                f"Strategy `{config.strategy}`, backbone `{config.backbone}`, k = {config.k} per cycle, "
                f"pool `{config.pool}`.")
     name = root.rstrip("/").split("/")[-1]
-    summary = {"name": name, "uri": root, "status": state["status"], "cycle": state["cycle"],
+    summary = {"name": name, "uri": root, "status": state["status"] + ended, "cycle": state["cycle"],
                "step": state["step"], "updated": state.get("updated"), **asdict(config)}
     return report.write_report(root, cycle_rows(root), heading, f"campaign {name}: {config.strategy}", summary)
 
@@ -370,6 +382,10 @@ def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = Non
     state = {"config": asdict(config), "cycle": 0, "step": "initial-export" if waiting else "train",
              "status": "initialized", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     save_state(root, state)
+    asked = table.num_rows + config.k * config.cycles
+    if asked > spec.rows:
+        log(f"note: {table.num_rows:,} initial + {config.cycles} cycles of {config.k:,} = {asked:,} samples, more "
+            f"than the pool's {spec.rows:,} rows: the campaign ends when no row is left to select")
     skipped = f", {spec.skipped_count} files skipped" if spec.skipped_count else ""
     log(f"campaign initialized at {root}: {table.num_rows} initial {'rows to label' if waiting else 'labels'} "
         f"({config.initial_draw if config.initial_labels and not initial_labels_uri else 'given'}), pool {config.pool} "
@@ -395,6 +411,8 @@ def status(root: str) -> dict:
            "cycles": cycles}
     if state.get("error"):
         out["error"] = state["error"]
+    if state.get("ended_early"):
+        out["ended_early"] = state["ended_early"]
     if state["step"] == "wait-for-labels" and storage.exists(cycle_uri(root, state["cycle"], "selection.parquet")):
         progress = cycle_label_progress(root, state["cycle"])
         out["waiting_for"] = {"count": len(progress["waiting"]), "first": progress["waiting"][:10],

@@ -23,7 +23,7 @@ import numpy as np
 from tidal_ray.data import ids as id_utils
 from tidal_ray.data import storage
 from tidal_ray.data.decode import decode_for_scoring, format_shape
-from tidal_ray.errors import BadInput
+from tidal_ray.errors import BadInput, NothingToSelect
 from tidal_ray.data.pool import PoolSpec, check_compatible, describe_pool
 from tidal_ray.data.read import arrival_order_for_tests, read_batches, read_tasks, read_unit, read_units, repeated_ids
 from tidal_ray.method.batch import BatchParams, check_batch_params, sample_threshold
@@ -310,7 +310,7 @@ def score_pool(checkpoint_uri, pool_uri, k, out_uri, strategy=DEFAULT_STRATEGY, 
         if reduction.rows_read != plan.spec.rows:
             raise RuntimeError(f"read {reduction.rows_read} rows but the pool's files hold {plan.spec.rows}")
         if reduction.rows_scored == 0:
-            raise BadInput(f"{pool_uri}: no row to select from ({reduction.rows_read} read, "
+            raise NothingToSelect(f"{pool_uri}: no row to select from ({reduction.rows_read} read, "
                              f"{reduction.rows_rejected} rejected, {reduction.rows_excluded} excluded)")
         if scores is not None:
             scores.finish()
