@@ -342,7 +342,7 @@ def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = Non
     if storage.exists(state_uri(root)):
         raise BadInput(f"a campaign already exists at {root}")
     from tidal_ray.data.lookup import pool_has_ids
-    from tidal_ray.campaign.initial import SAMPLE_ROWS, initial_draw
+    from tidal_ray.campaign.initial import initial_draw
     from tidal_ray.data.lookup import sample_labels, winning_positions
     from tidal_ray.data.pool import describe_pool
     from tidal_ray.train.config import resolve_recipe
@@ -364,10 +364,6 @@ def init(root: str, config: CampaignConfig, initial_labels_uri: str | None = Non
     elif config.oracle and config.initial_labels > 0 and config.initial_draw == "random":
         table = sample_labels(spec, config.initial_labels, config.seed)
     elif config.initial_labels > 0:
-        if config.initial_draw == "typical":
-            log(f"initial draw: the most typical row of each of {config.initial_labels} clusters of a "
-                f"{min(max(SAMPLE_ROWS, config.initial_labels), spec.rows):,}-row sample of the pool "
-                f"(--initial-draw typical)")
         table = initial_draw(spec, config, input_shape, log)
     else:
         raise BadInput("give initial labels: --initial-labels-file FILE, or --initial-labels N")

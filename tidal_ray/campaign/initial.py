@@ -112,6 +112,10 @@ def initial_draw(spec, config, input_shape, log=None) -> pa.Table:
     if config.initial_labels > spec.rows:
         raise BadInput(f"--initial-labels {config.initial_labels} is more than the pool's {spec.rows} rows")
     if config.initial_draw == "typical":
+        if log:
+            log(f"initial draw: the most typical row of each of {config.initial_labels} clusters of a "
+                f"{min(max(SAMPLE_ROWS, config.initial_labels), spec.rows):,}-row sample of the pool "
+                f"(--initial-draw typical)")
         ids = typical_ids(spec, config.initial_labels, config.seed, input_shape, config.backbone, config.num_classes,
                           config.weights, config.feature_layers, config.normalize, log=log)
     else:
