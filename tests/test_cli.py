@@ -37,7 +37,7 @@ def test_demo_runs_a_small_campaign(ray_local, tmp_path, capsys):
 def test_bad_k_is_one_line_exit_2(tmp_path, capsys):
     assert main(["demo", "--workdir", str(tmp_path), "--k", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "must be positive" in err
+    assert err.count("\n") == 0 and "--k 0: must be a positive integer" in err
     assert not any(tmp_path.iterdir())  # nothing written
 
 

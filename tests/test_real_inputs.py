@@ -231,6 +231,8 @@ def _init_argv(tmp_path, pool, *extra):
     (["--class-names", "zero,one"], "--class-names: 2 names for 3 classes"),
     (["--class-names", "zero,one,three"], r"seed.csv: unknown class name\(s\) 'two'"),
     (["--normalize", "0.5"], "--normalize '0.5': expected"),
+    (["--k", "0"], "--k 0: must be a positive integer"),
+    (["--cycles", "-1"], "--cycles -1: must be a positive integer"),
 ])
 def test_bad_recipe_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypatch, capsys, extra, message):
     module = user_module(tmp_path, monkeypatch)

@@ -234,8 +234,8 @@ def other_checkpoints(tmp_path_factory):
     ("missing-pool", "no pool at"),
     ("class-count", "declares 10 classes"),
     ("input-shape", "1x8x8 pixels but"),  # 1- or 3-channel pixels are converted; feature vectors are not
-    ("k-zero", "k must be a positive integer"),
-    ("k-negative", "k must be a positive integer"),
+    ("k-zero", "--k 0: must be a positive integer"),
+    ("k-negative", "--k -3: must be a positive integer"),
     ("strategy", "unknown strategy 'most-fun'"),
     ("missing-checkpoint", "no checkpoint at"),
     ("bad-exclude", "nothing there"),

@@ -45,8 +45,10 @@ def cmd_demo(args):
     from tidal_ray.method.uncertainty import check_strategy
 
     check_strategy(args.strategy)
-    if min(args.initial, args.k, args.cycles, args.epochs) <= 0:
-        raise BadInput("--initial, --k, --cycles and --epochs must be positive")
+    for flag, value in (("--initial", args.initial), ("--k", args.k), ("--cycles", args.cycles),
+                        ("--epochs", args.epochs)):
+        if value <= 0:
+            raise BadInput(f"{flag} {value}: must be a positive integer")
     run_demo(args.workdir, initial=args.initial, k=args.k, cycles=args.cycles, strategy=args.strategy,
              epochs=args.epochs)
 

@@ -70,8 +70,9 @@ class CampaignConfig:
                            f"({', '.join(self.class_names[:12])})")
         if self.presign is not None and self.presign <= 0:
             raise BadInput(f"--presign {self.presign}: must be a positive number of seconds")
-        if self.k <= 0 or self.cycles <= 0:
-            raise BadInput("--k and --cycles must be positive")
+        for flag, value in (("--k", self.k), ("--cycles", self.cycles)):
+            if value <= 0:
+                raise BadInput(f"{flag} {value}: must be a positive integer")
         if self.trainer not in ("ray", "local"):
             raise BadInput(f"unknown trainer {self.trainer!r}; choose ray or local")
         if self.num_classes < 2:

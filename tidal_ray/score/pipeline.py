@@ -99,7 +99,7 @@ def plan_scoring(checkpoint_uri, pool_uri, k, strategy=DEFAULT_STRATEGY, exclude
     from tidal_ray.train.checkpoint import check_model_importable, load_checkpoint
 
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-        raise BadInput(f"k must be a positive integer, got {k!r}")
+        raise BadInput(f"--k {k!r}: must be a positive integer")
     check_strategy(strategy)
     batch = check_batch_params(batch_mode, int(k), beta, clusters, candidates)
     if precision not in PRECISIONS:
