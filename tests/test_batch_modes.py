@@ -203,6 +203,7 @@ def test_campaign_init_stores_the_batch_mode_and_refuses_bad_flags(tmp_path, cap
     assert main(at("power") + ["--batch-mode", "power", "--beta", "2.5"]) == 0
     config = config_of(load_state(str(tmp_path / "power")))
     assert (config.batch_mode, config.beta, config.clusters, config.candidates) == ("power", 2.5, None, None)
+    assert config.initial_draw == "random"  # the default: the typical draw gained nothing established
     assert main(at("cluster") + ["--batch-mode", "cluster"]) == 0
     config = config_of(load_state(str(tmp_path / "cluster")))
     assert (config.batch_mode, config.beta, config.clusters, config.candidates) == ("cluster", None, 10, 100)

@@ -296,11 +296,11 @@ def add_campaign_parser(sub) -> None:
     a.add_argument("--initial-labels", type=int, default=0,
                    help="draw N initial rows (--initial-draw); labeled by the oracle with --oracle, else exported "
                         "for a person by the first 'run'")
-    a.add_argument("--initial-draw", choices=["random", "typical"], default="typical",
-                   help="typical (default): TypiClust over an embedding of a 20,000-row sample of the pool (the "
-                        "--weights model's features, a features pool's vectors, else 8x8 thumbnails); it beat "
-                        "random on 10 of 14 cold-start seed runs on two machines, 5 of 9 on one (mean +0.001 AUC "
-                        "there): no gain established (benchmarks/README.md); or random")
+    a.add_argument("--initial-draw", choices=["random", "typical"], default="random",
+                   help="random (default), or typical: TypiClust over an embedding of a 20,000-row sample of the "
+                        "pool (the --weights model's features, a features pool's vectors, else 8x8 thumbnails); "
+                        "typical beat random on 6 of 12 cold-start seeds on one machine (mean -0.0001 AUC) and 5 "
+                        "of 5 on another (+0.005): no gain established (benchmarks/README.md)")
     a.add_argument("--min-steps", type=int, default=300,  # train.config.MIN_STEPS (the CLI imports no torch)
                    help="every training runs at least --epochs epochs and never fewer than this many steps (default 300)")
     a.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=True,

@@ -55,7 +55,7 @@ class CampaignConfig:
     # Each cycle starts from the previous cycle's weights. False here (from scratch, as
     # campaigns made before it); `campaign init` defaults to --warm-start.
     warm_start: bool = False
-    initial_draw: str = "typical"  # typical (TypiClust) | random, for --initial-labels N
+    initial_draw: str = "random"  # random | typical (TypiClust), for --initial-labels N
 
     def check(self) -> None:
         from tidal_ray.method.batch import check_batch_params
