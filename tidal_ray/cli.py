@@ -299,7 +299,7 @@ def add_campaign_parser(sub) -> None:
     a.add_argument("--initial-draw", choices=["random", "typical"], default="random",
                    help="random (default), or typical: TypiClust over an embedding of a 20,000-row sample of the "
                         "pool (the --weights model's features, a features pool's vectors, else 8x8 thumbnails); "
-                        "typical beat random on 6 of 12 cold-start seeds on one machine (mean -0.0001 AUC) and 5 "
+                        "typical beat random on 7 of 14 cold-start seeds on one machine (mean -0.0002 AUC) and 5 "
                         "of 5 on another (+0.005): no gain established (benchmarks/README.md)")
     a.add_argument("--min-steps", type=int, default=300,  # train.config.MIN_STEPS (the CLI imports no torch)
                    help="every training runs at least --epochs epochs and never fewer than this many steps (default 300)")
